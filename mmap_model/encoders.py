@@ -1,0 +1,164 @@
+"""The prompted image and text forward over open_clip's own sub-modules.
+
+No fork and no hooks: the blocks of each tower are called one by one, and prompt slots are
+written between them (MaPLe's deep-prompt semantics, METHOD.md):
+
+- image: after `_embeds` (conv, class token, positional embedding, patch dropout, `ln_pre`) the
+  m visual prompt tokens are inserted right after the class token. Inserting after `ln_pre`
+  means every prompt, at layer 0 or deeper, lives in the residual stream that the blocks read.
+  Before each block 0 < j < J the slots are replaced by layer j's prompts; after block J-1 they
+  ride along; they are stripped before pooling.
+- text: the m placeholder positions after SOS ("X X … <template>") take layer 0's prompts in
+  place of their token embeddings (before the positional embedding is added) and are replaced
+  before each block 0 < j < J. The causal mask is kept, and pooling uses the original ids.
+
+With no prompts both reproduce open_clip's `encode_image` / `encode_text`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from open_clip.model import CLIP, CustomTextCLIP
+from open_clip.transformer import text_global_pool
+from torch import Tensor, nn
+
+PLACEHOLDER = "X"
+
+
+@dataclass(frozen=True)
+class _TextTower:
+    """The text-side modules, wherever the CLIP class keeps them."""
+
+    token_embedding: nn.Embedding
+    positional_embedding: Tensor
+    transformer: nn.Module
+    ln_final: nn.Module
+    projection: Tensor | nn.Linear | None
+    attn_mask: Tensor | None
+    pool_type: str
+    eos_id: int | None
+
+    @classmethod
+    def of(cls, model: CLIP | CustomTextCLIP) -> _TextTower:
+        if isinstance(model, CustomTextCLIP):
+            t = model.text
+            return cls(t.token_embedding, t.positional_embedding, t.transformer, t.ln_final,
+                       t.text_projection, t.attn_mask, t.pool_type, getattr(t, "eos_id", None))
+        return cls(model.token_embedding, model.positional_embedding, model.transformer, model.ln_final,
+                   model.text_projection, model.attn_mask, model.text_pool_type, getattr(model, "text_eos_id", None))
+
+
+def _batched(prompts: Tensor, batch: int) -> Tensor:
+    """[m, d] (shared) or [B, m, d] (per sample) -> [B, m, d]."""
+    return prompts.unsqueeze(0).expand(batch, -1, -1) if prompts.dim() == 2 else prompts
+
+
+def _insert_slots(x: Tensor, prompts: Tensor, start: int) -> Tensor:
+    """Insert m prompt tokens before position `start`."""
+    return torch.cat([x[:, :start], _batched(prompts, x.shape[0]), x[:, start:]], dim=1)
+
+
+def _replace_slots(x: Tensor, prompts: Tensor, start: int) -> Tensor:
+    """x[:, start:start+m] := prompts, without in-place writes (autograd-safe)."""
+    m = prompts.shape[-2]
+    return torch.cat([x[:, :start], _batched(prompts, x.shape[0]), x[:, start + m:]], dim=1)
+
+
+class PromptedCLIP(nn.Module):
+    """A frozen open_clip CLIP whose towers take deep prompts.
+
+    Prompt tensors are cast to the activation dtype at the point of use, so fp32 prompt
+    parameters work with an fp16/bf16 backbone.
+    """
+
+    def __init__(self, model: CLIP | CustomTextCLIP):
+        super().__init__()
+        self.model = model
+        self._text = _TextTower.of(model)
+
+    @property
+    def logit_scale(self) -> Tensor:
+        return self.model.logit_scale.exp()
+
+    def encode_image(self, images: Tensor, prompts: Tensor | None = None, normalize: bool = False) -> Tensor:
+        """Image features [B, D].
+
+        prompts: None, [J, m, d_v] (the same for every image) or [B, J, m, d_v] (per sample,
+        e.g. a batch that mixes tasks).
+        """
+        visual = self.model.visual
+        x = visual._embeds(images)
+        depth = 0 if prompts is None else prompts.shape[-3]
+        if depth:
+            prompts = prompts.to(x.dtype)
+            m = prompts.shape[-2]
+            layer = (lambda j: prompts[:, j]) if prompts.dim() == 4 else (lambda j: prompts[j])
+            x = _insert_slots(x, layer(0), 1)
+        for j, block in enumerate(visual.transformer.resblocks):
+            if 0 < j < depth:
+                x = _replace_slots(x, layer(j), 1)
+            x = block(x, attn_mask=None)
+        if depth:
+            x = torch.cat([x[:, :1], x[:, 1 + m:]], dim=1)
+        pooled, _ = visual._pool(x)
+        if visual.proj is not None:
+            pooled = pooled @ visual.proj
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def encode_text(self, tokens: Tensor, prompts: Tensor | None = None, normalize: bool = False,
+                    truncate: bool = True) -> Tensor:
+        """Text features [N, D] for token ids [N, L].
+
+        prompts: None or [J, m, d_t], written at positions 1..m of every row (the tokens must
+        carry m placeholders there, see `prompt_texts`). `truncate` drops the positions after the
+        last EOT: with a causal mask they cannot influence the pooled EOT token.
+        """
+        t = self._text
+        eot = self._eot_index(tokens)
+        if truncate and eot is not None:
+            tokens = tokens[:, : int(eot.max()) + 1]
+        length = tokens.shape[1]
+        cast_dtype = t.transformer.get_cast_dtype()
+        x = t.token_embedding(tokens).to(cast_dtype)
+        depth = 0 if prompts is None else prompts.shape[0]
+        if depth:
+            prompts = prompts.to(cast_dtype)
+            x = _replace_slots(x, prompts[0], 1)
+        x = x + t.positional_embedding[:length].to(cast_dtype)
+        mask = None if t.attn_mask is None else t.attn_mask[:length, :length]
+        for j, block in enumerate(t.transformer.resblocks):
+            if 0 < j < depth:
+                x = _replace_slots(x, prompts[j], 1)
+            x = block(x, attn_mask=mask)
+        x = t.ln_final(x)
+        pooled = text_global_pool(x, tokens, t.pool_type, eos_token_id=t.eos_id)
+        if isinstance(t.projection, nn.Linear):
+            pooled = t.projection(pooled)
+        elif t.projection is not None:
+            pooled = pooled @ t.projection
+        return F.normalize(pooled, dim=-1) if normalize else pooled
+
+    def _eot_index(self, tokens: Tensor) -> Tensor | None:
+        """Index of the pooled token per row, or None where pooling is not at EOT."""
+        if self._text.pool_type == "argmax":
+            return tokens.argmax(dim=-1)
+        if self._text.pool_type == "eos" and self._text.eos_id is not None:
+            return (tokens == self._text.eos_id).int().argmax(dim=-1)
+        return None
+
+
+def prompt_texts(classnames: list[str], template: str, n_placeholders: int) -> list[str]:
+    """'X X … <template filled with the class name>': the texts whose X slots take text prompts."""
+    prefix = " ".join([PLACEHOLDER] * n_placeholders)
+    return [f"{prefix} {template.format(c)}".strip() for c in classnames]
+
+
+def class_text_features(model: PromptedCLIP, tokenizer, classnames: list[str], template: str,
+                        text_prompts: Tensor | None = None) -> Tensor:
+    """Normalised class-text embeddings [C, D] of a task's classes under its text prompts."""
+    m = 0 if text_prompts is None else text_prompts.shape[1]
+    tokens = tokenizer(prompt_texts(classnames, template, m)).to(model.logit_scale.device)
+    return model.encode_text(tokens, text_prompts, normalize=True)

@@ -1,0 +1,240 @@
+"""Prompt modules of every method behind one interface, and their multi-task composition.
+
+A prompt module owns the learnable tensors for n prompt tokens and, when called, returns a
+`Prompts` pair: text prompts [J_t, n, d_t] and visual prompts [J_v, n, d_v] (either may be
+None when the method prompts one modality only). The encoders only ever see these tensors, so
+no method needs a branch in the forward.
+
+Methods (METHOD.md):
+- `mmap`: source prompt S_j [n, d_s] and Kronecker factors K^t_j [1, d_t/d_s], K^v_j [1, d_v/d_s];
+  T_j = S_j ⊗ K^t_j, V_j = S_j ⊗ K^v_j. Both modalities are weight-tied projections of one source.
+- `maple`: deep text prompts; visual prompts = per-layer Linear(d_t -> d_v) of the text prompts.
+- `coop`: text context at layer 0 only.
+- `vpt`: deep visual prompts only.
+- `independent`: deep text and deep visual prompts, unrelated.
+
+Defaults (see `PromptConfig`): depth 9 (MaPLe's depth for 12-layer towers, clamped to shallower
+towers), 2 tokens per group module and 2 per task module (a grouped task sees 4), d_s = gcd(d_t, d_v)
+(256 for ViT-B: the largest shared source, K^t is 1×2 and K^v 1×3). For ViT-B-16 with 4 tasks in
+2 groups this trains ~28k parameters, 0.019% of the backbone (`python -m mmap_model.params`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, replace
+
+import torch
+from torch import Tensor, nn
+
+from .backbone import Widths
+
+
+@dataclass(frozen=True)
+class Prompts:
+    """A task's prompts: text [J_t, m, d_t] and visual [J_v, m, d_v]; None = modality not prompted."""
+
+    text: Tensor | None
+    visual: Tensor | None
+
+    @property
+    def text_tokens(self) -> int:
+        return 0 if self.text is None else self.text.shape[1]
+
+    def cat(self, other: Prompts) -> Prompts:
+        """Token-wise concatenation [self ; other] (group module then task module)."""
+        return Prompts(_cat(self.text, other.text), _cat(self.visual, other.visual))
+
+
+def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return torch.cat([a, b], dim=1)
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Hyper-parameters of a prompt set's modules (saved in promptset.json)."""
+
+    method: str = "mmap"
+    depth: int = 9  # J: layers 0..J-1 receive prompts; clamped to the towers' depth by `resolve`
+    group_tokens: int = 2  # n per group-shared module
+    task_tokens: int = 2  # n per task-specific module
+    source_dim: int | None = None  # mmap's d_s; None = gcd(d_t, d_v), fixed by `resolve`
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose from {sorted(METHODS)}")
+        if self.depth < 1 or self.group_tokens < 0 or self.task_tokens < 0:
+            raise ValueError("depth must be >= 1 and token counts >= 0")
+        if self.source_dim is not None and self.source_dim < 1:
+            raise ValueError("source_dim must be >= 1")
+
+    def resolve(self, widths: Widths) -> PromptConfig:
+        """Fix the width- and depth-dependent values for a backbone."""
+        d_s = self.source_dim or math.gcd(widths.d_t, widths.d_v)
+        if widths.d_t % d_s or widths.d_v % d_s:
+            raise ValueError(f"source_dim {d_s} must divide d_t={widths.d_t} and d_v={widths.d_v}")
+        return replace(self, depth=min(self.depth, widths.layers_t, widths.layers_v), source_dim=d_s)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class PromptModule(nn.Module):
+    """Learnable prompts for n tokens at the prompted layers; `forward()` -> Prompts."""
+
+    def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
+        super().__init__()
+        self.n_tokens = n_tokens
+
+    def forward(self) -> Prompts:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _normal(std: float, *shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.randn(*shape) * std)
+
+
+class MmAPPrompt(PromptModule):
+    """One source prompt per layer, projected to both modalities by Kronecker factors."""
+
+    def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
+        super().__init__(cfg, widths, n_tokens)
+        d_s = cfg.source_dim
+        self.source = _normal(cfg.init_std, cfg.depth, n_tokens, d_s)
+        # Factors start at one, so both modalities begin as the source repeated: aligned from step 0.
+        self.kron_text = nn.Parameter(torch.ones(cfg.depth, 1, widths.d_t // d_s))
+        self.kron_visual = nn.Parameter(torch.ones(cfg.depth, 1, widths.d_v // d_s))
+
+    @staticmethod
+    def kron(source: Tensor, factor: Tensor) -> Tensor:
+        """Batched S ⊗ K for S [J, n, d_s], K [J, 1, r] -> [J, n, d_s * r], without forming I ⊗ K."""
+        return (source.unsqueeze(-1) * factor.unsqueeze(-2)).flatten(-2)
+
+    def forward(self) -> Prompts:
+        return Prompts(self.kron(self.source, self.kron_text), self.kron(self.source, self.kron_visual))
+
+
+class MaPLePrompt(PromptModule):
+    """Deep text prompts; visual prompts are a per-layer linear map of them (MaPLe's coupling)."""
+
+    def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
+        super().__init__(cfg, widths, n_tokens)
+        self.text = _normal(cfg.init_std, cfg.depth, n_tokens, widths.d_t)
+        bound = 1 / math.sqrt(widths.d_t)  # nn.Linear's default initialisation
+        self.proj_weight = nn.Parameter(torch.empty(cfg.depth, widths.d_t, widths.d_v).uniform_(-bound, bound))
+        self.proj_bias = nn.Parameter(torch.empty(cfg.depth, 1, widths.d_v).uniform_(-bound, bound))
+
+    def forward(self) -> Prompts:
+        return Prompts(self.text, torch.bmm(self.text, self.proj_weight) + self.proj_bias)
+
+
+class CoOpPrompt(PromptModule):
+    """Learnable text context at the input layer only."""
+
+    def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
+        super().__init__(cfg, widths, n_tokens)
+        self.text = _normal(cfg.init_std, 1, n_tokens, widths.d_t)
+
+    def forward(self) -> Prompts:
+        return Prompts(self.text, None)
+
+
+class VPTPrompt(PromptModule):
+    """Deep visual prompts only (VPT-deep)."""
+
+    def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
+        super().__init__(cfg, widths, n_tokens)
+        self.visual = _normal(cfg.init_std, cfg.depth, n_tokens, widths.d_v)
+
+    def forward(self) -> Prompts:
+        return Prompts(None, self.visual)
+
+
+class IndependentPrompt(PromptModule):
+    """Deep text and deep visual prompts with no coupling between them."""
+
+    def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
+        super().__init__(cfg, widths, n_tokens)
+        self.text = _normal(cfg.init_std, cfg.depth, n_tokens, widths.d_t)
+        self.visual = _normal(cfg.init_std, cfg.depth, n_tokens, widths.d_v)
+
+    def forward(self) -> Prompts:
+        return Prompts(self.text, self.visual)
+
+
+METHODS: dict[str, type[PromptModule]] = {
+    "mmap": MmAPPrompt,
+    "maple": MaPLePrompt,
+    "coop": CoOpPrompt,
+    "vpt": VPTPrompt,
+    "independent": IndependentPrompt,
+}
+
+
+class MultiTaskPrompts(nn.Module):
+    """Group-shared modules plus task-specific modules; a task's prompts are [group ; task].
+
+    groups: {group: [tasks]} (disjoint); tasks outside every group use their task module only.
+    task_modules=False gives the "-MT" baselines (one shared module per group, nothing per task).
+    State-dict names are `group.<g>.<tensor>` and `task.<t>.<tensor>`, the prompt-set file's names.
+    """
+
+    def __init__(self, cfg: PromptConfig, widths: Widths, tasks: list[str],
+                 groups: dict[str, list[str]] | None = None, task_modules: bool = True):
+        super().__init__()
+        groups = groups or {}
+        for name in [*tasks, *groups]:
+            check_name(name)
+        self.cfg = cfg = cfg.resolve(widths)
+        self.tasks = list(tasks)
+        self.task_group = _task_to_group(self.tasks, groups)
+        if not task_modules and (len(self.task_group) < len(self.tasks) or cfg.group_tokens == 0):
+            raise ValueError("without task modules every task needs a group with group_tokens > 0")
+        if task_modules and cfg.task_tokens == 0:
+            raise ValueError("task modules need task_tokens > 0")
+        make = METHODS[cfg.method]
+        self.group = nn.ModuleDict({g: make(cfg, widths, cfg.group_tokens) for g in groups})
+        self.task = nn.ModuleDict({t: make(cfg, widths, cfg.task_tokens) for t in self.tasks} if task_modules else {})
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        return {g: [t for t in self.tasks if self.task_group.get(t) == g] for g in self.group}
+
+    def forward(self, task: str) -> Prompts:
+        if task not in self.tasks:
+            raise KeyError(f"unknown task {task!r}; known: {self.tasks}")
+        prompts = Prompts(None, None)
+        if task in self.task_group:
+            prompts = prompts.cat(self.group[self.task_group[task]]())
+        if task in self.task:
+            prompts = prompts.cat(self.task[task]())
+        return prompts
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def check_name(name: str) -> str:
+    """Task, group and prompt-set names: letters, digits, '_' and '-' (safe as paths and tensor names)."""
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise ValueError(f"invalid name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+    return name
+
+
+def _task_to_group(tasks: list[str], groups: dict[str, list[str]]) -> dict[str, str]:
+    mapping: dict[str, str] = {}
+    for g, members in groups.items():
+        for t in members:
+            if t not in tasks:
+                raise ValueError(f"group {g!r} names unknown task {t!r}")
+            if t in mapping:
+                raise ValueError(f"task {t!r} is in groups {mapping[t]!r} and {g!r}; groups must be disjoint")
+            mapping[t] = g
+    return mapping

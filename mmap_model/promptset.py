@@ -1,0 +1,189 @@
+"""The prompt-set format: `promptset.json` + `prompts.safetensors` in a directory (no pickle).
+
+`promptset.json` holds the format version, name, version, the backbone it was trained on
+(model, pretrained, fingerprint, widths), the method's hyper-parameters, groups, tasks (class
+names, template, group), the sha256 of the weights file, provenance and evaluation results.
+`prompts.safetensors` holds only the trainable tensors (`group.<g>.…`, `task.<t>.…`).
+
+Loading checks the schema, the sha256, tensor names and shapes, finiteness and (given a
+backbone) its fingerprint, and raises `PromptSetError` naming the cause. Unknown keys are kept
+with a warning; a newer major format version is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from .backbone import Backbone, Widths
+from .prompts import MultiTaskPrompts, PromptConfig, check_name
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = "1.0"
+CONFIG_FILE = "promptset.json"
+WEIGHTS_FILE = "prompts.safetensors"
+MAX_CONFIG_BYTES = 4 << 20
+_KNOWN_KEYS = {"format_version", "name", "version", "backbone", "method", "task_modules", "groups", "tasks",
+               "weights_sha256", "provenance", "evaluation"}
+
+
+class PromptSetError(ValueError):
+    """A prompt set that cannot be used; the message says which check failed and why."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    classnames: list[str]
+    template: str = "a photo of a {}."
+    group: str | None = None
+
+
+@dataclass
+class PromptSet:
+    """A trained multi-task prompt set and its metadata."""
+
+    name: str
+    prompts: MultiTaskPrompts
+    tasks: dict[str, TaskSpec]
+    backbone: dict[str, Any]  # model, pretrained, fingerprint, d_t, d_v, embed_dim
+    version: str = ""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    evaluation: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, name: str, backbone: Backbone, cfg: PromptConfig, tasks: dict[str, TaskSpec],
+               task_modules: bool = True) -> PromptSet:
+        """A freshly initialised prompt set for `backbone` (what training starts from)."""
+        groups: dict[str, list[str]] = {}
+        for task, spec in tasks.items():
+            if spec.group is not None:
+                groups.setdefault(spec.group, []).append(task)
+        prompts = MultiTaskPrompts(cfg, backbone.widths, list(tasks), groups, task_modules)
+        return cls(check_name(name), prompts, dict(tasks), backbone_info(backbone))
+
+    @property
+    def method(self) -> str:
+        return self.prompts.cfg.method
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the two files; the version defaults to the weights' sha256 prefix."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.prompts.state_dict().items()}
+        blob = save_safetensors(tensors)
+        sha = hashlib.sha256(blob).hexdigest()
+        self.version = self.version or sha[:12]
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "name": self.name,
+            "version": self.version,
+            "backbone": self.backbone,
+            "method": self.prompts.cfg.to_dict(),
+            "task_modules": bool(len(self.prompts.task)),
+            "groups": self.prompts.groups,
+            "tasks": {t: {"classnames": s.classnames, "template": s.template, "group": s.group}
+                      for t, s in self.tasks.items()},
+            "weights_sha256": sha,
+            "provenance": self.provenance,
+            "evaluation": self.evaluation,
+        }
+        (directory / WEIGHTS_FILE).write_bytes(blob)
+        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, backbone: Backbone | None = None) -> PromptSet:
+        """Read and validate a prompt set; with `backbone`, also check it was trained on it."""
+        directory = Path(directory)
+        meta = _read_config(directory)
+        major = str(meta["format_version"]).split(".")[0]
+        if major != FORMAT_VERSION.split(".")[0]:
+            raise PromptSetError(f"{directory}: format version {meta['format_version']} is not supported "
+                                 f"(this library reads {FORMAT_VERSION.split('.')[0]}.x)")
+        unknown = set(meta) - _KNOWN_KEYS
+        if unknown:
+            log.warning("%s: ignoring unknown keys %s", directory, sorted(unknown))
+        bb = meta["backbone"]
+        if backbone is not None and bb.get("fingerprint") != backbone.fingerprint:
+            raise PromptSetError(f"{directory}: backbone fingerprint mismatch: trained on {bb.get('model')} "
+                                 f"({bb.get('pretrained')}) {str(bb.get('fingerprint'))[:12]}, "
+                                 f"loaded backbone is {backbone.fingerprint[:12]}")
+        try:
+            widths = Widths(d_t=int(bb["d_t"]), d_v=int(bb["d_v"]), embed_dim=int(bb["embed_dim"]),
+                            layers_t=int(bb["layers_t"]), layers_v=int(bb["layers_v"]))
+            cfg = PromptConfig(**meta["method"])
+            tasks = {check_name(t): TaskSpec(list(s["classnames"]), str(s["template"]), s.get("group"))
+                     for t, s in meta["tasks"].items()}
+            prompts = MultiTaskPrompts(cfg, widths, list(tasks), meta["groups"], bool(meta["task_modules"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PromptSetError(f"{directory}: invalid {CONFIG_FILE}: {type(e).__name__}: {e}") from e
+        if cfg.resolve(widths) != cfg:
+            raise PromptSetError(f"{directory}: method settings are not resolved for the backbone widths")
+        for t, spec in tasks.items():
+            if not spec.classnames or "{}" not in spec.template:
+                raise PromptSetError(f"{directory}: task {t!r} needs class names and a template with '{{}}'")
+        prompts.load_state_dict(_read_weights(directory, meta["weights_sha256"], prompts))
+        return cls(str(meta["name"]), prompts, tasks, bb, str(meta["version"]),
+                   meta.get("provenance", {}), meta.get("evaluation", {}))
+
+
+def backbone_info(backbone: Backbone) -> dict[str, Any]:
+    w = backbone.widths
+    return {"model": backbone.model_name, "pretrained": backbone.pretrained, "fingerprint": backbone.fingerprint,
+            "d_t": w.d_t, "d_v": w.d_v, "embed_dim": w.embed_dim, "layers_t": w.layers_t, "layers_v": w.layers_v}
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise PromptSetError(f"{directory}: missing {CONFIG_FILE} (half-written or not a prompt set)")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise PromptSetError(f"{directory}: {CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PromptSetError(f"{directory}: {CONFIG_FILE} is not valid JSON: {e}") from e
+    if not isinstance(meta, dict):
+        raise PromptSetError(f"{directory}: {CONFIG_FILE} must hold a JSON object")
+    missing = sorted(k for k in ("format_version", "name", "version", "backbone", "method", "task_modules",
+                                 "groups", "tasks", "weights_sha256") if k not in meta)
+    if missing:
+        raise PromptSetError(f"{directory}: {CONFIG_FILE} lacks required keys {missing}")
+    return meta
+
+
+def _read_weights(directory: Path, expected_sha: str, prompts: MultiTaskPrompts) -> dict[str, torch.Tensor]:
+    path = directory / WEIGHTS_FILE
+    if not path.is_file():
+        raise PromptSetError(f"{directory}: missing {WEIGHTS_FILE} (half-written or not a prompt set)")
+    # Hash and parse the same bytes: the file cannot change between the check and the load.
+    blob = path.read_bytes()
+    sha = hashlib.sha256(blob).hexdigest()
+    if sha != expected_sha:
+        raise PromptSetError(f"{directory}: sha256 mismatch for {WEIGHTS_FILE}: file has {sha[:12]}, "
+                             f"{CONFIG_FILE} expects {str(expected_sha)[:12]} (tampered or truncated)")
+    try:
+        tensors = load_safetensors(blob)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise PromptSetError(f"{directory}: {WEIGHTS_FILE} is truncated or corrupt: {e}") from e
+    expected = {k: tuple(v.shape) for k, v in prompts.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in tensors.items()}
+    if set(got) != set(expected):
+        raise PromptSetError(f"{directory}: tensor names differ from the config: missing "
+                             f"{sorted(set(expected) - set(got))}, unexpected {sorted(set(got) - set(expected))}")
+    wrong = {k: (got[k], expected[k]) for k in expected if got[k] != expected[k]}
+    if wrong:
+        raise PromptSetError(f"{directory}: tensor shapes differ from the config (file, expected): {wrong}")
+    bad = sorted(k for k, v in tensors.items() if not torch.isfinite(v).all())
+    if bad:
+        raise PromptSetError(f"{directory}: non-finite values (NaN/Inf) in {bad}")
+    return tensors

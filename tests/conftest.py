@@ -1,0 +1,33 @@
+"""Shared fixtures: real (tiny or random-weight) open_clip backbones, never a download."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from mmap_model import Backbone, PromptedCLIP, load_backbone
+
+logging.getLogger().setLevel(logging.ERROR)  # open_clip warns loudly about random weights
+
+
+def _random_backbone(model: str) -> Backbone:
+    torch.manual_seed(0)
+    return load_backbone(model, None)
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Backbone:
+    """The embedded default's architecture with random weights."""
+    return _random_backbone("mmap-tiny")
+
+
+@pytest.fixture(scope="session")
+def vitb32() -> Backbone:
+    return _random_backbone("ViT-B-32")
+
+
+@pytest.fixture(scope="session")
+def tiny_prompted(tiny: Backbone) -> PromptedCLIP:
+    return PromptedCLIP(tiny.model)

@@ -1,0 +1,95 @@
+"""Prompt modules: the Kronecker structure, documented shapes, composition, accounting."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmap_model import METHODS, MultiTaskPrompts, PromptConfig, load_backbone
+from mmap_model.prompts import MmAPPrompt, check_name
+
+
+def test_mmap_prompts_are_kronecker_products(tiny):
+    module = MmAPPrompt(PromptConfig().resolve(tiny.widths), tiny.widths, n_tokens=3)
+    with torch.no_grad():
+        module.kron_text.normal_()
+        module.kron_visual.normal_()
+    p = module()
+    for j in range(module.source.shape[0]):
+        assert torch.equal(p.text[j], torch.kron(module.source[j], module.kron_text[j]))
+        assert torch.equal(p.visual[j], torch.kron(module.source[j], module.kron_visual[j]))
+
+
+# method -> (text shape, visual shape) for m tokens, depth J, widths (d_t, d_v); None = not prompted
+EXPECTED = {
+    "mmap": lambda J, m, dt, dv: ((J, m, dt), (J, m, dv)),
+    "maple": lambda J, m, dt, dv: ((J, m, dt), (J, m, dv)),
+    "independent": lambda J, m, dt, dv: ((J, m, dt), (J, m, dv)),
+    "coop": lambda J, m, dt, dv: ((1, m, dt), None),
+    "vpt": lambda J, m, dt, dv: (None, (J, m, dv)),
+}
+
+
+def _shape(t):
+    return None if t is None else tuple(t.shape)
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("model", ["mmap-tiny", "ViT-B-16"])
+def test_documented_shapes(method, model, tiny):
+    widths = tiny.widths if model == "mmap-tiny" else load_backbone(model, None).widths
+    cfg = PromptConfig(method=method)
+    prompts = MultiTaskPrompts(cfg, widths, ["a", "b", "c"], {"g": ["a", "b"]})
+    J = min(cfg.depth, widths.layers_t, widths.layers_v)
+    grouped, alone = prompts("a"), prompts("c")
+    m = cfg.group_tokens + cfg.task_tokens
+    assert (_shape(grouped.text), _shape(grouped.visual)) == EXPECTED[method](J, m, widths.d_t, widths.d_v)
+    assert (_shape(alone.text), _shape(alone.visual)) == EXPECTED[method](J, cfg.task_tokens, widths.d_t, widths.d_v)
+
+
+def test_group_module_is_shared_and_task_module_is_not(tiny):
+    prompts = MultiTaskPrompts(PromptConfig(), tiny.widths, ["a", "b"], {"g": ["a", "b"]})
+    a, b = prompts("a"), prompts("b")
+    n = prompts.cfg.group_tokens
+    assert torch.equal(a.visual[:, :n], b.visual[:, :n])
+    assert not torch.equal(a.visual[:, n:], b.visual[:, n:])
+
+
+def test_multitask_layouts_and_errors(tiny):
+    cfg = PromptConfig()
+    shared_only = MultiTaskPrompts(cfg, tiny.widths, ["a", "b"], {"all": ["a", "b"]}, task_modules=False)
+    assert torch.equal(shared_only("a").visual, shared_only("b").visual)
+    with pytest.raises(ValueError, match="disjoint"):
+        MultiTaskPrompts(cfg, tiny.widths, ["a", "b"], {"g1": ["a"], "g2": ["a", "b"]})
+    with pytest.raises(ValueError, match="unknown task"):
+        MultiTaskPrompts(cfg, tiny.widths, ["a"], {"g": ["zz"]})
+    with pytest.raises(ValueError, match="needs a group"):
+        MultiTaskPrompts(cfg, tiny.widths, ["a", "b"], {"g": ["a"]}, task_modules=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        PromptConfig(method="nope")
+    with pytest.raises(ValueError, match="must divide"):
+        PromptConfig(source_dim=48).resolve(tiny.widths)
+    for bad in ["../x", "a.b", "", "a/b", "x" * 65]:
+        with pytest.raises(ValueError, match="invalid name"):
+            check_name(bad)
+
+
+def test_trainable_parameter_accounting(tiny):
+    cfg = PromptConfig().resolve(tiny.widths)
+    prompts = MultiTaskPrompts(cfg, tiny.widths, ["a", "b", "c"], {"g": ["a", "b"]})
+    d_s = cfg.source_dim
+    per_module = lambda n: cfg.depth * (n * d_s + tiny.widths.d_t // d_s + tiny.widths.d_v // d_s)  # noqa: E731
+    assert prompts.trainable_parameters() == per_module(cfg.group_tokens) + 3 * per_module(cfg.task_tokens)
+
+
+def test_params_cli_reports_paper_scale_ratio():
+    out = subprocess.run([sys.executable, "-m", "mmap_model.params", "--model", "ViT-B-16", "--method", "mmap",
+                          "--tasks", "4", "--groups", "2", "--json"], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout)
+    assert result["backbone_params"] > 140_000_000  # ViT-B-16 is ~150M
+    assert result["trainable_params"] > 0 and result["ratio"] == result["trainable_params"] / result["backbone_params"]
+    assert result["ratio"] <= 0.001

@@ -1,0 +1,123 @@
+"""The prompt-set format: exact round trip, and every corruption refused with its cause named."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mmap_model import PromptConfig, PromptSet, PromptSetError, TaskSpec, load_backbone
+from mmap_model.promptset import CONFIG_FILE, WEIGHTS_FILE
+
+TASKS = {"sketch": TaskSpec(["dog", "traffic light"], "a sketch of a {}.", "line"),
+         "quickdraw": TaskSpec(["dog", "cat", "pen"], "a doodle of a {}.", "line"),
+         "photo": TaskSpec(["dog", "cat"])}
+
+
+@pytest.fixture
+def saved(tiny, tmp_path) -> Path:
+    torch.manual_seed(3)
+    ps = PromptSet.create("demo", tiny, PromptConfig(), TASKS)
+    ps.provenance = {"command": "test"}
+    return ps.save(tmp_path / "demo")
+
+
+def test_round_trip_is_exact(saved, tiny):
+    loaded = PromptSet.load(saved, tiny)
+    original = load_file(saved / WEIGHTS_FILE)
+    assert loaded.tasks == TASKS and loaded.provenance == {"command": "test"}
+    assert loaded.prompts.groups == {"line": ["sketch", "quickdraw"]}
+    for k, v in loaded.prompts.state_dict().items():
+        assert torch.equal(v, original[k])
+    assert set(original) == {k for k in original if k.startswith(("group.line.", "task."))}
+    meta = json.loads((saved / CONFIG_FILE).read_text())
+    assert meta["version"] == meta["weights_sha256"][:12] == loaded.version
+
+
+def _edit_config(directory: Path, change) -> None:
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    change(meta)
+    (directory / CONFIG_FILE).write_text(json.dumps(meta))
+
+
+def _resign(directory: Path) -> None:
+    """Make the config's sha256 match the weights file, so only a later check can catch a change."""
+    sha = hashlib.sha256((directory / WEIGHTS_FILE).read_bytes()).hexdigest()
+    _edit_config(directory, lambda m: m.update(weights_sha256=sha))
+
+
+def _rewrite_weights(directory: Path, change) -> None:
+    tensors = load_file(directory / WEIGHTS_FILE)
+    change(tensors)
+    save_file(tensors, directory / WEIGHTS_FILE)
+    _resign(directory)
+
+
+def _truncate(d: Path) -> None:
+    (d / WEIGHTS_FILE).write_bytes((d / WEIGHTS_FILE).read_bytes()[:40])
+    _resign(d)
+
+
+def _tamper(d: Path) -> None:
+    blob = bytearray((d / WEIGHTS_FILE).read_bytes())
+    blob[-1] ^= 0xFF
+    (d / WEIGHTS_FILE).write_bytes(bytes(blob))
+
+
+CORRUPTIONS = {
+    "sha256 mismatch": _tamper,
+    "truncated or corrupt": _truncate,
+    "tensor names differ": lambda d: _rewrite_weights(d, lambda t: t.update({"task.extra.source": torch.zeros(1)})),
+    "tensor shapes differ": lambda d: _rewrite_weights(d, lambda t: t.update({"task.photo.source": torch.zeros(1, 2, 3)})),
+    "non-finite": lambda d: _rewrite_weights(d, lambda t: t["task.photo.source"].view(-1).__setitem__(0, float("nan"))),
+    "format version 2.0": lambda d: _edit_config(d, lambda m: m.update(format_version="2.0")),
+    "missing prompts.safetensors": lambda d: (d / WEIGHTS_FILE).unlink(),
+    "missing promptset.json": lambda d: (d / CONFIG_FILE).unlink(),
+    "not valid JSON": lambda d: (d / CONFIG_FILE).write_text('{"format_version": "1.0", '),
+    "lacks required keys": lambda d: _edit_config(d, lambda m: m.pop("tasks")),
+    "invalid name": lambda d: _edit_config(d, lambda m: m["tasks"].update({"../evil": m["tasks"]["photo"]})),
+}
+
+
+@pytest.mark.parametrize("cause", sorted(CORRUPTIONS))
+def test_corruption_is_refused_with_its_cause(saved, tiny, tmp_path, cause):
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    CORRUPTIONS[cause](broken)
+    with pytest.raises(PromptSetError, match=cause.replace("(", r"\(")):
+        PromptSet.load(broken, tiny)
+
+
+def test_wrong_backbone_fingerprint_is_refused(saved):
+    torch.manual_seed(99)
+    other = load_backbone("mmap-tiny", None)  # same architecture, other weights
+    with pytest.raises(PromptSetError, match="fingerprint mismatch"):
+        PromptSet.load(saved, other)
+
+
+def test_unknown_keys_warn_but_load(saved, tiny, caplog):
+    _edit_config(saved, lambda m: m.update(future_feature={"x": 1}))
+    with caplog.at_level(logging.WARNING, logger="mmap_model.promptset"):
+        assert PromptSet.load(saved, tiny).name == "demo"
+    assert "future_feature" in caplog.text
+
+
+def test_fingerprint_is_stable_across_processes(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_model
+
+    save_model(tiny.model, str(tmp_path / "w.safetensors"))
+    code = ("import torch, open_clip, sys; from mmap_model.backbone import fingerprint, EMBEDDED_DIR;"
+            "from safetensors.torch import load_model;"
+            "m = open_clip.create_model('local-dir:' + str(EMBEDDED_DIR), load_weights=False);"
+            f"load_model(m, {str(tmp_path / 'w.safetensors')!r}); print(fingerprint(m))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == tiny.fingerprint
