@@ -3,6 +3,7 @@
 from .backbone import (
     EMBEDDED_MODEL,
     EMBEDDED_PRETRAINED,
+    EMBEDDED_PROMPTS_DIR,
     Backbone,
     UnsupportedBackboneError,
     Widths,
@@ -14,7 +15,7 @@ from .prompts import METHODS, MultiTaskPrompts, PromptConfig, PromptModule, Prom
 from .promptset import FORMAT_VERSION, PromptSet, PromptSetError, TaskSpec
 
 __all__ = [
-    "EMBEDDED_MODEL", "EMBEDDED_PRETRAINED", "FORMAT_VERSION", "METHODS", "Backbone", "MultiTaskPrompts",
+    "EMBEDDED_MODEL", "EMBEDDED_PRETRAINED", "EMBEDDED_PROMPTS_DIR", "FORMAT_VERSION", "METHODS", "Backbone", "MultiTaskPrompts",
     "PromptConfig", "PromptModule", "PromptSet", "PromptSetError", "PromptedCLIP", "Prompts", "TaskSpec",
     "UnsupportedBackboneError", "Widths", "class_text_features", "count_parameters", "load_backbone", "prompt_texts",
 ]

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 EMBEDDED_MODEL = "mmap-tiny"
 EMBEDDED_PRETRAINED = "embedded"
 EMBEDDED_DIR = Path(__file__).parent / "weights" / EMBEDDED_MODEL
+EMBEDDED_PROMPTS_DIR = EMBEDDED_DIR / "promptsets"  # demo prompt sets trained on the embedded default
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
