@@ -1,0 +1,1 @@
+"""Training utilities for MmAP (data generation, prompt tuning loops)."""
