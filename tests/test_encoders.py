@@ -75,10 +75,11 @@ def test_per_sample_visual_prompts_equal_separate_forwards(request, name):
 def test_prompts_change_every_prompted_layer(tiny_prompted, tiny):
     """Replacing layer j's prompts changes the output for every j < J (the slots are really used)."""
     images = _images(tiny, 1)
-    base = torch.randn(4, 2, tiny.widths.d_v)
+    depth = tiny.widths.layers_v
+    base = torch.randn(depth, 2, tiny.widths.d_v)
     with torch.no_grad():
         ref = tiny_prompted.encode_image(images, base)
-        for j in range(4):
+        for j in range(depth):
             changed = base.clone()
             changed[j] += torch.randn_like(changed[j])
             assert not torch.allclose(tiny_prompted.encode_image(images, changed), ref, atol=1e-5), j

@@ -1,0 +1,61 @@
+"""The embedded default: it loads offline, it does its job, and its model card is reproducible."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from mmap_model import load_backbone
+from mmap_model.backbone import EMBEDDED_DIR
+from training import pretrain, synthetic
+
+CARD = json.loads((EMBEDDED_DIR / "zero_shot.json").read_text()) if (EMBEDDED_DIR / "zero_shot.json").is_file() else None
+needs_weights = pytest.mark.skipif(CARD is None, reason="embedded weights not trained yet (python -m training.pretrain)")
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_backbone()  # the defaults: mmap-tiny, pretrained="embedded"
+
+
+@needs_weights
+def test_zero_shot_on_a_fresh_sample_of_seen_domains(embedded):
+    """Images never drawn before (seed 7) are classified about as well as the card says."""
+    acc = pretrain.zero_shot(embedded.model, embedded.tokenizer, embedded.preprocess, pretrain.SEEN_DOMAINS,
+                             per_class=10, seed=7, size=64, domain_prompts=True)
+    for domain, value in acc.items():
+        bar = max(0.70, CARD["domain"][domain] - 0.08)  # 400 images: ±8 points covers sampling noise
+        assert value >= bar, (domain, value, bar)
+
+
+@needs_weights
+def test_unseen_domains_are_harder_but_far_above_chance():
+    seen = [CARD["domain"][d] for d in pretrain.SEEN_DOMAINS]
+    unseen = [CARD["domain"][d] for d in synthetic.DOMAINS if d not in pretrain.SEEN_DOMAINS]
+    assert min(seen) > max(unseen) + 0.10
+    assert min(unseen) > 10 / len(synthetic.CLASSES)
+
+
+@needs_weights
+def test_model_card_evaluation_reproduces(embedded):
+    """Re-running the card's evaluation (same seed) on the shipped weights gives the card's numbers."""
+    for domain in ("sketch", "quickdraw"):
+        for kind, domain_prompts in (("domain", True), ("generic", False)):
+            acc = pretrain.zero_shot(embedded.model, embedded.tokenizer, embedded.preprocess, [domain],
+                                     per_class=CARD["eval_per_class"], seed=CARD["eval_seed"], size=64,
+                                     domain_prompts=domain_prompts)
+            assert acc[domain] == pytest.approx(CARD[kind][domain], abs=1e-9), (domain, kind)
+
+
+def test_pretraining_is_deterministic_by_seed():
+    """Two short runs with one seed give identical weights (the full run is the same code, longer)."""
+    def run():
+        args = argparse.Namespace(steps=2, batch_size=8, lr=1e-3, weight_decay=0.1, pool_per_class=1, eval_per_class=1,
+                                  size=32, seed=3)
+        return pretrain.train(args, evaluate=False)["model"].state_dict()
+
+    a, b = run(), run()
+    assert all(torch.equal(a[k], b[k]) for k in a)
