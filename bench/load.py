@@ -1,0 +1,274 @@
+"""Service load benchmark: `python bench/load.py [--quick] [--model ViT-B-32]`.
+
+One run does everything, so the ratios compare numbers taken on the same machine minutes apart:
+1. Builds the backbone with seeded random weights in this process and saves 16 tasks (4 prompt
+   sets x 4 tasks, one group each, so one visual-prompt signature) bound to its fingerprint in a
+   temporary prompt directory.
+2. Starts `python -m service` on loopback with `--pretrained random:<seed>`: the same weights
+   (it checks the fingerprint: a mismatch would leave the service without tasks).
+3. Alternates, for `--rounds` rounds: the raw batched prompted image-tower forward here (service
+   idle; same batch size as the service's, per-sample prompts of mixed tasks); the service under
+   `--concurrency` closed-loop clients over the 16 tasks mixed; the same over one task. Then,
+   alternating too: the raw single-image forward and sequential requests (concurrency 1).
+Requests carry 224x224 JPEGs (what a client that resizes sends) as raw image/jpeg bodies.
+Throughput is measured inside a timed window that follows an untimed warm-up (see `drive`).
+Random weights: the cost does not depend on their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from mmap_model import PromptConfig, PromptedCLIP, PromptSet, TaskSpec, load_backbone
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = ["apple", "boat", "chair", "dog", "eagle", "fork", "guitar", "house", "island", "jacket", "kite", "lamp",
+         "mountain", "necklace", "orange", "piano", "quilt", "rabbit", "saddle", "tiger", "umbrella", "violin",
+         "wagon", "xylophone", "yacht", "zebra"]
+GOALS = {"service / raw batched forward": (">=", 0.90), "16 mixed tasks / one task": (">=", 0.95),
+         "p50 at concurrency 1 / raw single forward": ("<=", 1.15)}
+
+
+def make_prompt_sets(backbone, directory: Path, n_sets: int, tasks_per_set: int, n_classes: int) -> list[str]:
+    """Prompt sets with default MmAP settings; every task grouped, so all share one (J, m) signature."""
+    names = []
+    for s in range(n_sets):
+        torch.manual_seed(100 + s)
+        tasks = {}
+        for t in range(tasks_per_set):
+            name = f"domain{s}_{t}"
+            classes = [WORDS[(s * 7 + t * 3 + c) % len(WORDS)] + f" {c}" for c in range(n_classes)]
+            tasks[name] = TaskSpec(classes, f"a {name} photo of a {{}}.", f"group{s}")
+            names.append(name)
+        PromptSet.create(f"set{s}", backbone, PromptConfig(), tasks).save(directory / f"set{s}")
+    return names
+
+
+def make_images(n: int, size: int) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    images = []
+    for _ in range(n):
+        canvas = np.zeros((size, size, 3))
+        for _ in range(5):
+            cy, cx, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(10, size / 2)]
+            canvas += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None] * rng.uniform(0, 255, 3)
+        canvas += rng.normal(0, 8, canvas.shape)  # texture, so the JPEG is not trivially small
+        buffer = io.BytesIO()
+        Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_service(args, prompts: Path, port: int, log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--prompts", str(prompts),
+               "--model", args.model, "--pretrained", f"random:{args.seed}", "--device", "cpu",
+               "--max-batch-size", str(args.batch), "--max-wait-ms", str(args.max_wait_ms),
+               "--queue-size", str(4 * args.concurrency), "--watch-interval-s", "0", "--log-level", "warning"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMAP_")}
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_ready(base: str, process: subprocess.Popen, expected_tasks: int, log: Path) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            sys.exit(f"service exited:\n{log.read_text()[-3000:]}")
+        try:
+            ready = httpx.get(f"{base}/readyz", timeout=5)
+            if ready.status_code == 200:
+                tasks = ready.json()["tasks"]
+                if tasks != expected_tasks:
+                    sys.exit(f"service serves {tasks} tasks, expected {expected_tasks} (fingerprint mismatch?)")
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    sys.exit("service not ready in 300 s")
+
+
+class RawForward:
+    """The prompted image tower of the same backbone, called directly: the reference for the service."""
+
+    def __init__(self, backbone, prompts_dir: Path, images: list[bytes]):
+        self.prompted = PromptedCLIP(backbone.model)
+        sets = {p.name: PromptSet.load(p, backbone) for p in sorted(prompts_dir.iterdir())}
+        with torch.inference_mode():
+            self.bank = torch.stack([ps.prompts(t).visual for ps in sets.values() for t in ps.tasks])
+        self.pixels = torch.stack([backbone.preprocess(Image.open(io.BytesIO(d))) for d in images])
+
+    def seconds(self, batch: int, repeats: int) -> float:
+        """Median seconds of one forward of `batch` images with per-sample prompts of mixed tasks."""
+        images = self.pixels[torch.arange(batch) % len(self.pixels)]
+        prompts = self.bank[torch.arange(batch) % len(self.bank)]
+        times = []
+        with torch.inference_mode():
+            self.prompted.encode_image(images, prompts, normalize=True)  # warm
+            for _ in range(repeats):
+                start = time.perf_counter()
+                self.prompted.encode_image(images, prompts, normalize=True)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+async def drive(base: str, tasks: list[str], images: list[bytes], concurrency: int, warm_s: float,
+                window_s: float) -> tuple[float, list[float], int]:
+    """Closed-loop clients for warm_s + window_s: (throughput in the window, its latencies, failures).
+
+    Throughput sums each client's rate, (completions - 1) / (last - first completion) inside the
+    window: answers leave in batch-sized bursts, and a plain count / window would be off by up to
+    one burst depending on where the window edges fall.
+    """
+    ended_at: list[list[float]] = [[] for _ in range(concurrency)]
+    latencies: list[float] = []
+    failures = 0
+    start = time.perf_counter()
+    window = (start + warm_s, start + warm_s + window_s)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=base, timeout=120, limits=limits) as client:
+        async def worker(w: int) -> None:
+            nonlocal failures
+            i = w
+            while time.perf_counter() < window[1]:
+                task = tasks[i % len(tasks)]
+                sent = time.perf_counter()
+                response = await client.post(f"/classify?task={task}&top_k=1", content=images[i % len(images)],
+                                             headers={"content-type": "image/jpeg"})
+                ended = time.perf_counter()
+                if response.status_code != 200:
+                    failures += 1
+                elif window[0] <= ended <= window[1]:
+                    ended_at[w].append(ended)
+                    latencies.append(ended - sent)
+                i += concurrency + 1  # walks tasks and images in a different order per worker
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    throughput = sum((len(t) - 1) / (t[-1] - t[0]) for t in ended_at if len(t) >= 2)
+    return throughput, latencies, failures
+
+
+async def sequential(base: str, task: str, images: list[bytes], n: int) -> list[float]:
+    async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+        latencies = []
+        for i in range(n + 2):
+            sent = time.perf_counter()
+            response = await client.post(f"/classify?task={task}&top_k=1", content=images[i % len(images)],
+                                         headers={"content-type": "image/jpeg"})
+            response.raise_for_status()
+            if i >= 2:  # the first two are warm-up
+                latencies.append(time.perf_counter() - sent)
+    return latencies
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sets", type=int, default=4)
+    parser.add_argument("--tasks-per-set", type=int, default=4)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=32, help="the service's max batch size and the raw batch")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, default=64, help="closed-loop clients (2 x batch keeps one batch queued)")
+    parser.add_argument("--warm-s", type=float, default=8.0, help="untimed start of each load phase")
+    parser.add_argument("--window-s", type=float, default=30.0, help="timed part of each load phase")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--raw-repeats", type=int, default=5)
+    parser.add_argument("--single", type=int, default=30, help="sequential requests per round at concurrency 1")
+    parser.add_argument("--quick", action="store_true", help="smoke run: short phases, one round")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if args.quick:  # checks the harness end to end in about a minute; its ratios mean little
+        args.batch, args.concurrency, args.warm_s, args.window_s, args.rounds, args.raw_repeats, args.single = (
+            8, 16, 3.0, 8.0, 1, 2, 8)
+
+    torch.manual_seed(args.seed)  # the service's `random:<seed>` builds these same weights
+    backbone = load_backbone(args.model, None)
+    work = Path(tempfile.mkdtemp(prefix="mmap-load-"))
+    prompts = work / "prompts"
+    tasks = make_prompt_sets(backbone, prompts, args.sets, args.tasks_per_set, args.classes)
+    images = make_images(64, backbone.image_size)
+    raw = RawForward(backbone, prompts, images)
+    port, log = free_port(), work / "service.log"
+    base = f"http://127.0.0.1:{port}"
+    process = start_service(args, prompts, port, log)
+    print(f"model {args.model} (random weights, seed {args.seed}), {len(tasks)} tasks in {args.sets} prompt sets, "
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores; batch {args.batch}, "
+          f"concurrency {args.concurrency}, windows {args.window_s:g} s x {args.rounds} rounds", flush=True)
+    try:
+        wait_ready(base, process, len(tasks), log)
+        results: dict[str, list] = {"raw_batch_s": [], "mixed": [], "single_task": [], "raw_single_s": [], "c1": []}
+        failures = 0
+        for r in range(args.rounds):
+            results["raw_batch_s"].append(raw.seconds(args.batch, args.raw_repeats))
+            for key, phase_tasks in (("mixed", tasks), ("single_task", tasks[:1])):
+                throughput, latencies, failed = asyncio.run(
+                    drive(base, phase_tasks, images, args.concurrency, args.warm_s, args.window_s))
+                failures += failed
+                results[key].append((throughput, latencies))
+            print(f"round {r + 1}: raw batched {args.batch / results['raw_batch_s'][-1]:.2f} img/s, "
+                  f"mixed {results['mixed'][-1][0]:.2f} req/s, one task {results['single_task'][-1][0]:.2f} req/s",
+                  flush=True)
+        for _ in range(args.rounds):
+            results["raw_single_s"].append(raw.seconds(1, max(args.single, 5)))
+            results["c1"].extend(asyncio.run(sequential(base, tasks[0], images, args.single)))
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+
+    raw_batch = args.batch / statistics.median(results["raw_batch_s"])
+    mixed = statistics.median(t for t, _ in results["mixed"])
+    single_task = statistics.median(t for t, _ in results["single_task"])
+    mixed_latencies = [x for _, lat in results["mixed"] for x in lat]
+    raw_single = statistics.median(results["raw_single_s"])
+    c1_p50 = percentile(results["c1"], 50)
+    ratios = {"service / raw batched forward": mixed / raw_batch, "16 mixed tasks / one task": mixed / single_task,
+              "p50 at concurrency 1 / raw single forward": c1_p50 / raw_single}
+    print(f"raw batched forward (batch {args.batch}):  {raw_batch:8.2f} img/s")
+    print(f"service, {len(tasks)} tasks mixed:         {mixed:8.2f} req/s   latency p50 {1000 * percentile(mixed_latencies, 50):.0f} "
+          f"p95 {1000 * percentile(mixed_latencies, 95):.0f} p99 {1000 * percentile(mixed_latencies, 99):.0f} ms "
+          f"(concurrency {args.concurrency})")
+    print(f"service, one task:                {single_task:8.2f} req/s")
+    print(f"raw single-image forward:          {1000 * raw_single:8.1f} ms")
+    print(f"service at concurrency 1:          p50 {1000 * c1_p50:.1f} p95 {1000 * percentile(results['c1'], 95):.1f} "
+          f"p99 {1000 * percentile(results['c1'], 99):.1f} ms")
+    print(f"failed requests: {failures}")
+    for name, value in ratios.items():
+        op, goal = GOALS[name]
+        met = value >= goal if op == ">=" else value <= goal
+        print(f"{name:45s} {value:6.3f}   goal {op} {goal:.2f}   {'met' if met else 'NOT met'}")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "raw_batch_img_s": raw_batch,
+                                         "mixed_req_s": mixed, "single_task_req_s": single_task,
+                                         "raw_single_ms": 1000 * raw_single, "c1_p50_ms": 1000 * c1_p50,
+                                         "ratios": ratios, "failures": failures}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""Inference backends: the prompted image tower behind one small interface.
+
+The batcher only ever calls an `ImageTower`; the class-text side is computed once per task at
+load time with torch (see `registry.py`), so a backend needs the image tower alone. A second
+backend implements the same call and is registered in `BACKENDS`: `torch` (default) and `onnx`
+(onnxruntime running a graph exported by `service.export_onnx`, see `onnx_backend.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from mmap_model import Backbone, PromptedCLIP
+
+from .settings import Settings
+
+
+class ImageTower(Protocol):
+    """images [B, 3, H, W] (fp32, CPU) and per-sample visual prompts [B, J, m, d_v] or None
+    -> L2-normalised image features [B, D] (fp32, CPU)."""
+
+    def __call__(self, images: Tensor, prompts: Tensor | None) -> Tensor: ...
+
+
+class TorchImageTower:
+    """The prompted open_clip image tower, run at the backbone's device and precision.
+
+    On CUDA, fp16/bf16 weights run under autocast of the same dtype (LayerNorm and softmax then
+    run in fp32) and images go through a reused pinned host buffer with a non-blocking copy.
+    `compile` (a torch.compile mode, "off" = eager) compiles the tower for power-of-two batch
+    buckets up to `max_batch_size`: a batch is zero-padded to its bucket, so each (bucket, prompt
+    shape) compiles once; "reduce-overhead" also captures CUDA graphs. The first forward of a
+    prompt shape compiles every bucket for it, so the service's warm-up (one forward per prompt
+    shape) compiles them all before /readyz turns 200, and no request waits on a compile.
+    """
+
+    def __init__(self, backbone: Backbone, compile: str = "off", max_batch_size: int = 32):
+        self.prompted = PromptedCLIP(backbone.model)
+        self.device = backbone.device
+        self.dtype = backbone.dtype
+        self.cuda = self.device.type == "cuda"
+        self.autocast = self.cuda and self.dtype != torch.float32
+        self.buckets = None if compile == "off" else [1 << i for i in range((max_batch_size - 1).bit_length() + 1)]
+        self.cudagraphs = compile in ("reduce-overhead", "max-autotune")
+        self._forward = self._encode if compile == "off" else torch.compile(self._encode, mode=compile, dynamic=False)
+        self._staging: Tensor | None = None  # pinned host buffer, reused: the previous copy ended with .cpu()
+        self._compiled: set[tuple[int, ...]] = set()  # prompt shapes whose buckets are compiled
+
+    def _encode(self, images: Tensor, prompts: Tensor | None) -> Tensor:
+        return self.prompted.encode_image(images, prompts, normalize=True)
+
+    def __call__(self, images: Tensor, prompts: Tensor | None) -> Tensor:
+        batch = images.shape[0]
+        if self.buckets is not None:
+            shape = () if prompts is None else tuple(prompts.shape[1:])
+            if shape not in self._compiled:
+                self._compiled.add(shape)
+                for bucket in self.buckets:
+                    self(images[:1].expand(bucket, -1, -1, -1), None if prompts is None else prompts[:1].expand(bucket, -1, -1, -1))
+            size = next((b for b in self.buckets if b >= batch), batch)
+            images = torch.cat([images, images.new_zeros(size - batch, *images.shape[1:])])
+            if prompts is not None:
+                prompts = torch.cat([prompts, prompts.new_zeros(size - batch, *prompts.shape[1:])])
+        autocast = torch.autocast("cuda", self.dtype) if self.autocast else contextlib.nullcontext()
+        with torch.inference_mode(), autocast:
+            images = self._to_device(images)
+            if prompts is not None:
+                prompts = prompts.to(self.device, non_blocking=True)
+            if self.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            features = self._forward(images, prompts)
+            return features[:batch].float().cpu()
+
+    def _to_device(self, images: Tensor) -> Tensor:
+        if not self.cuda:
+            return images.to(self.device, self.dtype)
+        n = images.numel()
+        if self._staging is None or self._staging.numel() < n:
+            self._staging = torch.empty(n, dtype=images.dtype, pin_memory=True)
+        staged = self._staging[:n].view_as(images).copy_(images)
+        return staged.to(self.device, self.dtype, non_blocking=True)
+
+
+def _torch(backbone: Backbone, settings: Settings) -> ImageTower:
+    return TorchImageTower(backbone, settings.torch_compile, settings.max_batch_size)
+
+
+def _onnx(backbone: Backbone, settings: Settings) -> ImageTower:
+    from .onnx_backend import OnnxImageTower  # onnxruntime is an optional extra: imported only when chosen
+
+    return OnnxImageTower(backbone, settings.onnx_model, settings.onnx_cache)
+
+
+BACKENDS: dict[str, Callable[[Backbone, Settings], ImageTower]] = {"torch": _torch, "onnx": _onnx}
+
+
+def make_image_tower(name: str, backbone: Backbone, settings: Settings | None = None) -> ImageTower:
+    """The configured backend for a loaded backbone (`settings` carries the backend's options; None = defaults)."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; available: {sorted(BACKENDS)}")
+    return BACKENDS[name](backbone, settings or Settings.model_construct())

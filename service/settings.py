@@ -1,0 +1,62 @@
+"""Service settings: every field is an `MMAP_<FIELD>` environment variable and a `python -m service` flag."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mmap_model import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, EMBEDDED_PROMPTS_DIR
+
+RANDOM_WEIGHTS = re.compile(r"^random:(\d+)$")
+
+
+class Settings(BaseSettings):
+    """What the service loads, how it batches, and what it accepts."""
+
+    model_config = SettingsConfigDict(env_prefix="MMAP_", frozen=True)
+
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    prompts: Path = Field(EMBEDDED_PROMPTS_DIR, description="directory of prompt sets (one sub-directory each)")
+    model: str = Field(EMBEDDED_MODEL, description="open_clip model name, local-dir:<dir>, or the embedded default")
+    pretrained: str | None = Field(
+        EMBEDDED_PRETRAINED,
+        description="open_clip pretrained tag or checkpoint path; 'none' = random weights; "
+                    "'random:<seed>' = seeded random weights (tests and benchmarks only)",
+    )
+    device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda when available")
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="weight and activation precision")
+    backend: Literal["torch", "onnx"] = Field("torch", description="image-tower backend: torch, or onnx (onnxruntime; the onnx extra)")
+    onnx_model: Path | None = Field(None, description="onnx backend: a graph from `python -m service.export_onnx`; unset = export at start-up into onnx_cache")
+    onnx_cache: Path = Field(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmap-serve" / "onnx",
+                             description="onnx backend: directory of graphs exported on the fly, keyed by backbone fingerprint, J and m")
+    torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch backend: torch.compile mode for the image tower at power-of-two batch buckets (reduce-overhead = CUDA graphs)")
+    max_batch_size: int = Field(32, ge=1, description="most images in one image-tower forward")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill while more requests are on their way")
+    queue_size: int = Field(256, ge=1, description="decoded images waiting for the model; beyond it requests get 503")
+    request_timeout_s: float = Field(30.0, gt=0, description="queue wait + inference per request; beyond it 504")
+    drain_timeout_s: float = Field(20.0, gt=0, description="on SIGTERM: how long in-flight requests may take to finish before they are cut")
+    decode_workers: int = Field(min(4, os.cpu_count() or 1), ge=1, description="threads decoding images")
+    max_upload_bytes: int = Field(20 << 20, ge=1, description="largest accepted image file (bytes); beyond it 413")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height; beyond it 413")
+    admin_token: SecretStr | None = Field(None, description="bearer token of /admin; unset = admin API off (404)")
+    watch_interval_s: float = Field(2.0, ge=0, description="prompt-directory poll interval; 0 = no watching")
+    watch_debounce_s: float = Field(1.0, ge=0, description="a change is applied once it has been stable this long")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _none_means_random(cls, value: str | None) -> str | None:
+        return None if value in (None, "", "none") else value
+
+    @property
+    def random_seed(self) -> int | None:
+        """The seed of `pretrained='random:<seed>'`, else None."""
+        match = RANDOM_WEIGHTS.match(self.pretrained or "")
+        return int(match.group(1)) if match else None

@@ -1,0 +1,125 @@
+// The try-it page: plain DOM, no build step. Talks to /tasks and /classify only.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let tasks = {};
+let lastImage = null; // the Blob shown, re-sent when the task or top-k changes
+
+function setStatus(text, isError = false) {
+  $("status").textContent = text;
+  $("status").classList.toggle("error", isError);
+}
+
+async function loadTasks() {
+  const response = await fetch("/tasks");
+  if (!response.ok) {
+    setStatus(`Cannot list tasks (${response.status}); is the service ready? See /readyz.`, true);
+    return;
+  }
+  const list = (await response.json()).tasks;
+  tasks = Object.fromEntries(list.map((t) => [t.task, t]));
+  const select = $("task");
+  const previous = select.value || new URLSearchParams(location.search).get("task");
+  select.replaceChildren(...list.map((t) => new Option(`${t.task} (${t.classes.length} classes)`, t.task)));
+  if (previous && tasks[previous]) select.value = previous;
+  if (!list.length) setStatus("No task is loaded: add a prompt set to the prompt directory.", true);
+  showTask();
+}
+
+function showTask() {
+  const t = tasks[$("task").value];
+  if (!t) {
+    $("task-info").textContent = "";
+    $("samples-box").hidden = true;
+    return;
+  }
+  const group = t.group ? `, group ${t.group}` : "";
+  $("task-info").textContent =
+    `${t.prompt_set} v${t.version} · ${t.method}${group} · classes: ${t.classes.join(", ")}`;
+  const samples = $("samples");
+  samples.replaceChildren(...t.samples.map((url) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.title = url.split("/").pop();
+    const img = document.createElement("img");
+    img.src = url;
+    img.alt = button.title;
+    button.append(img);
+    button.addEventListener("click", async () => classify(await (await fetch(url)).blob()));
+    return button;
+  }));
+  $("samples-box").hidden = t.samples.length === 0;
+}
+
+async function classify(blob) {
+  lastImage = blob;
+  const preview = $("preview");
+  if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.src = URL.createObjectURL(blob);
+  preview.hidden = false;
+  $("drop-hint").hidden = true;
+  const task = $("task").value;
+  if (!task) return;
+  const form = new FormData();
+  form.append("file", blob, blob.name || "image");
+  setStatus("Classifying…");
+  const started = performance.now();
+  let response;
+  try {
+    response = await fetch(`/classify?task=${encodeURIComponent(task)}&top_k=${$("topk").value}`,
+                           { method: "POST", body: form });
+  } catch (e) {
+    setStatus(`Network error: ${e}`, true);
+    return;
+  }
+  const body = await response.json().catch(() => ({ detail: response.statusText }));
+  if (!response.ok) {
+    $("results").replaceChildren();
+    $("version").hidden = true;
+    setStatus(`${response.status}: ${body.detail || body.error}`, true);
+    return;
+  }
+  showPredictions(body, performance.now() - started);
+}
+
+function showPredictions(body, ms) {
+  $("version").textContent = `${body.prompt_set} v${body.version}`;
+  $("version").hidden = false;
+  setStatus(`${body.task} · ${Math.round(ms)} ms`);
+  $("results").replaceChildren(...body.predictions.map((p, i) => {
+    const item = document.createElement("li");
+    item.className = i === 0 ? "bar top" : "bar";
+    const percent = (100 * p.score).toFixed(1);
+    item.innerHTML = `<span class="label"></span><span class="track"><span class="fill"></span></span>
+                      <span class="score"></span>`;
+    item.querySelector(".label").textContent = p.label;
+    item.querySelector(".fill").style.width = `${Math.max(0.5, 100 * p.score)}%`;
+    item.querySelector(".score").textContent = `${percent}%`;
+    return item;
+  }));
+}
+
+function firstImage(files) {
+  return [...(files || [])].find((f) => f.type.startsWith("image/") || f.type === "");
+}
+
+$("task").addEventListener("change", () => { showTask(); if (lastImage) classify(lastImage); });
+$("topk").addEventListener("change", () => { if (lastImage) classify(lastImage); });
+$("file").addEventListener("change", (e) => { const f = firstImage(e.target.files); if (f) classify(f); });
+const drop = $("drop");
+drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") $("file").click(); });
+["dragenter", "dragover"].forEach((type) => drop.addEventListener(type, (e) => {
+  e.preventDefault();
+  drop.classList.add("over");
+}));
+["dragleave", "drop"].forEach((type) => drop.addEventListener(type, () => drop.classList.remove("over")));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  const f = firstImage(e.dataTransfer.files);
+  if (f) classify(f);
+});
+document.addEventListener("paste", (e) => {
+  const f = firstImage([...e.clipboardData.items].filter((i) => i.kind === "file").map((i) => i.getAsFile()));
+  if (f) classify(f);
+});
+loadTasks();

@@ -1,0 +1,328 @@
+"""The HTTP surface over the in-process ASGI app: answers, scores, errors, limits, metrics, readiness, admin."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import pytest
+from test_service_support import (
+    DOODLES,
+    OFFICE,
+    classify,
+    image_bytes,
+    make_set,
+    metric,
+    publish,
+    reference_scores,
+    run,
+    scores,
+    serve,
+    settings,
+)
+
+from mmap_model import PromptConfig, PromptSet, TaskSpec
+from service import create_app
+
+SCENES = {"indoor": TaskSpec(["kitchen", "office", "garage"], "a photo of a {}.", "places"),
+          "outdoor": TaskSpec(["beach", "forest"], "a photo of a {}.", "places")}
+
+
+@pytest.fixture(scope="module")
+def sets(tiny) -> dict[str, PromptSet]:
+    """Three methods and three visual-prompt signatures: (4, 4) for grouped mmap and maple tasks,
+    (4, 2) for the ungrouped 'real', none for coop."""
+    return {"office": make_set(tiny, "office", OFFICE, 1),
+            "scenes": make_set(tiny, "scenes", SCENES, 2, PromptConfig(method="maple")),
+            "doodles": make_set(tiny, "doodles", DOODLES, 3, PromptConfig(method="coop"))}
+
+
+@pytest.fixture(scope="module")
+def prompts_dir(sets, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("prompts")
+    for ps in sets.values():
+        publish(ps, directory)
+    return directory
+
+
+def _task_set(sets: dict[str, PromptSet]) -> dict[str, PromptSet]:
+    return {task: ps for ps in sets.values() for task in ps.tasks}
+
+
+def test_classify_answers_well_formed_json(prompts_dir, sets):
+    async def scenario():
+        async with serve(settings(prompts_dir)) as client:
+            data = image_bytes(1)
+            full = await classify(client, "clipart", data)
+            assert full.status_code == 200 and full.headers["content-type"] == "application/json"
+            body = full.json()
+            assert body["task"] == "clipart" and body["prompt_set"] == "office" and body["method"] == "mmap"
+            assert body["version"] == sets["office"].version
+            got = [p["score"] for p in body["predictions"]]
+            assert got == sorted(got, reverse=True)
+            assert {p["label"] for p in body["predictions"]} == set(OFFICE["clipart"].classnames)
+            assert sum(got) == pytest.approx(1.0, abs=1e-5)  # a softmax over all the task's classes
+            top2 = await classify(client, "clipart", data, top_k=2)
+            assert top2.json()["predictions"] == body["predictions"][:2]
+            raw = await client.post("/classify", params={"task": "clipart", "top_k": 100}, content=data,
+                                    headers={"content-type": "image/png"})
+            assert scores(raw) == pytest.approx(scores(full), abs=1e-6)
+            default_k = await client.post("/classify?task=real", files={"file": ("a.png", data)})
+            assert len(default_k.json()["predictions"]) == 5
+
+    run(scenario())
+
+
+def test_scores_equal_mmap_model_directly(prompts_dir, sets, tiny):
+    """Every method and signature, a non-square JPEG (resize + crop): service == mmap_model + open_clip preprocess."""
+    async def scenario():
+        async with serve(settings(prompts_dir)) as client:
+            for i, (task, ps) in enumerate(sorted(_task_set(sets).items())):
+                data = image_bytes(10 + i, size=(61, 37), fmt="JPEG")
+                expected = reference_scores(tiny, ps, task, data)
+                got = scores(await classify(client, task, data))
+                assert got.keys() == expected.keys()
+                for label in expected:
+                    assert abs(got[label] - expected[label]) <= 1e-5, (task, label)
+
+    run(scenario())
+
+
+def test_mixed_task_batch_equals_single_requests(prompts_dir, sets):
+    tasks = ["clipart", "product", "indoor", "outdoor", "real", "sketch"]  # two sets share the (4, 4) bank
+    requests = [(task, image_bytes(100 * k + j)) for k, task in enumerate(tasks) for j in range(2)]
+
+    async def scenario():
+        async with serve(settings(prompts_dir, max_wait_ms=1000, max_batch_size=64)) as client:
+            before = (await client.get("/metrics")).text
+            batched = await asyncio.gather(*(classify(client, t, d) for t, d in requests))
+            after = (await client.get("/metrics")).text
+            single = [await classify(client, t, d) for t, d in requests]
+        forwards = metric(after, "mmap_batch_size_count") - metric(before, "mmap_batch_size_count")
+        big = forwards - (metric(after, "mmap_batch_size_bucket", le="2.0") - metric(before, "mmap_batch_size_bucket", le="2.0"))
+        # Each task has 2 requests, so a forward of more than 2 images mixed tasks.
+        assert forwards < len(requests) and big >= 1, (forwards, big)
+        for (task, _), b, s in zip(requests, batched, single, strict=True):
+            got, want = scores(b), scores(s)
+            assert max(abs(got[k] - want[k]) for k in want) <= 1e-4, task
+
+    run(scenario())
+
+
+def test_unknown_task_and_bad_parameters(prompts_dir):
+    async def scenario():
+        async with serve(settings(prompts_dir)) as client:
+            data = image_bytes(2)
+            unknown = await classify(client, "nope", data)
+            assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_task"
+            for task in ("clipart", "sketch", "indoor"):
+                assert task in unknown.json()["detail"]
+            for bad in ("0", "-3", "two"):
+                response = await client.post(f"/classify?task=clipart&top_k={bad}", files={"file": ("a.png", data)})
+                assert response.status_code == 422 and "top_k" in response.json()["detail"], bad
+            missing = await client.post("/classify", files={"file": ("a.png", data)})
+            assert missing.status_code == 422 and "task" in missing.json()["detail"]
+            assert (await client.get("/tasks/nope")).status_code == 404
+
+    run(scenario())
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A real decompression bomb: a grayscale PNG whose zlib stream inflates to width*height bytes."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    compressor = zlib.compressobj(1)
+    rows = bytes((width + 1) * 100)  # 100 rows of a filter byte + black pixels
+    idat = b"".join(compressor.compress(rows) for _ in range(height // 100)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def _peak_rss_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak resident size
+
+
+def _peak_rss_bytes() -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM"))
+    return int(line.split()[1]) * 1024
+
+
+def _rss_bytes() -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmRSS"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the service silences it; pytest resets filters
+def test_size_limits_and_decompression_bomb(prompts_dir):
+    bomb = _bomb_png(12_000, 12_000)  # 144 M pixels from a ~0.6 MB file; decoded: 144 MB gray, 432 MB RGB
+    assert len(bomb) < 1 << 20
+
+    async def scenario():
+        config = settings(prompts_dir, max_upload_bytes=4000, max_image_pixels=100 * 100)
+        async with serve(config) as client:
+            big = image_bytes(3, size=(200, 200))
+            assert len(big) > 4000
+            declared = await client.post("/classify?task=clipart", content=big, headers={"content-type": "image/png"})
+            assert declared.status_code == 413 and declared.json()["error"] == "upload_too_large"
+            form = await classify(client, "clipart", big)  # under the multipart slack, over the file limit
+            assert form.status_code == 413 and "4000 bytes" in form.json()["detail"]
+
+            async def chunks():
+                for i in range(0, len(big), 1000):
+                    yield big[i:i + 1000]
+            streamed = await client.post("/classify?task=clipart", content=chunks(), headers={"content-type": "image/png"})
+            assert streamed.status_code == 413  # no content-length: refused while reading
+
+            many_pixels = image_bytes(4, size=(150, 120))
+            assert len(many_pixels) <= 4000 or pytest.fail("test image should compress under the byte limit")
+            pixels = await classify(client, "clipart", many_pixels)
+            assert pixels.status_code == 413 and "150x120" in pixels.json()["detail"]
+        async with serve(settings(prompts_dir, max_image_pixels=10_000_000)) as client:
+            _peak_rss_reset()
+            rss = _rss_bytes()
+            start = time.perf_counter()
+            refused = await classify(client, "clipart", bomb)
+            elapsed = time.perf_counter() - start
+            assert refused.status_code == 413 and refused.json()["error"] == "too_many_pixels", refused.text
+            assert elapsed < 1.0
+            assert _peak_rss_bytes() - rss < 50 << 20  # the canvas was never allocated
+            assert (await classify(client, "clipart", image_bytes(5))).status_code == 200
+
+    run(scenario())
+
+
+def test_garbage_is_refused_with_the_reason(prompts_dir):
+    png = image_bytes(6)
+    cases = {
+        "text": (b"hello, I am not an image", 415, "unsupported_type"),
+        "truncated": (png[: len(png) // 2], 422, "corrupt"),
+        "broken header": (png[:20], 422, "corrupt"),
+        "empty": (b"", 422, "empty"),
+    }
+
+    async def scenario():
+        async with serve(settings(prompts_dir)) as client:
+            for name, (data, status, error) in cases.items():
+                response = await classify(client, "clipart", data)
+                assert response.status_code == status, (name, response.text)
+                assert response.json()["error"] == error and response.json()["detail"], name
+            wrong_type = await client.post("/classify?task=clipart", content=png, headers={"content-type": "text/plain"})
+            assert wrong_type.status_code == 415 and "multipart" in wrong_type.json()["detail"]
+            no_file = await client.post("/classify?task=clipart", files={"image": ("a.png", png)})
+            assert no_file.status_code == 422 and "'file'" in no_file.json()["detail"]
+            assert (await classify(client, "clipart", png)).status_code == 200  # still serving
+
+    run(scenario())
+
+
+def test_metrics_match_the_traffic(prompts_dir, sets):
+    async def scenario():
+        async with serve(settings(prompts_dir)) as client:
+            for i in range(3):
+                assert (await classify(client, "clipart", image_bytes(20 + i))).status_code == 200
+            for i in range(2):
+                assert (await classify(client, "sketch", image_bytes(30 + i))).status_code == 200
+            assert (await classify(client, "nope", image_bytes(40))).status_code == 404
+            assert (await classify(client, "real", b"garbage")).status_code == 415
+            text = (await client.get("/metrics")).text
+        assert metric(text, "mmap_requests_total", task="clipart", status="200") == 3
+        assert metric(text, "mmap_requests_total", task="sketch", status="200") == 2
+        assert metric(text, "mmap_requests_total", task="_unknown", status="404") == 1
+        assert metric(text, "mmap_requests_total", task="real", status="415") == 1
+        assert metric(text, "mmap_request_duration_seconds_count", task="clipart") == 3
+        assert metric(text, "mmap_images_rejected_total", reason="unsupported_type") == 1
+        # Sequential requests: five forwards of one image each (the warm-up is not traffic).
+        assert metric(text, "mmap_batch_size_count") == 5 and metric(text, "mmap_batch_size_sum") == 5
+        assert metric(text, "mmap_inference_duration_seconds_count") == 5
+        assert metric(text, "mmap_queue_wait_seconds_count") == 5
+        assert metric(text, "mmap_tasks_loaded") == sum(len(ps.tasks) for ps in sets.values())
+        assert metric(text, "mmap_prompt_set_loads_total", result="success") == len(sets)
+        assert metric(text, "mmap_prompt_set_loads_total", result="failure") == 0
+
+    run(scenario())
+
+
+def test_readyz_only_after_prompt_sets_and_warm_up(prompts_dir, tiny, tmp_path):
+    async def scenario():
+        app = create_app(settings(prompts_dir))
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as client:
+            assert (await client.get("/readyz")).status_code == 503  # lifespan not started: nothing loaded
+            assert (await client.get("/healthz")).status_code == 200
+            assert (await classify(client, "clipart", image_bytes(7))).status_code == 503
+            async with app.router.lifespan_context(app):
+                seen = []
+                while (response := await client.get("/readyz")).status_code != 200:
+                    seen.append(response.json()["reason"])
+                    await asyncio.sleep(0.005)
+                assert app.state.service.warmed_up and response.json() == {"ready": True, "reason": None, "tasks": 7}
+                assert set(seen) <= {"loading prompt sets and warming up"}
+
+        # Warmed up but serving no task is not ready either; loading a set makes it ready.
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        app = create_app(settings(empty, admin_token="t"))
+        async with (app.router.lifespan_context(app),
+                    httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://service") as client):
+            while not app.state.service.warmed_up:
+                await asyncio.sleep(0.01)
+            not_ready = await client.get("/readyz")
+            assert not_ready.status_code == 503 and "no prompt set loaded" in not_ready.json()["reason"]
+            make_set(tiny, "office", OFFICE, 1).save(empty / "office")
+            loaded = await client.post("/admin/promptsets/office", headers={"authorization": "Bearer t"})
+            assert loaded.status_code == 200, loaded.text
+            assert (await client.get("/readyz")).status_code == 200
+
+    run(scenario())
+
+
+def test_admin_api_is_off_without_a_token_and_guarded_with_one(prompts_dir):
+    async def scenario():
+        async with serve(settings(prompts_dir)) as client:
+            assert (await client.get("/admin/promptsets")).status_code == 404
+            assert (await client.delete("/admin/promptsets/office")).status_code == 404
+        async with serve(settings(prompts_dir, admin_token="s3cret")) as client:
+            missing = await client.get("/admin/promptsets")
+            assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+            wrong = await client.get("/admin/promptsets", headers={"authorization": "Bearer guess"})
+            assert wrong.status_code == 403 and wrong.json()["error"] == "forbidden"
+            assert (await client.delete("/admin/promptsets/office", headers={"authorization": "Bearer guess"})).status_code == 403
+            ok = await client.get("/admin/promptsets", headers={"authorization": "Bearer s3cret"})
+            assert ok.status_code == 200
+            assert {s["name"]: s["state"] for s in ok.json()["prompt_sets"]} == {
+                "office": "loaded", "scenes": "loaded", "doodles": "loaded"}
+
+    run(scenario())
+
+
+def test_tasks_samples_page_and_docs(prompts_dir, sets, tmp_path, tiny):
+    directory = tmp_path / "prompts"
+    target = publish(sets["office"], directory)
+    (target / "samples" / "clipart").mkdir(parents=True)
+    sample = image_bytes(8)
+    (target / "samples" / "clipart" / "dog.png").write_bytes(sample)
+    (target / "samples" / "clipart" / "notes.txt").write_text("not an image")
+
+    async def scenario():
+        async with serve(settings(directory)) as client:
+            listing = (await client.get("/tasks")).json()["tasks"]
+            assert [t["task"] for t in listing] == ["clipart", "product", "real"]
+            clipart = (await client.get("/tasks/clipart")).json()
+            assert clipart == {"task": "clipart", "prompt_set": "office", "version": sets["office"].version,
+                               "method": "mmap", "group": "office", "classes": ["dog", "cat", "car", "tree"],
+                               "samples": ["/samples/clipart/dog.png"]}
+            served = await client.get("/samples/clipart/dog.png")
+            assert served.status_code == 200 and served.content == sample
+            assert (await client.get("/samples/clipart/notes.txt")).status_code == 404
+            assert (await client.get("/samples/clipart/..%2F..%2Fpromptset.json")).status_code == 404
+            page = await client.get("/")
+            assert page.status_code == 200 and "<title>" in page.text
+            assert (await client.get("/docs")).status_code == 200
+            spec = (await client.get("/openapi.json")).json()
+            assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
+
+    run(scenario())

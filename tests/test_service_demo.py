@@ -1,0 +1,55 @@
+"""The service's defaults: the embedded tiny CLIP and the demo prompt sets shipped with it."""
+
+from __future__ import annotations
+
+import pytest
+from test_service_support import classify, image_bytes, reference_scores, run, scores, serve
+
+import mmap_model.backbone
+from mmap_model import EMBEDDED_PROMPTS_DIR, PromptSet, load_backbone
+from mmap_model.promptset import CONFIG_FILE
+from service import Settings, create_app
+
+
+def _demo_sets() -> list[str]:
+    if not EMBEDDED_PROMPTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in EMBEDDED_PROMPTS_DIR.iterdir() if (p / CONFIG_FILE).is_file())
+
+
+def test_every_demo_task_classifies_with_the_defaults():
+    if not (mmap_model.backbone.EMBEDDED_DIR / "open_clip_model.safetensors").is_file():
+        pytest.skip("the embedded tiny CLIP is not trained yet (python -m training.pretrain)")
+    if not _demo_sets():
+        pytest.skip(f"no demo prompt set in {EMBEDDED_PROMPTS_DIR} yet")
+    backbone = load_backbone()
+    demo = {name: PromptSet.load(EMBEDDED_PROMPTS_DIR / name, backbone) for name in _demo_sets()}
+
+    async def scenario():
+        async with serve(Settings(prompts=EMBEDDED_PROMPTS_DIR, device="cpu", watch_interval_s=0)) as client:
+            listed = {t["task"]: t for t in (await client.get("/tasks")).json()["tasks"]}
+            assert listed.keys() == {task for ps in demo.values() for task in ps.tasks}
+            for name, ps in demo.items():
+                for i, task in enumerate(ps.tasks):
+                    samples = listed[task]["samples"]
+                    data = (await client.get(samples[0])).content if samples else image_bytes(i, size=(64, 64))
+                    response = await classify(client, task, data)
+                    body = response.json()
+                    assert body["prompt_set"] == name and body["version"] == ps.version
+                    got, want = scores(response), reference_scores(backbone, ps, task, data)
+                    assert max(abs(got[k] - want[k]) for k in want) <= 1e-5, task
+
+    run(scenario())
+
+
+def test_missing_embedded_weights_stop_start_up_with_the_reason(tmp_path, monkeypatch):
+    """The default must never serve random weights silently."""
+    monkeypatch.setattr(mmap_model.backbone, "EMBEDDED_DIR", tmp_path)  # an embedded directory without weights
+    app = create_app(Settings(device="cpu", prompts=tmp_path))
+
+    async def start():
+        async with app.router.lifespan_context(app):
+            pytest.fail("started without weights")
+
+    with pytest.raises(RuntimeError, match="embedded weights missing.*does not fall back to random weights"):
+        run(start())

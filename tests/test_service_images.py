@@ -1,0 +1,148 @@
+"""Safe image decoding: every supported format and mode to the right RGB pixels, EXIF orientation, bombs
+refused from the header alone, garbage refused with the reason; preprocessing equal to open_clip's."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_service_support import image_bytes, open_clip_preprocess
+
+from service.images import ImageRejected, decode_image
+
+LIMIT = 4_000_000
+
+
+def _encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def _halves(size=(40, 20), left=(255, 0, 0), right=(0, 0, 255)) -> Image.Image:
+    w, h = size
+    array = np.zeros((h, w, 3), np.uint8)
+    array[:, : w // 2] = left
+    array[:, w // 2:] = right
+    return Image.fromarray(array)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "BMP", "TIFF", "WEBP", "GIF", "JPEG"])
+def test_every_format_decodes_to_its_rgb_pixels(fmt):
+    source = _halves()
+    options = {"lossless": True} if fmt == "WEBP" else {"quality": 95, "subsampling": 0} if fmt == "JPEG" else {}
+    decoded = decode_image(_encode(source, fmt, **options), LIMIT)
+    assert decoded.mode == "RGB" and decoded.size == source.size
+    error = np.abs(np.asarray(decoded, np.int16) - np.asarray(source, np.int16)).max()
+    assert error <= (40 if fmt == "JPEG" else 0)  # lossy JPEG blurs the edge a little
+
+
+def test_gif_and_tiff_give_their_first_frame():
+    red, blue = Image.new("RGB", (8, 8), (255, 0, 0)), Image.new("RGB", (8, 8), (0, 0, 255))
+    for fmt in ("GIF", "TIFF"):
+        data = _encode(red, fmt, save_all=True, append_images=[blue])
+        assert Image.open(io.BytesIO(data)).n_frames == 2
+        assert decode_image(data, LIMIT).getpixel((4, 4)) == (255, 0, 0), fmt
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to view"
+    data = _encode(_halves(), "JPEG", quality=95, exif=exif.tobytes())
+    decoded = decode_image(data, LIMIT)
+    assert decoded.size == (20, 40)
+    top, bottom = np.asarray(decoded)[2, 10], np.asarray(decoded)[-3, 10]
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60  # red on top after the turn
+
+
+def test_modes_become_sensible_rgb():
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 200, 10, 10] + [0] * 762)
+    palette.putpixel((0, 0), 1)
+    transparent_png = _encode(palette, "PNG", transparency=0)  # index 0 (black) is transparent
+    decoded = decode_image(transparent_png, LIMIT)
+    assert decoded.getpixel((0, 0)) == (200, 10, 10) and decoded.getpixel((3, 3)) == (255, 255, 255)
+
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    rgba.putpixel((1, 1), (0, 255, 0, 255))
+    decoded = decode_image(_encode(rgba, "PNG"), LIMIT)
+    assert decoded.getpixel((0, 0)) == (255, 255, 255) and decoded.getpixel((1, 1)) == (0, 255, 0)
+
+    deep = Image.fromarray(np.array([[0, 32896, 65535]], np.uint16))  # 16-bit gray
+    decoded = decode_image(_encode(deep, "PNG"), LIMIT)
+    assert [decoded.getpixel((x, 0)) for x in range(3)] == [(0, 0, 0), (128, 128, 128), (255, 255, 255)]
+
+    cmyk = Image.new("CMYK", (4, 4), (0, 255, 255, 0))  # pure red in CMYK
+    r, g, b = decode_image(_encode(cmyk, "JPEG", quality=100), LIMIT).getpixel((2, 2))
+    assert r > 240 and g < 20 and b < 20
+
+    for mode in ("1", "L", "LA", "I"):
+        assert decode_image(_encode(Image.new(mode, (4, 4)), "TIFF" if mode == "I" else "PNG"), LIMIT).mode == "RGB"
+
+
+def _chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A well-formed PNG whose header claims a huge canvas, with one row of data: 100 bytes in all."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(bytes(16)))
+            + _chunk(b"IEND", b""))
+
+
+def _gif_claiming(width: int, height: int) -> bytes:
+    screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0) + bytes(6)  # 2-colour global palette
+    frame = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00;"
+    return b"GIF89a" + screen + frame
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+@pytest.mark.parametrize("header", [
+    _png_claiming(100_000, 100_000),  # 10^10 pixels: 30 GB as RGB
+    _gif_claiming(65_535, 65_535),
+    b"BM" + struct.pack("<IHHIIiiHHIIiiII", 0, 0, 0, 54, 40, 50_000, 50_000, 1, 24, 0, 0, 0, 0, 0, 0),
+], ids=["png", "gif", "bmp"])
+def test_huge_canvases_are_refused_from_the_header(header):
+    start = time.perf_counter()
+    with pytest.raises(ImageRejected) as refused:
+        decode_image(header, LIMIT)
+    assert refused.value.status == 413 and refused.value.error == "too_many_pixels"
+    assert time.perf_counter() - start < 0.1  # nothing was decoded
+
+
+def test_pixel_limit_is_exact():
+    data = image_bytes(1, size=(50, 40))
+    assert decode_image(data, 2000).size == (50, 40)
+    with pytest.raises(ImageRejected, match="50x40 = 2000 pixels; the limit is 1999"):
+        decode_image(data, 1999)
+
+
+@pytest.mark.parametrize(("data", "status", "error"), [
+    (b"%PDF-1.7 definitely not an image", 415, "unsupported_type"),
+    (bytes(range(256)) * 4, 415, "unsupported_type"),
+    (image_bytes(2, fmt="JPEG")[:200], 422, "corrupt"),
+    (image_bytes(2)[:-30], 422, "corrupt"),
+    (_png_claiming(64, 64)[:40], 422, "corrupt"),
+    (b"", 422, "empty"),
+], ids=["pdf", "noise", "truncated-jpeg", "truncated-png", "png-header-only", "empty"])
+def test_garbage_is_refused_with_the_reason(data, status, error):
+    with pytest.raises(ImageRejected) as refused:
+        decode_image(data, LIMIT)
+    assert (refused.value.status, refused.value.error) == (status, error)
+    assert refused.value.detail
+
+
+def test_preprocessing_is_open_clips_own(tiny):
+    """decode + the backbone's preprocess == open_clip's eval transform on PIL's own decode (non-square, resized)."""
+    data = image_bytes(3, size=(123, 77), fmt="JPEG")
+    ours = tiny.preprocess(decode_image(data, LIMIT))
+    theirs = open_clip_preprocess(tiny)(Image.open(io.BytesIO(data)))
+    assert ours.shape == (3, tiny.image_size, tiny.image_size)
+    assert torch.equal(ours, theirs)

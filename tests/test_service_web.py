@@ -1,0 +1,73 @@
+"""The web page at `/` in headless Chromium against a real uvicorn: pick a task, upload, see the bars.
+
+Needs Debian's `chromium` (apt) and the `playwright` Python package (pip; its bundled driver only,
+never `playwright install`): skipped with the reason when either is missing.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from test_service_support import OFFICE, SERVED_ENV, image_bytes, make_set, publish, service_process
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+sync_api = pytest.importorskip("playwright.sync_api", reason="pip package 'playwright' is not installed")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian package 'chromium' is not installed")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.slow  # a real process start (imports torch): seconds to tens of seconds
+def test_page_classifies_an_upload_and_a_sample(tiny, tmp_path):
+    prompts = tmp_path / "prompts"
+    office = make_set(tiny, "office", OFFICE, 1)
+    target = publish(office, prompts)
+    (target / "samples" / "clipart").mkdir(parents=True)
+    for i in range(3):
+        (target / "samples" / "clipart" / f"sample{i}.png").write_bytes(image_bytes(50 + i, size=(96, 96)))
+    upload = tmp_path / "photo.jpg"
+    upload.write_bytes(image_bytes(7, size=(320, 240), fmt="JPEG"))
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("not an image")
+    screenshot = tmp_path / "page.png"
+    env = {**SERVED_ENV, "MMAP_PROMPTS": str(prompts)}
+
+    with service_process(tmp_path / "service.log", [], env) as (base, _), sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 720})
+            page.goto(f"{base}/")
+            page.wait_for_selector("#task option[value='clipart']", state="attached")
+            page.select_option("#task", "clipart")
+            assert office.version in page.inner_text("#task-info")
+            assert page.locator("#samples button").count() == 3
+
+            page.set_input_files("#file", str(upload))
+            bars = page.locator("#results .bar")
+            bars.first.wait_for()
+            assert bars.count() == 4  # top 5 of a 4-class task
+            labels = [page.locator("#results .bar .label").nth(i).inner_text() for i in range(4)]
+            assert sorted(labels) == sorted(OFFICE["clipart"].classnames)
+            assert page.inner_text("#version") == f"office v{office.version}"
+            widths = page.eval_on_selector_all("#results .fill", "els => els.map(e => e.getBoundingClientRect().width)")
+            assert widths == sorted(widths, reverse=True) and widths[0] > 0
+            page.screenshot(path=str(screenshot), full_page=True)
+
+            page.select_option("#task", "product")  # re-classifies the same image for the new task
+            page.wait_for_function("document.querySelector('#status').textContent.startsWith('product')")
+            assert bars.count() == 3
+
+            page.select_option("#task", "clipart")
+            page.locator("#samples button").first.click()
+            page.wait_for_function("document.querySelector('#status').textContent.startsWith('clipart')")
+            assert bars.count() == 4
+
+            page.set_input_files("#file", str(not_an_image))
+            page.wait_for_selector("#status.error")
+            assert "415" in page.inner_text("#status") and bars.count() == 0
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 0
+    print(f"screenshot: {Path(screenshot)}")
