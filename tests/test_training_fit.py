@@ -1,0 +1,99 @@
+"""`python -m training.fit` end to end on a small synthetic root (random-weight backbone: fast).
+
+What the service and users rely on: one prompt set per group in --out that loads with
+`PromptSet.load`, carries its tasks' test accuracy and provenance, and `training.evaluate`
+reproduces the recorded accuracy from the files alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmap_model import PromptSet
+from mmap_model.promptset import WEIGHTS_FILE
+from training import evaluate, fit
+from training.data import prepare_synthetic
+
+DOMAINS = ["sketch", "quickdraw", "photo"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on the shared 2-core box two threads run these tiny models 3-7x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return prepare_synthetic(tmp_path_factory.mktemp("syn"), 4, domains=DOMAINS)
+
+
+def _fit(root: Path, out: Path, *extra: str) -> list[Path]:
+    return fit.main(["--data", str(root), "--pretrained", "none", "--threads", "1", "--shots", "1", "--batch-size", "8",
+                     "--epochs", "1", "--quiet", "--out", str(out), *extra])
+
+
+def test_one_prompt_set_per_group_loads_and_reproduces(root, tmp_path, tiny):
+    groups_file = tmp_path / "groups.json"
+    groups_file.write_text(json.dumps({"groups": [["sketch", "quickdraw"], ["photo"]]}))
+    out = tmp_path / "sets"
+    written = _fit(root, out, "--groups", str(groups_file), "--samples", "3")
+    assert sorted(p.name for p in written) == ["photo", "sketch-quickdraw"]
+    assert sorted(p.name for p in out.iterdir()) == ["photo", "sketch-quickdraw"]  # nothing else for the service
+    pair = PromptSet.load(out / "sketch-quickdraw", tiny)
+    single = PromptSet.load(out / "photo", tiny)
+    assert pair.prompts.groups == {"sketch-quickdraw": ["sketch", "quickdraw"]}
+    assert set(pair.tasks) == {"sketch", "quickdraw"} and set(single.tasks) == {"photo"}
+    assert single.tasks["photo"].group is None and not single.prompts.group
+    assert pair.tasks["sketch"].template == "a sketch of a {}."
+    tensors = load_file(out / "sketch-quickdraw" / WEIGHTS_FILE)
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in tensors} == {"group.sketch-quickdraw", "task.sketch", "task.quickdraw"}
+    prov = pair.provenance
+    assert prov["command"].startswith("python -m training.fit --data") and prov["seed"] == 0
+    assert prov["code_version"] and prov["data"]["tasks"]["sketch"]["train"] == 40 and prov["data"]["split"]["shots"] == 1
+    assert set(pair.evaluation["accuracy"]) == {"sketch", "quickdraw"} and set(pair.evaluation["zero_shot"]) == {"sketch", "quickdraw"}
+    samples = sorted((out / "photo" / "samples" / "photo").iterdir())
+    assert len(samples) == 3 and all(p.suffix == ".png" for p in samples)
+    # The recorded accuracy is reproducible from the directory alone.
+    rows = evaluate.main(["--data", str(root), "--promptsets", str(out), "--threads", "1"])
+    for r in rows:
+        recorded = PromptSet.load(out / r["promptset"]).evaluation
+        assert r["accuracy"] == pytest.approx(recorded["accuracy"][r["task"]], abs=1e-9)
+        assert r["zero_shot"] == pytest.approx(recorded["zero_shot"][r["task"]], abs=1e-9)
+    run_dir = out.with_name("sets.run")
+    assert (run_dir / "metrics.jsonl").is_file() and list(run_dir.glob("checkpoint-*.json"))
+
+
+def test_groups_none_gives_a_set_per_task_and_out_is_not_clobbered(root, tmp_path, tiny):
+    out = tmp_path / "sets"
+    _fit(root, out, "--groups", "none", "--tasks", "sketch,photo", "--steps", "1")
+    assert sorted(p.name for p in out.iterdir()) == ["photo", "sketch"]
+    sketch = PromptSet.load(out / "sketch", tiny)
+    assert not sketch.prompts.group and list(sketch.prompts.task) == ["sketch"]
+    with pytest.raises(SystemExit):
+        _fit(root, out, "--groups", "one", "--steps", "1")  # would mix stale sets with new ones
+    _fit(root, out, "--groups", "one", "--tasks", "sketch,photo", "--steps", "1", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["all"]
+    assert PromptSet.load(out / "all", tiny).prompts.groups == {"all": ["sketch", "photo"]}
+
+
+def test_trained_prompts_differ_from_initialisation(root, tmp_path):
+    out = tmp_path / "sets"
+    _fit(root, out, "--groups", "one", "--tasks", "sketch", "--steps", "2", "--lr", "0.01")
+    trained = load_file(out / "all" / WEIGHTS_FILE)
+    torch.manual_seed(0)
+    from mmap_model import MultiTaskPrompts, PromptConfig, load_backbone
+
+    widths = load_backbone("mmap-tiny", None).widths
+    torch.manual_seed(0)
+    initial = MultiTaskPrompts(PromptConfig(), widths, ["sketch"], {"all": ["sketch"]}).state_dict()
+    assert set(trained) == set(initial)
+    assert all(not torch.equal(trained[k], initial[k]) for k in trained)  # every tensor received updates

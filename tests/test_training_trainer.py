@@ -1,0 +1,89 @@
+"""The trainer: schedule, gradient accumulation, mixed precision, metrics, validation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mmap_model import MultiTaskPrompts, PromptConfig
+from training.classifiers import MultiTaskObjective, PromptClassifier, TaskText
+from training.data import SplitConfig, discover_tasks, load_splits, prepare_synthetic
+from training.trainer import TrainConfig, Trainer, lr_lambda
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One torch thread: on the shared 2-core box two threads run these tiny models 3-7x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, tiny):
+    root = prepare_synthetic(tmp_path_factory.mktemp("syn"), 4, domains=["sketch", "painting"])
+    tasks = discover_tasks(root, split=SplitConfig(shots=2))
+    return {t.name: TaskText(t.classnames, t.template) for t in tasks}, load_splits(tasks, tiny.preprocess)
+
+
+def _train(tiny, data, cfg: TrainConfig, **kwargs) -> dict[str, torch.Tensor]:
+    texts, sets = data
+    torch.manual_seed(0)
+    prompts = MultiTaskPrompts(PromptConfig(), tiny.widths, list(texts), {"all": list(texts)})
+    clf = PromptClassifier(tiny, texts, prompts)
+    Trainer(MultiTaskObjective(clf), sets["train"], cfg, progress=False, **kwargs).fit()
+    return {k: v.detach().clone() for k, v in prompts.state_dict().items()}
+
+
+def test_schedule_warms_up_then_follows_a_cosine():
+    total, warmup = 100, 10
+    values = [lr_lambda(s, total, warmup, 0.1) for s in range(total + 1)]
+    assert values[0] == pytest.approx(1 / 11) and values[9] == pytest.approx(10 / 11)
+    assert all(a < b for a, b in zip(values[:10], values[1:11], strict=True))  # rising warm-up
+    assert values[10] == pytest.approx(1.0) and values[100] == pytest.approx(0.1)
+    assert values[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(a >= b for a, b in zip(values[10:-1], values[11:], strict=True))
+
+
+def test_accumulation_equals_the_larger_batch(tiny, data):
+    """accum 2 x batch 4 draws the same 8 images per step as batch 8 and averages the same loss."""
+    big = _train(tiny, data, TrainConfig(steps=3, batch_size=8, lr=0.01, augment=False))
+    accumulated = _train(tiny, data, TrainConfig(steps=3, batch_size=4, accum=2, lr=0.01, augment=False))
+    small = _train(tiny, data, TrainConfig(steps=3, batch_size=4, lr=0.01, augment=False))
+    assert max((big[k] - accumulated[k]).abs().max().item() for k in big) < 1e-5
+    assert max((big[k] - small[k]).abs().max().item() for k in big) > 1e-3  # the check can fail
+
+
+def test_bf16_autocast_keeps_fp32_parameters(tiny, data):
+    """Autocast runs the frozen towers in bf16; parameters and updates stay fp32 and close to fp32's.
+
+    SGD, not AdamW: its update is proportional to the gradient, so the comparison measures the
+    gradient's bf16 error instead of Adam's sign-like steps on near-zero gradients.
+    """
+    init = _train(tiny, data, TrainConfig(steps=1, batch_size=4, lr=0.0, optimizer="sgd"))
+    fp32 = _train(tiny, data, TrainConfig(steps=2, batch_size=4, lr=0.1, optimizer="sgd"))
+    bf16 = _train(tiny, data, TrainConfig(steps=2, batch_size=4, lr=0.1, optimizer="sgd", amp="bf16"))
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in bf16.values())
+    update = torch.cat([(fp32[k] - init[k]).flatten() for k in init])
+    error = torch.cat([(bf16[k] - fp32[k]).flatten() for k in init])
+    print(f"bf16 update error: {error.norm() / update.norm():.3f} of the update")
+    assert update.norm() > 0 and error.norm() < 0.1 * update.norm()
+
+
+def test_metrics_and_checkpoints_every_epoch(tiny, data, tmp_path):
+    texts, sets = data
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=0.01, log_every=1)
+    prompts = MultiTaskPrompts(PromptConfig(), tiny.widths, list(texts), {"all": list(texts)})
+    trainer = Trainer(MultiTaskObjective(PromptClassifier(tiny, texts, prompts)), sets["train"], cfg, sets["val"],
+                      tmp_path, progress=False)
+    result = trainer.fit()
+    assert trainer.steps_per_epoch == 5 and result.steps == 10 and result.images_per_second > 0  # 80 images / 16
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in rows if r["kind"] == "epoch"]
+    assert [r["step"] for r in epochs] == [5, 10] and set(epochs[-1]["val_acc"]) == set(texts)
+    assert [r["step"] for r in rows if r["kind"] == "step"] == list(range(1, 11))
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.json")) == ["checkpoint-00000005.json", "checkpoint-00000010.json"]

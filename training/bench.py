@@ -1,0 +1,293 @@
+"""`python -m training.bench`: METHOD.md's method comparison on one data root, several seeds.
+
+    python -m training.bench [--data ROOT] [--tasks a,b] [--model NAME --pretrained TAG] [--shots K]
+        [--steps N] [--seeds 0,1,2] [--methods ...] --out DIR
+
+Methods (same data, same k-shot sample per seed, same test split, same steps and batch for every
+gradient-trained method):
+zero-shot (the task's hand-written template), CoOp-MT, VPT-MT, MaPLe-MT, independent-MT (one
+module shared by all tasks with group_tokens + task_tokens tokens, so every task sees as many
+prompt tokens as under MmAP), MmAP-ST (task modules only), MmAP one group, MmAP-MT (the
+gradient-driven grouping, its cost included in the time), linear probe (L-BFGS heads on frozen
+features), full fine-tuning (multi-task; image tower trains against frozen class-text embeddings).
+
+Learning rates: every method that trains with one gets its own, chosen from a grid (`--lr-grid`
+for the prompt methods, `--finetune-lr-grid` for full fine-tuning) by mean VALIDATION accuracy on
+the first seed; that run is kept (scored on test) and the other seeds reuse the chosen value.
+Linear probe chooses its L2 strength on the same validation split. Pass `--lr-grid ''` to use
+`--lr` for every prompt method instead.
+
+Without `--data` the synthetic stand-in is generated (`training.data.prepare_synthetic`) into
+`<out>/data`; with a real root (e.g. Office-Home) and real weights
+(`--model ViT-B-16 --pretrained openai`) the same command runs unchanged.
+
+Writes `<out>/results.json` (every run), `<out>/table.md` (per-task accuracy averaged over seeds,
+mean ± std over seeds of the task-mean, trainable parameters absolute and as % of the backbone,
+training time and training throughput) and `<out>/accuracy.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmap_model import PromptConfig, count_parameters
+
+from . import cli
+from .baselines import FineTuneClassifier, fit_linear_probe
+from .classifiers import MultiTaskObjective, PromptClassifier, TaskClassifier, accuracy
+from .data import discover_tasks, load_splits, prepare_synthetic
+from .fit import build_prompts, named_groups, train_prompts
+from .group import group_tasks
+from .trainer import TrainConfig, Trainer, autocast_factory
+
+log = logging.getLogger(__name__)
+
+BENCH_LR = TrainConfig.lr  # AdamW lr of every prompt method
+BENCH_FINETUNE_LR = 3e-4  # AdamW lr of full fine-tuning
+# Every method that trains with a learning rate gets its own, picked from a grid on the
+# validation split of the first seed (the same protocol for prompts and full fine-tuning).
+BENCH_LR_GRID = ["0.003", "0.01", "0.03"]
+BENCH_FINETUNE_LR_GRID = ["0.0001", "0.0003", "0.001"]
+# One thread: on the shared 2-core box a tiny-model step ran 3-7x faster on one thread than on two
+# (idle OpenMP threads spin against the other processes). Raise --threads on a dedicated machine.
+BENCH_THREADS = 1
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One row of the comparison."""
+
+    label: str
+    runner: str  # key of RUNNERS
+    prompt_method: str | None = None
+    groups: str | None = None  # one | none | auto (prompt runners)
+    task_modules: bool = True
+
+
+METHOD_SPECS: dict[str, MethodSpec] = {s.label: s for s in [
+    MethodSpec("zero-shot", "zero_shot"),
+    MethodSpec("CoOp-MT", "prompts", "coop", "one", False),
+    MethodSpec("VPT-MT", "prompts", "vpt", "one", False),
+    MethodSpec("MaPLe-MT", "prompts", "maple", "one", False),
+    MethodSpec("independent-MT", "prompts", "independent", "one", False),
+    MethodSpec("MmAP-ST", "prompts", "mmap", "none", True),
+    MethodSpec("MmAP one group", "prompts", "mmap", "one", True),
+    MethodSpec("MmAP-MT", "prompts", "mmap", "auto", True),
+    MethodSpec("linear probe", "linear_probe"),
+    MethodSpec("full fine-tuning-MT", "finetune"),
+]}
+
+
+@dataclass
+class Outcome:
+    classifier: TaskClassifier
+    seconds: float
+    images_per_second: float | None = None
+    extra: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What every run of one seed shares; `train.lr` is set per method before a runner is called."""
+
+    prompt: PromptConfig
+    train: TrainConfig
+    grouping: Any
+    progress: bool
+
+
+def run_zero_shot(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
+    return Outcome(PromptClassifier(run.backbone, run.texts, None), 0.0)
+
+
+def run_prompts(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
+    start = time.perf_counter()
+    cfg = replace(s.prompt, method=spec.prompt_method)
+    if not spec.task_modules:  # the shared module gets the tokens a grouped task would have
+        cfg = replace(cfg, group_tokens=cfg.group_tokens + cfg.task_tokens)
+    names = [t.name for t in run.tasks]
+    extra: dict[str, Any] = {}
+    if spec.groups == "auto":
+        grouping = group_tasks(run.backbone, run.texts, run.sets["train"], cfg, s.train, s.grouping, run.dist, s.progress)
+        groups = named_groups(grouping.groups)
+        extra = {"groups": grouping.groups, "affinity": grouping.affinity, "grouping_seconds": grouping.settings["seconds"]}
+    else:
+        groups = {"all": names} if spec.groups == "one" else {}
+    prompts = build_prompts(run, cfg, groups, spec.task_modules, s.train.seed)
+    classifier, result = train_prompts(run, prompts, s.train, progress=s.progress, validate=False)
+    return Outcome(classifier, time.perf_counter() - start, result.images_per_second, extra)
+
+
+def run_linear_probe(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
+    classifier, info = fit_linear_probe(run.backbone, run.texts, run.sets["train"], run.sets["val"])
+    return Outcome(classifier, info["seconds"], None, {"weight_decay": {t: v["weight_decay"] for t, v in info["tasks"].items()}})
+
+
+def run_finetune(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
+    start = time.perf_counter()
+    classifier = FineTuneClassifier(run.backbone, run.texts)
+    trainer = Trainer(MultiTaskObjective(classifier), run.sets["train"], s.train, dist=run.dist, progress=s.progress)
+    result = trainer.fit()
+    return Outcome(classifier, time.perf_counter() - start, result.images_per_second)
+
+
+RUNNERS: dict[str, Callable[[cli.Run, MethodSpec, BenchSettings], Outcome]] = {
+    "zero_shot": run_zero_shot, "prompts": run_prompts, "linear_probe": run_linear_probe, "finetune": run_finetune,
+}
+LR_OPTION = {"prompts": "lr", "finetune": "finetune_lr"}  # runners that take a learning rate, and its option
+
+
+def select_lr(run: cli.Run, spec: MethodSpec, s: BenchSettings,
+              grid: Sequence[float]) -> tuple[float, dict[str, float], Outcome]:
+    """The grid value with the best mean VALIDATION accuracy (ties: the smaller lr), its scores,
+    and the run trained with it (the caller scores that run on test instead of training it again)."""
+    scores, outcomes = {}, {}
+    for lr in grid:
+        outcomes[lr] = RUNNERS[spec.runner](run, spec, replace(s, train=replace(s.train, lr=lr)))
+        scores[repr(lr)] = float(np.mean(list(accuracy(outcomes[lr].classifier, run.sets["val"], s.train.eval_batch_size,
+                                                       run.dist).values())))
+        log.info("  lr %g: val %.3f", lr, scores[repr(lr)])
+    best = max(grid, key=lambda lr: (scores[repr(lr)], -lr))
+    return best, scores, outcomes[best]
+
+
+def summarise(rows: list[dict[str, Any]], tasks: list[str], backbone_params: int) -> list[dict[str, Any]]:
+    """Per method: per-task accuracy (mean over seeds), mean ± std over seeds of the task mean."""
+    out = []
+    for label in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == label]
+        task_means = [float(np.mean([r["accuracy"][t] for t in tasks])) for r in mine]
+        out.append({
+            "method": label, "seeds": [r["seed"] for r in mine],
+            "per_task": {t: float(np.mean([r["accuracy"][t] for r in mine])) for t in tasks},
+            "mean": float(np.mean(task_means)), "std": float(statistics.stdev(task_means)) if len(mine) > 1 else 0.0,
+            "params": int(np.mean([r["params"] for r in mine])),
+            "params_pct": 100 * float(np.mean([r["params"] for r in mine])) / backbone_params,
+            "seconds": float(np.mean([r["seconds"] for r in mine])),
+            "lr": mine[0].get("lr"),
+            "images_per_second": (float(np.mean([r["images_per_second"] for r in mine]))
+                                  if mine[0]["images_per_second"] else None),
+        })
+    return out
+
+
+def markdown_table(summary: list[dict[str, Any]], tasks: list[str]) -> str:
+    head = ["method", *tasks, "mean ± std", "trainable params", "% of backbone", "lr", "train time (s)", "train img/s"]
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for s in summary:
+        cells = [s["method"], *(f"{100 * s['per_task'][t]:.1f}" for t in tasks),
+                 f"**{100 * s['mean']:.1f}** ± {100 * s['std']:.1f}", f"{s['params']:,}", f"{s['params_pct']:.3f}",
+                 f"{s['lr']:g}" if s.get("lr") else "–",
+                 f"{s['seconds']:.0f}", f"{s['images_per_second']:.0f}" if s["images_per_second"] else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def bar_chart(summary: list[dict[str, Any]], tasks: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [s["method"] for s in summary]
+    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(labels)), 4.5))
+    x = np.arange(len(labels))
+    ax.bar(x, [100 * s["mean"] for s in summary], yerr=[100 * s["std"] for s in summary], capsize=3,
+           color="#7aa6c2", label="mean over tasks (± std over seeds)")
+    for k, t in enumerate(tasks):
+        jitter = (k - (len(tasks) - 1) / 2) * 0.08
+        ax.scatter(x + jitter, [100 * s["per_task"][t] for s in summary], s=12, zorder=3, label=t)
+    ax.set_xticks(x, labels, rotation=30, ha="right")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_data_args(parser, required=False)
+    cli.add_backbone_args(parser)
+    cli.add_prompt_args(parser)
+    cli.add_train_args(parser)
+    cli.add_grouping_args(parser, count_flag="--num-groups")
+    parser.set_defaults(shots=8, steps=60, batch_size=16, quiet=True, lr=BENCH_LR, threads=BENCH_THREADS)
+    parser.add_argument("--finetune-lr", type=float, default=BENCH_FINETUNE_LR, help="AdamW lr of full fine-tuning")
+    parser.add_argument("--lr-grid", type=cli.comma_list, default=BENCH_LR_GRID,
+                        help="select each prompt method's lr from these on the validation split of the first seed "
+                             "('' = use --lr for all)")
+    parser.add_argument("--finetune-lr-grid", type=cli.comma_list, default=BENCH_FINETUNE_LR_GRID,
+                        help="the same for full fine-tuning ('' = use --finetune-lr)")
+    parser.add_argument("--seeds", type=cli.comma_list, default=["0", "1", "2"])
+    parser.add_argument("--methods", type=cli.comma_list, default=list(METHOD_SPECS), help="comma-separated labels")
+    parser.add_argument("--synthetic-per-class", type=int, default=24, help="images per class when --data is omitted")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
+    args = parser.parse_args(argv)
+    unknown = [m for m in args.methods if m not in METHOD_SPECS]
+    if unknown:
+        parser.error(f"unknown methods {unknown}; choose from {list(METHOD_SPECS)}")
+    cli.setup_logging()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.data is None:
+        args.data = prepare_synthetic(args.out / "data", args.synthetic_per_class)
+    settings = BenchSettings(cli.prompt_config(args), cli.train_config(args), cli.grouping_config(args), not args.quiet)
+    grids = {"lr": args.lr_grid, "finetune_lr": args.finetune_lr_grid}
+    lrs = {label: getattr(args, LR_OPTION[spec.runner]) for label, spec in METHOD_SPECS.items() if spec.runner in LR_OPTION}
+    selection: dict[str, dict[str, float]] = {}
+    rows: list[dict[str, Any]] = []
+    run = None
+    for seed in map(int, args.seeds):
+        args.seed = seed
+        if run is None:
+            run = cli.prepare(args)
+        else:  # same backbone and process group; the k-shot sample changes with the seed
+            tasks = discover_tasks(args.data, args.tasks, run.split, seed, args.classnames, args.templates)
+            run = replace(run, tasks=tasks, sets=load_splits(tasks, run.backbone.preprocess, cache_bytes=int(args.cache_gb * (1 << 30))))
+        s = replace(settings, train=replace(settings.train, seed=seed))
+        autocast = autocast_factory(s.train.amp, run.dist.device)
+        for label in args.methods:
+            spec = METHOD_SPECS[label]
+            grid = grids.get(LR_OPTION.get(spec.runner, ""))
+            log.info("seed %d: %s", seed, label)
+            if grid and label not in selection:  # selected once, on the first seed's validation split
+                lrs[label], selection[label], outcome = select_lr(run, spec, s, [float(v) for v in grid])
+            else:
+                outcome = RUNNERS[spec.runner](run, spec, replace(s, train=replace(s.train, lr=lrs.get(label, s.train.lr))))
+            acc = accuracy(outcome.classifier, run.sets["test"], s.train.eval_batch_size, run.dist, autocast)
+            rows.append({"method": label, "seed": seed, "accuracy": acc, "params": outcome.classifier.trainable_parameters(),
+                         "seconds": outcome.seconds, "images_per_second": outcome.images_per_second,
+                         "lr": lrs.get(label), "extra": outcome.extra})
+            log.info("  test mean %.3f in %.0fs", float(np.mean(list(acc.values()))), outcome.seconds)
+            (args.out / "results.json").write_text(json.dumps(
+                {"command": cli.command_line("training.bench", argv), "code_version": cli.code_version(),
+                 "settings": {"train": asdict(s.train), "prompt": asdict(settings.prompt), "lr": lrs,
+                              "lr_selection_on_val": selection, "grouping": asdict(settings.grouping),
+                              "data": str(args.data), "split": asdict(run.split)},
+                 "backbone": {"model": args.model, "pretrained": args.pretrained,
+                              "params": count_parameters(run.backbone.model)},
+                 "rows": rows}, indent=1))
+    assert run is not None
+    tasks = [t.name for t in run.tasks]
+    summary = summarise(rows, tasks, count_parameters(run.backbone.model))
+    table = markdown_table(summary, tasks)
+    (args.out / "table.md").write_text(table + "\n")
+    bar_chart(summary, tasks, args.out / "accuracy.png")
+    print(table)
+    return summary
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""`python -m training.evaluate --data ROOT --promptsets DIR [DIR ...]`: per-task test accuracy.
+
+Each DIR is a prompt set or a directory of prompt sets (what `training.fit --out` writes). The
+backbone is the one the first set was trained on (`--model/--pretrained` override it; every set
+is checked against its fingerprint). The test split is rebuilt from the split settings recorded
+in each set's provenance (so it is the split the set was scored on at training time), else from
+the command-line split options. Zero-shot accuracy (the task's own template, no prompts) is
+reported alongside. Prints a markdown table; `--json FILE` also writes the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmap_model import PromptSet
+from mmap_model.promptset import CONFIG_FILE
+
+from . import cli
+from .classifiers import PromptClassifier, TaskText, accuracy
+from .data import SplitConfig, discover_tasks, load_splits
+
+log = logging.getLogger(__name__)
+
+
+def find_promptsets(paths: Sequence[Path]) -> list[Path]:
+    """Prompt-set directories named directly or found one level below the given paths."""
+    found: list[Path] = []
+    for path in paths:
+        if (path / CONFIG_FILE).is_file():
+            found.append(path)
+        else:
+            found.extend(sorted(p.parent for p in path.glob(f"*/{CONFIG_FILE}")))
+    if not found:
+        raise FileNotFoundError(f"no prompt sets in {', '.join(map(str, paths))}")
+    return found
+
+
+def recorded_split(meta: dict[str, Any], fallback: SplitConfig) -> SplitConfig:
+    recorded = (meta.get("provenance") or {}).get("data", {}).get("split")
+    if not isinstance(recorded, dict):
+        return fallback
+    known = {f.name for f in fields(SplitConfig)}
+    return SplitConfig(**{k: v for k, v in recorded.items() if k in known})
+
+
+def evaluate(root: Path, set_dirs: Sequence[Path], model: str | None = None, pretrained: str | None = None,
+             device: str = "cpu", fallback_split: SplitConfig | None = None, templates: Path | None = None,
+             batch_size: int = 256) -> list[dict[str, Any]]:
+    """One row per (prompt set, task found in the root): accuracy with prompts and zero-shot."""
+    metas = [json.loads((d / CONFIG_FILE).read_text()) for d in set_dirs]
+    if model is None:
+        model, pretrained = metas[0]["backbone"]["model"], metas[0]["backbone"]["pretrained"]
+    backbone = cli.backbone_from(model, pretrained, device)
+    rows = []
+    for directory, meta in zip(set_dirs, metas, strict=True):
+        ps = PromptSet.load(directory, backbone)
+        split = recorded_split(meta, fallback_split or SplitConfig())
+        tasks = discover_tasks(root, None, split, templates_file=templates)
+        present = [t for t in tasks if t.name in ps.tasks]
+        missing = sorted(set(ps.tasks) - {t.name for t in present})
+        if missing:
+            log.warning("%s: tasks %s are not in %s", directory, missing, root)
+        for task in present:
+            if task.classnames != ps.tasks[task.name].classnames:
+                raise ValueError(f"{directory}: task {task.name!r} classes differ from the folders in {root}")
+        sets = load_splits(present, backbone.preprocess, ("test",))["test"]
+        texts = {t.name: TaskText(ps.tasks[t.name].classnames, ps.tasks[t.name].template) for t in present}
+        prompted = accuracy(PromptClassifier(backbone, texts, ps.prompts), sets, batch_size)
+        zero_shot = accuracy(PromptClassifier(backbone, texts, None), sets, batch_size)
+        for t in present:
+            rows.append({"promptset": ps.name, "version": ps.version, "method": ps.method, "task": t.name,
+                         "group": ps.tasks[t.name].group, "test_images": len(sets[t.name]),
+                         "zero_shot": zero_shot[t.name], "accuracy": prompted[t.name]})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| task | prompt set | method | test images | zero-shot | prompted | Δ |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['promptset']} | {r['method']} | {r['test_images']} | "
+                     f"{100 * r['zero_shot']:.1f} | {100 * r['accuracy']:.1f} | {100 * (r['accuracy'] - r['zero_shot']):+.1f} |")
+    if rows:
+        zs = sum(r["zero_shot"] for r in rows) / len(rows)
+        acc = sum(r["accuracy"] for r in rows) / len(rows)
+        lines.append(f"| **mean** | | | | {100 * zs:.1f} | {100 * acc:.1f} | {100 * (acc - zs):+.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--promptsets", type=Path, nargs="+", required=True, help="prompt-set dirs or dirs of them")
+    parser.add_argument("--model", default=None, help="override the backbone recorded in the prompt sets")
+    parser.add_argument("--pretrained", default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
+    parser.add_argument("--templates", type=Path, default=None, help="only matters for reading the root")
+    parser.add_argument("--test-fraction", type=float, default=SplitConfig.test_fraction, help="when provenance has no split")
+    parser.add_argument("--split-seed", type=int, default=SplitConfig.split_seed, help="when provenance has no split")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    cli.setup_logging()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = evaluate(args.data, find_promptsets(args.promptsets), args.model, args.pretrained, args.device,
+                    SplitConfig(test_fraction=args.test_fraction, split_seed=args.split_seed), args.templates)
+    print(markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

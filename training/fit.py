@@ -1,0 +1,232 @@
+"""`python -m training.fit`: train prompt sets for the tasks (domains) of a data root.
+
+    python -m training.fit --data ROOT [--tasks a,b,c] [--method mmap] [--groups auto|one|none|FILE]
+        [--model NAME --pretrained TAG|PATH] [--shots K | --fraction F] [--epochs E] --out DIR
+
+Groups (`--groups`):
+- `auto`: METHOD.md's gradient-driven grouping runs first (`training.group`; its groups.json and
+  heatmap go to the run directory); `--num-groups K` fixes the number of groups.
+- `one`: one group holding every task.
+- `none`: task modules only. Every task is then independent, so each task is saved as its own
+  prompt set (a set can be swapped in the service without touching the others).
+- FILE: a groups.json (`groups`: lists of task names); tasks it does not list get task modules only.
+All groups are trained jointly (one multi-task run, every task's loss every step), then saved as
+ONE prompt set per group — the group module plus its tasks' modules — named after the group's
+tasks (e.g. `sketch-quickdraw`), in `--out`, in `mmap_model`'s prompt-set format, with each
+task's test accuracy (and zero-shot alongside) and provenance (command, seed, code version,
+data summary, training settings). `--out` is what the service loads.
+
+The run directory (`--run-dir`, default `<out>.run`) holds metrics.jsonl, the per-epoch
+checkpoints (`--resume` continues from the newest) and the grouping.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmap_model import MultiTaskPrompts, PromptConfig, PromptSet, TaskSpec
+from mmap_model.prompts import check_name
+from mmap_model.promptset import CONFIG_FILE
+
+from . import cli
+from .classifiers import MultiTaskObjective, PromptClassifier, accuracy
+from .data import data_summary
+from .group import Grouping, group_tasks, read_groups, write_grouping
+from .trainer import TrainConfig, Trainer, TrainResult, autocast_factory
+
+log = logging.getLogger(__name__)
+
+
+def group_name(members: Sequence[str], index: int) -> str:
+    """A readable, valid name for a group: its tasks joined by '-', else `group<index>`."""
+    name = "-".join(members)
+    try:
+        return check_name(name)
+    except ValueError:
+        return f"group{index}"
+
+
+def named_groups(groups: Sequence[Sequence[str]]) -> dict[str, list[str]]:
+    """{name: tasks} for the multi-member groups (a one-task group is just that task's module)."""
+    out: dict[str, list[str]] = {}
+    for i, members in enumerate(g for g in groups if len(g) > 1):
+        out[group_name(members, i)] = list(members)
+    return out
+
+
+def resolve_groups(mode: str, run: cli.Run, prompt_cfg: PromptConfig, train_cfg: TrainConfig,
+                   args: argparse.Namespace, run_dir: Path | None, progress: bool) -> tuple[dict[str, list[str]], Grouping | None]:
+    """The {group: tasks} to train for `--groups` (and the grouping result for `auto`)."""
+    names = [t.name for t in run.tasks]
+    if mode == "none":
+        return {}, None
+    if mode == "one":
+        return {"all": names}, None
+    if mode == "auto":
+        cached = run_dir / "groups.json" if run_dir else None
+        if cached is not None and getattr(args, "resume", None) and cached.is_file():
+            return named_groups(read_groups(cached, names)), None  # a resumed run keeps its grouping
+        grouping = group_tasks(run.backbone, run.texts, run.sets["train"], prompt_cfg, train_cfg,
+                               cli.grouping_config(args), run.dist, progress)
+        if cached is not None and run.dist.main:
+            write_grouping(grouping, cached)
+        return named_groups(grouping.groups), grouping
+    return named_groups(read_groups(Path(mode), names)), None
+
+
+def build_prompts(run: cli.Run, prompt_cfg: PromptConfig, groups: Mapping[str, list[str]], task_modules: bool,
+                  seed: int) -> MultiTaskPrompts:
+    torch.manual_seed(seed)  # prompt initialisation is part of the seeded run
+    return MultiTaskPrompts(prompt_cfg, run.backbone.widths, [t.name for t in run.tasks], dict(groups), task_modules)
+
+
+def train_prompts(run: cli.Run, prompts: MultiTaskPrompts, train_cfg: TrainConfig, run_dir: Path | None = None,
+                  resume: str | None = None, progress: bool = True,
+                  validate: bool = True) -> tuple[PromptClassifier, TrainResult]:
+    """Multi-task training of `prompts` on the run's tasks; the backbone stays frozen."""
+    classifier = PromptClassifier(run.backbone, run.texts, prompts)
+    trainer = Trainer(MultiTaskObjective(classifier), run.sets["train"], train_cfg,
+                      run.sets.get("val") if validate else None, run_dir, run.dist, progress)
+    return classifier, trainer.fit(resume)
+
+
+def score_test_split(run: cli.Run, classifier: PromptClassifier, train_cfg: TrainConfig) -> dict[str, dict[str, float]]:
+    """{'prompted': {task: acc}, 'zero_shot': {task: acc}} on the test split."""
+    autocast = autocast_factory(train_cfg.amp, run.dist.device)
+    zero_shot = PromptClassifier(run.backbone, run.texts, None)
+    return {"prompted": accuracy(classifier, run.sets["test"], train_cfg.eval_batch_size, run.dist, autocast),
+            "zero_shot": accuracy(zero_shot, run.sets["test"], train_cfg.eval_batch_size, run.dist, autocast)}
+
+
+def split_into_sets(run: cli.Run, prompts: MultiTaskPrompts, groups: Mapping[str, list[str]]) -> dict[str, PromptSet]:
+    """One prompt set per group (its module + its tasks' modules) and one per ungrouped task."""
+    state = prompts.state_dict()
+    members = {g: list(ts) for g, ts in groups.items()}
+    grouped = {t for ts in members.values() for t in ts}
+    members.update({t.name: [t.name] for t in run.tasks if t.name not in grouped})
+    by_name = {t.name: t for t in run.tasks}
+    sets = {}
+    for name, tasks in members.items():
+        group = name if name in groups else None
+        specs = {t: TaskSpec(by_name[t].classnames, by_name[t].template, group) for t in tasks}
+        ps = PromptSet.create(name, run.backbone, prompts.cfg, specs, task_modules=bool(len(prompts.task)))
+        prefixes = ([f"group.{group}."] if group else []) + [f"task.{t}." for t in tasks]
+        ps.prompts.load_state_dict({k: v for k, v in state.items() if k.startswith(tuple(prefixes))})
+        sets[name] = ps
+    return sets
+
+
+def write_samples(directory: Path, run: cli.Run, tasks: Sequence[str], per_task: int) -> None:
+    """`samples/<task>/<class_folder>.<ext>`: test images of `per_task` classes spread over the list."""
+    by_name = {t.name: t for t in run.tasks}
+    for name in tasks:
+        task = by_name[name]
+        files, labels = task.files["test"], task.labels["test"]
+        picks = np.unique(np.linspace(0, len(task.classnames) - 1, per_task).round().astype(int))
+        for c in picks:
+            first = next((f for f, y in zip(files, labels, strict=True) if y == c), None)
+            if first is not None:
+                target = directory / "samples" / name / f"{first.parent.name}{first.suffix.lower()}"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(first, target)
+
+
+def save_atomically(ps: PromptSet, out: Path, fill: Any = None) -> Path:
+    """Write a prompt set beside its final place and rename it in (a watcher never sees half a set)."""
+    final = out / ps.name
+    tmp = out / f".{ps.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    ps.save(tmp)
+    if fill is not None:
+        fill(tmp)
+    if final.exists():
+        old = out / f".{ps.name}.old-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def existing_sets(out: Path) -> list[Path]:
+    return sorted(p.parent for p in out.glob(f"*/{CONFIG_FILE}")) if out.is_dir() else []
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+    cli.add_data_args(parser)
+    cli.add_backbone_args(parser)
+    cli.add_prompt_args(parser)
+    cli.add_train_args(parser)
+    parser.add_argument("--groups", default="auto", help="auto | one | none | path to a groups.json")
+    parser.add_argument("--no-task-modules", action="store_true", help="group modules only (the '-MT' baselines)")
+    cli.add_grouping_args(parser, count_flag="--num-groups")
+    parser.add_argument("--out", type=Path, required=True, help="directory of prompt sets to write (what the service loads)")
+    parser.add_argument("--run-dir", type=Path, default=None, help="checkpoints, metrics.jsonl, groups.json (default <out>.run)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from the newest (or this) checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace prompt sets already in --out")
+    parser.add_argument("--samples", type=int, default=0, help="copy this many test images per task into <set>/samples/<task>/")
+    args = parser.parse_args(argv)
+    if args.groups not in ("auto", "one", "none") and not Path(args.groups).is_file():
+        parser.error(f"--groups: {args.groups!r} is neither auto, one, none nor an existing groups.json")
+    if args.no_task_modules and args.groups == "none":
+        parser.error("--no-task-modules needs groups (auto, one or a file)")
+    stale = existing_sets(args.out)
+    if stale and not args.overwrite:
+        parser.error(f"{args.out} already holds prompt sets ({', '.join(p.name for p in stale)}); pass --overwrite")
+    cli.setup_logging()
+    run_dir = args.run_dir or args.out.with_name(args.out.name + ".run")
+    run = cli.prepare(args)
+    prompt_cfg, train_cfg = cli.prompt_config(args), cli.train_config(args)
+    progress = not args.quiet
+    if run.dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    groups, grouping = resolve_groups(args.groups, run, prompt_cfg, train_cfg, args, run_dir, progress)
+    prompts = build_prompts(run, prompt_cfg, groups, not args.no_task_modules, train_cfg.seed)
+    classifier, result = train_prompts(run, prompts, train_cfg, run_dir, args.resume, progress)
+    scores = score_test_split(run, classifier, train_cfg)
+    if not run.dist.main:
+        return []
+    provenance = {
+        "command": cli.command_line("training.fit", argv), "seed": train_cfg.seed, "code_version": cli.code_version(),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "data": data_summary(args.data, run.tasks, run.split, train_cfg.seed), "train": asdict(train_cfg),
+        "world_size": run.dist.world, "groups": groups,
+        "grouping": None if grouping is None else {k: v for k, v in grouping.to_json().items() if k != "ranking"},
+        "result": {"steps": result.steps, "train_seconds": round(result.train_seconds, 2),
+                   "images_per_second": round(result.images_per_second, 1),
+                   "val_accuracy": result.history[-1].get("val_acc") if result.history else None},
+    }
+    written = []
+    if args.overwrite:
+        for old in stale:
+            shutil.rmtree(old)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for ps in split_into_sets(run, prompts, groups).values():
+        ps.provenance = provenance
+        ps.evaluation = {"split": "test", "accuracy": {t: scores["prompted"][t] for t in ps.tasks},
+                         "zero_shot": {t: scores["zero_shot"][t] for t in ps.tasks},
+                         "test_images": {t: len(run.sets["test"][t]) for t in ps.tasks}}
+        fill = (lambda d, tasks=list(ps.tasks): write_samples(d, run, tasks, args.samples)) if args.samples else None
+        written.append(save_atomically(ps, args.out, fill))
+    report = {p.name: json.loads((p / CONFIG_FILE).read_text())["evaluation"] for p in written}
+    print(json.dumps({"out": str(args.out), "prompt_sets": report}, indent=2))
+    return written
+
+
+if __name__ == "__main__":
+    main()
