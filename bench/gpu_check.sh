@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# GPU check, one script, <= 8 minutes on one GPU: `bash bench/gpu_check.sh [REPORT_DIR]`.
+#
+# 1. environment (nvidia-smi, torch, onnxruntime providers)
+# 2. the gpu-marked tests (pytest -m gpu): fp16/bf16 autocast, pinned staging, compiled buckets with
+#    CUDA graphs, onnxruntime's CUDA provider, the service on CUDA
+# 3. image-tower throughput, ViT-B-32 and ViT-B-16 (random weights), fp16, batch sweep,
+#    torch vs onnxruntime-gpu (bench/backends.py), then torch.compile(reduce-overhead) if time is left
+# and writes REPORT_DIR/report.md (+ the logs and JSON it came from). REPORT_DIR defaults to $OUT
+# when set (the device runner's output folder), else runs/gpu-check-<time>.
+#
+# Needs: the project installed with a CUDA torch, and onnxruntime-gpu for the onnx rows
+#   pip install torch==2.14.1 torchvision==0.29.1 && pip install -e '.[dev,onnx-gpu]'
+# Every step has its own timeout, so a hang costs that step only. Exit status: that of the tests
+# (2 when torch sees no CUDA device).
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+REPORT=${1:-${OUT:-runs/gpu-check-$(date +%Y%m%d-%H%M%S)}}
+BUDGET_S=${GPU_CHECK_BUDGET_S:-460}
+BATCHES=${GPU_CHECK_BATCHES:-"1 8 32 128 256"}
+mkdir -p "$REPORT"
+START=$(date +%s)
+left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+log() { echo "[gpu_check $(( $(date +%s) - START ))s] $*" | tee -a "$REPORT/steps.log"; }
+
+log "environment"
+{
+  if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; else echo "nvidia-smi: not found"; fi
+  timeout 60 "$PY" - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
+      "available", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+try:
+    import onnxruntime
+    print("onnxruntime", onnxruntime.__version__, onnxruntime.get_available_providers())
+except ImportError:
+    print("onnxruntime: not installed")
+EOF
+} > "$REPORT/environment.txt" 2>&1
+cat "$REPORT/environment.txt"
+if ! timeout 60 "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  log "no CUDA device visible to torch: nothing to check"
+  printf '# GPU check\n\nNo CUDA device visible to torch on this host.\n\n```\n%s\n```\n' "$(cat "$REPORT/environment.txt")" > "$REPORT/report.md"
+  exit 2
+fi
+
+log "gpu-marked tests"
+timeout 200 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/ > "$REPORT/pytest-gpu.log" 2>&1
+TESTS_RC=$?
+tail -n 15 "$REPORT/pytest-gpu.log"
+
+HAS_ORT_CUDA=$(timeout 60 "$PY" -c "import onnxruntime as o; print(int('CUDAExecutionProvider' in o.get_available_providers()))" 2>/dev/null || echo 0)
+BACKENDS="torch"
+[ "$HAS_ORT_CUDA" = 1 ] && BACKENDS="torch onnx" || log "onnxruntime has no CUDA provider: torch rows only (pip install 'onnxruntime-gpu[cuda,cudnn]')"
+
+for MODEL in ViT-B-32 ViT-B-16; do
+  if [ "$(left)" -lt 90 ]; then log "skipping $MODEL: $(left) s left"; continue; fi
+  log "throughput $MODEL fp16 ($BACKENDS), batches $BATCHES"
+  # shellcheck disable=SC2086
+  timeout $(( $(left) - 30 )) "$PY" bench/backends.py --model "$MODEL" --device cuda --precision fp16 \
+    --batch-sizes $BATCHES --backends $BACKENDS --repeats 3 --min-round-s 0.3 \
+    --json "$REPORT/bench-$MODEL.json" > "$REPORT/bench-$MODEL.md" 2> "$REPORT/bench-$MODEL.log"
+  rc=$?; log "$MODEL exit $rc"; cat "$REPORT/bench-$MODEL.md"
+  [ $rc = 0 ] || tail -n 20 "$REPORT/bench-$MODEL.log" | tee -a "$REPORT/bench-$MODEL.md"
+done
+
+if [ "$(left)" -gt 150 ]; then  # compiling each bucket takes tens of seconds: a short sweep only
+  log "throughput ViT-B-32 fp16, torch eager vs torch.compile(reduce-overhead)"
+  timeout $(( $(left) - 20 )) "$PY" bench/backends.py --model ViT-B-32 --device cuda --precision fp16 \
+    --batch-sizes 32 128 --backends torch torch-compile --repeats 3 --min-round-s 0.3 \
+    --json "$REPORT/bench-compile.json" > "$REPORT/bench-compile.md" 2> "$REPORT/bench-compile.log"
+  rc=$?; log "compile exit $rc"; cat "$REPORT/bench-compile.md"
+  [ $rc = 0 ] || tail -n 20 "$REPORT/bench-compile.log" | tee -a "$REPORT/bench-compile.md"
+else
+  log "skipping the torch.compile sweep: $(left) s left"
+fi
+
+{
+  echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ)"
+  echo
+  echo '```'; cat "$REPORT/environment.txt"; echo '```'
+  echo
+  echo "## gpu-marked tests (exit $TESTS_RC)"
+  echo; echo '```'; tail -n 15 "$REPORT/pytest-gpu.log"; echo '```'
+  for f in "$REPORT"/bench-*.md; do
+    [ -s "$f" ] || continue
+    echo; echo "## $(basename "$f" .md)"; echo
+    echo "Command: bash bench/gpu_check.sh (bench/backends.py --device cuda --precision fp16)"; echo
+    cat "$f"
+  done
+  echo; echo "Total $(( $(date +%s) - START )) s."
+} > "$REPORT/report.md"
+log "report: $REPORT/report.md"
+exit $TESTS_RC
