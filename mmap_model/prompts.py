@@ -218,12 +218,12 @@ class MultiTaskPrompts(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
 def check_name(name: str) -> str:
     """Task, group and prompt-set names: letters, digits, '_' and '-' (safe as paths and tensor names)."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ValueError(f"invalid name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit")
     return name
 

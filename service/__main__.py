@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
+import sys
 
 import uvicorn
 from pydantic import ValidationError
@@ -35,7 +37,13 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 
 def _exit_after_drain(signum: int, frame: object) -> None:
-    raise SystemExit(0)
+    # Runs when uvicorn re-raises SIGTERM after its drain and the app's shutdown: all that is left is interpreter
+    # finalisation, which garbage-collects the model's objects one by one (4 s here for the tiny model; longer
+    # under load), time that counts against an orchestrator's grace period. Nothing is left to clean up.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -43,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # On SIGTERM uvicorn stops accepting, lets in-flight requests finish (at most drain_timeout_s), shuts the app
     # down, then re-raises the signal under the handler it found. With the default one, a clean drain would
-    # still end as "killed by SIGTERM" (status 143), which orchestrators log as a crash; this one exits 0.
+    # still end as "killed by SIGTERM" (status 143), which orchestrators log as a crash; this one exits 0 at once.
     signal.signal(signal.SIGTERM, _exit_after_drain)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, workers=1, log_level=settings.log_level,
                 timeout_graceful_shutdown=settings.drain_timeout_s)

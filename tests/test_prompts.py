@@ -73,7 +73,7 @@ def test_multitask_layouts_and_errors(tiny):
         PromptConfig(method="nope")
     with pytest.raises(ValueError, match="must divide"):
         PromptConfig(source_dim=48).resolve(tiny.widths)
-    for bad in ["../x", "a.b", "", "a/b", "x" * 65]:
+    for bad in ["../x", "a.b", "", "a/b", "x" * 65, "office\n"]:
         with pytest.raises(ValueError, match="invalid name"):
             check_name(bad)
 
