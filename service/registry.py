@@ -190,7 +190,7 @@ class Registry:
 
     def candidates(self) -> list[str]:
         """Sub-directories that may hold prompt sets: valid names, not '.'- or '_'-prefixed (work in progress)."""
-        return [name for name in self._subdirectories() if NAME_PATTERN.match(name)]
+        return [name for name in self._subdirectories() if NAME_PATTERN.fullmatch(name)]
 
     def _subdirectories(self) -> list[str]:
         try:
