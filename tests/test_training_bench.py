@@ -27,11 +27,11 @@ def test_bench_runs_every_method_with_lr_selection(tmp_path):
     summary = bench.main(["--data", str(root), "--pretrained", "none", "--shots", "1", "--steps", "2",
                           "--batch-size", "8", "--seeds", "0,1", "--warmup-steps", "1", "--probe-steps", "1",
                           "--lr-grid", "0.003,0.03", "--finetune-lr-grid", "", "--out", str(out)])
-    labels = list(bench.METHOD_SPECS)
+    labels = bench.DEFAULT_METHODS
     assert [s["method"] for s in summary] == labels
     results = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["seed"]) for r in results["rows"]] == [(m, s) for s in (0, 1) for m in labels]
-    prompt_methods = [m for m, spec in bench.METHOD_SPECS.items() if spec.runner == "prompts"]
+    prompt_methods = [m for m in labels if bench.METHOD_SPECS[m].runner == "prompts"]
     assert set(results["settings"]["lr_selection_on_val"]) == set(prompt_methods)  # selected once, on seed 0
     for row in results["rows"]:
         if row["method"] in prompt_methods:

@@ -43,6 +43,7 @@ from mmap_model.promptset import CONFIG_FILE
 from . import cli
 from .classifiers import MultiTaskObjective, PromptClassifier, accuracy
 from .data import data_summary
+from .dist import shutdown
 from .group import Grouping, group_tasks, read_groups, write_grouping
 from .trainer import TrainConfig, Trainer, TrainResult, autocast_factory
 
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     prompts = build_prompts(run, prompt_cfg, groups, not args.no_task_modules, train_cfg.seed)
     classifier, result = train_prompts(run, prompts, train_cfg, run_dir, args.resume, progress)
     scores = score_test_split(run, classifier, train_cfg)
+    shutdown(run.dist)  # the collectives are over; only rank 0 writes
     if not run.dist.main:
         return []
     provenance = {
@@ -212,9 +214,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
                    "val_accuracy": result.history[-1].get("val_acc") if result.history else None},
     }
     written = []
-    if args.overwrite:
-        for old in stale:
-            shutil.rmtree(old)
     args.out.mkdir(parents=True, exist_ok=True)
     for ps in split_into_sets(run, prompts, groups).values():
         ps.provenance = provenance
@@ -223,6 +222,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
                          "test_images": {t: len(run.sets["test"][t]) for t in ps.tasks}}
         fill = (lambda d, tasks=list(ps.tasks): write_samples(d, run, tasks, args.samples)) if args.samples else None
         written.append(save_atomically(ps, args.out, fill))
+    for old in stale:  # only after the new sets are in place: a watching service never sees an empty dir
+        if old.name not in {p.name for p in written}:
+            shutil.rmtree(old)
     report = {p.name: json.loads((p / CONFIG_FILE).read_text())["evaluation"] for p in written}
     print(json.dumps({"out": str(args.out), "prompt_sets": report}, indent=2))
     return written

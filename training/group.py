@@ -51,7 +51,7 @@ from mmap_model import Backbone, MultiTaskPrompts, PromptConfig
 
 from .classifiers import MultiTaskObjective, PromptClassifier, TaskText
 from .data import ImageSet
-from .dist import DistInfo, all_reduce_sum
+from .dist import DistInfo, all_reduce_sum, shutdown
 from .trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -374,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> Grouping:
     run = cli.prepare(args)
     grouping = group_tasks(run.backbone, run.texts, run.sets["train"], cli.prompt_config(args), cli.train_config(args),
                            cli.grouping_config(args), run.dist)
+    shutdown(run.dist)
     if run.dist.main:
         json_path, png = write_grouping(grouping, args.out)
         print(json.dumps({"groups": grouping.groups, "score": grouping.score, "threshold": grouping.threshold,
