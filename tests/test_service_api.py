@@ -189,7 +189,7 @@ def test_size_limits_and_decompression_bomb(prompts_dir):
             refused = await classify(client, "clipart", bomb)
             elapsed = time.perf_counter() - start
             assert refused.status_code == 413 and refused.json()["error"] == "too_many_pixels", refused.text
-            assert elapsed < 1.0
+            assert elapsed < 2.0  # decoding it takes seconds and hundreds of MB
             assert _peak_rss_bytes() - rss < 50 << 20  # the canvas was never allocated
             assert (await classify(client, "clipart", image_bytes(5))).status_code == 200
 

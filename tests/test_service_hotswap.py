@@ -62,16 +62,17 @@ def test_hot_swap_under_continuous_requests(tiny, tmp_path):
 
     async def scenario():
         async with serve(config) as client:
-            log: list[tuple[float, str, int, str | None]] = []
+            log: list[tuple[float, str, int, str]] = []  # sent at, task, status, version (or the error)
             stop = asyncio.Event()
 
             async def traffic(worker: int) -> None:
                 i = 0
                 while not stop.is_set():
                     task = ("clipart", "sketch", "real")[(worker + i) % 3]
+                    sent = time.monotonic()
                     response = await classify(client, task, image_bytes(i % 7))
                     ok = response.status_code == 200
-                    log.append((time.monotonic(), task, response.status_code, response.json()["version"] if ok else response.text))
+                    log.append((sent, task, response.status_code, response.json()["version"] if ok else response.text))
                     i += 1
 
             async def some_traffic() -> bool:
@@ -113,10 +114,11 @@ def test_hot_swap_under_continuous_requests(tiny, tmp_path):
 
         failed = [entry for entry in log if entry[2] != 200]
         assert not failed, failed[:5]
-        assert len(log) >= 60, "traffic was not continuous"
-        office_versions = [(t, v) for t, task, _, v in log if task in ("clipart", "real")]
+        assert len(log) >= 40, "traffic was not continuous"
+        office_versions = [(sent, v) for sent, task, _, v in log if task in ("clipart", "real")]
         assert {v for _, v in office_versions} == {v1.version, v2.version}
-        assert all(v == v2.version for t, v in office_versions if t > swapped_at + 0.5)  # new version reported after
+        # Sent after v2 was listed: the request's snapshot is v2 (the corrupt v3 never served).
+        assert all(v == v2.version for sent, v in office_versions if sent > swapped_at)
         assert metric(text, "mmap_prompt_set_loads_total", result="success") == 5  # 3 at start, v2, scenes
         assert metric(text, "mmap_prompt_set_loads_total", result="failure") == 1
         assert metric(text, "mmap_tasks_loaded") == len(OFFICE) + len(DOODLES) + len(SCENES)

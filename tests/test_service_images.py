@@ -114,7 +114,7 @@ def test_huge_canvases_are_refused_from_the_header(header):
     with pytest.raises(ImageRejected) as refused:
         decode_image(header, LIMIT)
     assert refused.value.status == 413 and refused.value.error == "too_many_pixels"
-    assert time.perf_counter() - start < 0.1  # nothing was decoded
+    assert time.perf_counter() - start < 0.5  # nothing was decoded (decoding would take minutes, or run out of memory)
 
 
 def test_pixel_limit_is_exact():

@@ -34,8 +34,10 @@ function showTask() {
     return;
   }
   const group = t.group ? `, group ${t.group}` : "";
-  $("task-info").textContent =
-    `${t.prompt_set} v${t.version} · ${t.method}${group} · classes: ${t.classes.join(", ")}`;
+  const shown = t.classes.length > 12 ? `${t.classes.slice(0, 12).join(", ")}, … (+${t.classes.length - 12} more)`
+                                      : t.classes.join(", ");
+  $("task-info").textContent = `${t.prompt_set} v${t.version} · ${t.method}${group} · classes: ${shown}`;
+  $("task-info").title = t.classes.join(", ");
   const samples = $("samples");
   samples.replaceChildren(...t.samples.map((url) => {
     const button = document.createElement("button");
