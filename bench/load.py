@@ -167,6 +167,9 @@ async def drive(base: str, tasks: list[str], images: list[bytes], concurrency: i
                     latencies.append(ended - sent)
                 i += concurrency + 1  # walks tasks and images in a different order per worker
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    per_client = statistics.median(len(t) for t in ended_at)
+    if per_client < 4:
+        print(f"warning: a client finished only {per_client:g} requests in the window; lengthen --window-s", flush=True)
     throughput = sum((len(t) - 1) / (t[-1] - t[0]) for t in ended_at if len(t) >= 2)
     return throughput, latencies, failures
 
@@ -206,9 +209,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="the service's max batch size and the raw batch")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--concurrency", type=int, default=64, help="closed-loop clients (2 x batch keeps one batch queued)")
-    parser.add_argument("--warm-s", type=float, default=4.0, help="untimed start of each load phase")
-    parser.add_argument("--window-s", type=float, default=12.0, help="timed part of each load phase")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warm-s", type=float, default=6.0, help="untimed start of each load phase")
+    parser.add_argument("--window-s", type=float, default=30.0,
+                        help="timed part of each load phase: long enough for every client to finish several requests")
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--raw-repeats", type=int, default=2, help="raw batched forwards per round (median)")
     parser.add_argument("--single", type=int, default=40, help="sequential requests at concurrency 1")
     parser.add_argument("--quick", action="store_true", help="smoke run: short phases, one round")
