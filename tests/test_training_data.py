@@ -28,12 +28,8 @@ PER_CLASS = 10
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core box two threads run these tiny models 3-7x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """These tiny models run 3-7x faster on one thread on the shared 2-core box (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

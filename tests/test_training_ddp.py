@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from mmap_model.promptset import WEIGHTS_FILE
@@ -31,12 +30,8 @@ TOLERANCE = 1e-5
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on the shared 2-core box two threads run these tiny models 3-7x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """These tiny models run 3-7x faster on one thread on the shared 2-core box (conftest.one_torch_thread)."""
 
 
 def _args(root: Path, out: Path, batch: int) -> list[str]:
