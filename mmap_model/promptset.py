@@ -15,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ FORMAT_VERSION = "1.0"
 CONFIG_FILE = "promptset.json"
 WEIGHTS_FILE = "prompts.safetensors"
 MAX_CONFIG_BYTES = 4 << 20
+MAX_WEIGHTS_BYTES = 256 << 20  # read whole into memory; real prompt sets are KB to a few MB
 _KNOWN_KEYS = {"format_version", "name", "version", "backbone", "method", "task_modules", "groups", "tasks",
                "weights_sha256", "provenance", "evaluation"}
 
@@ -104,7 +107,8 @@ class PromptSet:
     def load(cls, directory: str | Path, backbone: Backbone | None = None) -> PromptSet:
         """Read and validate a prompt set; with `backbone`, also check it was trained on it."""
         directory = Path(directory)
-        meta = _read_config(directory)
+        config, weights = _read_files(directory)
+        meta = _parse_config(directory, config)
         major = str(meta["format_version"]).split(".")[0]
         if major != FORMAT_VERSION.split(".")[0]:
             raise PromptSetError(f"{directory}: format version {meta['format_version']} is not supported "
@@ -131,7 +135,7 @@ class PromptSet:
         for t, spec in tasks.items():
             if not spec.classnames or "{}" not in spec.template:
                 raise PromptSetError(f"{directory}: task {t!r} needs class names and a template with '{{}}'")
-        prompts.load_state_dict(_read_weights(directory, meta["weights_sha256"], prompts))
+        prompts.load_state_dict(_parse_weights(directory, weights, meta["weights_sha256"], prompts))
         return cls(str(meta["name"]), prompts, tasks, bb, str(meta["version"]),
                    meta.get("provenance", {}), meta.get("evaluation", {}))
 
@@ -142,14 +146,43 @@ def backbone_info(backbone: Backbone) -> dict[str, Any]:
             "d_t": w.d_t, "d_v": w.d_v, "embed_dim": w.embed_dim, "layers_t": w.layers_t, "layers_v": w.layers_v}
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise PromptSetError(f"{directory}: missing {CONFIG_FILE} (half-written or not a prompt set)")
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise PromptSetError(f"{directory}: {CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes")
+def _read_files(directory: Path) -> tuple[bytes, bytes]:
+    """The bytes of promptset.json and prompts.safetensors, both read through one handle on the directory.
+
+    Prompt sets are replaced by renaming directories; a swap in the middle of a load must not pair one
+    version's config with the other's weights, so both files are opened relative to the directory as it
+    was when the load began.
+    """
     try:
-        meta = json.loads(path.read_text())
+        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise PromptSetError(f"{directory}: cannot open the prompt-set directory: {e.strerror}") from e
+    try:
+        return (_read_regular_file(directory, dir_fd, CONFIG_FILE, MAX_CONFIG_BYTES),
+                _read_regular_file(directory, dir_fd, WEIGHTS_FILE, MAX_WEIGHTS_BYTES))
+    finally:
+        os.close(dir_fd)
+
+
+def _read_regular_file(directory: Path, dir_fd: int, name: str, limit: int) -> bytes:
+    try:  # O_NONBLOCK: opening a FIFO planted under this name must not hang the loader
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise PromptSetError(f"{directory}: missing {name} (half-written or not a prompt set)") from None
+    except OSError as e:
+        raise PromptSetError(f"{directory}: cannot open {name}: {e.strerror}") from e
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise PromptSetError(f"{directory}: {name} is not a regular file")
+        if st.st_size > limit:
+            raise PromptSetError(f"{directory}: {name} is larger than the limit of {limit} bytes")
+        return f.read(limit + 1)
+
+
+def _parse_config(directory: Path, blob: bytes) -> dict[str, Any]:
+    try:
+        meta = json.loads(blob.decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PromptSetError(f"{directory}: {CONFIG_FILE} is not valid JSON: {e}") from e
     if not isinstance(meta, dict):
@@ -161,12 +194,9 @@ def _read_config(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def _read_weights(directory: Path, expected_sha: str, prompts: MultiTaskPrompts) -> dict[str, torch.Tensor]:
-    path = directory / WEIGHTS_FILE
-    if not path.is_file():
-        raise PromptSetError(f"{directory}: missing {WEIGHTS_FILE} (half-written or not a prompt set)")
+def _parse_weights(directory: Path, blob: bytes, expected_sha: str,
+                   prompts: MultiTaskPrompts) -> dict[str, torch.Tensor]:
     # Hash and parse the same bytes: the file cannot change between the check and the load.
-    blob = path.read_bytes()
     sha = hashlib.sha256(blob).hexdigest()
     if sha != expected_sha:
         raise PromptSetError(f"{directory}: sha256 mismatch for {WEIGHTS_FILE}: file has {sha[:12]}, "

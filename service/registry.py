@@ -52,7 +52,6 @@ log = logging.getLogger(__name__)
 
 SAMPLE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 MAX_SAMPLES = 8
-MAX_WEIGHTS_BYTES = 256 << 20  # prompts.safetensors is read whole; real prompt sets are KB to a few MB
 
 DirState = tuple  # what the watcher compares: (sha256 of the config, (mtime, size) of each file)
 
@@ -301,9 +300,6 @@ class Registry:
         for item in (path, path / CONFIG_FILE, path / WEIGHTS_FILE):  # untrusted: a symlink must not lead out
             if not inside(item, root):
                 raise PromptSetError(f"{item}: a symlink to {item.resolve()}, outside the prompt directory {root}")
-        weights = path / WEIGHTS_FILE
-        if weights.is_file() and weights.stat().st_size > MAX_WEIGHTS_BYTES:  # read whole into memory otherwise
-            raise PromptSetError(f"{weights}: larger than the limit of {MAX_WEIGHTS_BYTES} bytes")
         ps = PromptSet.load(path, self.backbone)
         if ps.name != name:
             log.warning("prompt set in %s calls itself %r; it is served as %r (its directory name)", path, ps.name, name)

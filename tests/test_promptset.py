@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmap_model import PromptConfig, PromptSet, PromptSetError, TaskSpec, load_backbone
+from mmap_model import PromptConfig, PromptSet, PromptSetError, TaskSpec, load_backbone, promptset
 from mmap_model.promptset import CONFIG_FILE, WEIGHTS_FILE
 
 TASKS = {"sketch": TaskSpec(["dog", "traffic light"], "a sketch of a {}.", "line"),
@@ -121,3 +121,24 @@ def test_fingerprint_is_stable_across_processes(tiny, tmp_path):
             f"load_model(m, {str(tmp_path / 'w.safetensors')!r}); print(fingerprint(m))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == tiny.fingerprint
+
+
+def test_a_directory_swapped_mid_load_is_read_from_one_version(saved, tiny, tmp_path, monkeypatch):
+    """Replacing a prompt set by renaming directories while it loads must not pair the old config with the
+    new weights (which the sha256 check would refuse): both files come from the directory the load opened."""
+    torch.manual_seed(4)
+    newer = PromptSet.create("demo", tiny, PromptConfig(), TASKS).save(tmp_path / "newer")
+    old_version = PromptSet.load(saved, tiny).version
+    real_read = promptset._read_regular_file
+
+    def read_then_swap(directory, dir_fd, name, limit):
+        blob = real_read(directory, dir_fd, name, limit)
+        if name == CONFIG_FILE:  # the window between the two reads: swap the way operators do
+            saved.rename(tmp_path / "retired")
+            newer.rename(saved)
+        return blob
+
+    monkeypatch.setattr(promptset, "_read_regular_file", read_then_swap)
+    assert PromptSet.load(saved, tiny).version == old_version
+    monkeypatch.undo()
+    assert PromptSet.load(saved, tiny).version != old_version  # the swap did happen

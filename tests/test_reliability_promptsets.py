@@ -28,9 +28,8 @@ from test_reliability_support import ADMIN, ADMIN_TOKEN, assert_json_error
 from test_service_support import DOODLES, OFFICE, classify, image_bytes, make_set, metric, publish, run, serve, settings
 
 from mmap_model import TaskSpec
-from mmap_model.promptset import CONFIG_FILE, WEIGHTS_FILE
+from mmap_model.promptset import CONFIG_FILE, MAX_WEIGHTS_BYTES, WEIGHTS_FILE
 from service import app as service_app
-from service.registry import MAX_WEIGHTS_BYTES
 
 STOLEN = {"stolen": TaskSpec(["secret", "plans"], "a photo of {}.")}
 
