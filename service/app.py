@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
+import importlib.resources
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -27,6 +28,7 @@ from typing import Annotated, Any
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -50,6 +52,9 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
+# Swagger UI and ReDoc as files in an installed package: FastAPI's default pages load them from a CDN,
+# which leaves /docs blank on an air-gapped host.
+DOCS_ASSETS = Path(str(importlib.resources.files("fastapi_offline") / "static"))
 MULTIPART_OVERHEAD = 64 << 10  # boundary and part headers around the file in a multipart body
 RAW_TYPES = ("image/", "application/octet-stream")
 
@@ -409,7 +414,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await service.stop()
 
     app = FastAPI(title="mmap-serve", summary="MmAP-prompted CLIP: classify images for any loaded task",
-                  version="0.1.0", lifespan=lifespan)
+                  version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.service = None
@@ -417,6 +422,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.admin_token is not None:
         app.include_router(admin)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def _swagger() -> Response:
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def _redoc() -> Response:
+        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - API",
+                              redoc_js_url="/docs-assets/redoc.standalone.js",
+                              redoc_favicon_url="/docs-assets/favicon.png", with_google_fonts=False)
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -425,6 +444,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        if request.url.path == "/classify":  # refused before the handler ran; still a classify request
+            service: Service | None = app.state.service
+            task = request.query_params.get("task")
+            known = service is not None and task in service.registry.snapshot.tasks
+            app.state.metrics.requests.labels(task if known else UNKNOWN_TASK, "422").inc()
         return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)

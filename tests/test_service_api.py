@@ -229,11 +229,17 @@ def test_metrics_match_the_traffic(prompts_dir, sets):
                 assert (await classify(client, "sketch", image_bytes(30 + i))).status_code == 200
             assert (await classify(client, "nope", image_bytes(40))).status_code == 404
             assert (await classify(client, "real", b"garbage")).status_code == 415
+            bad_top_k = await client.post("/classify?task=sketch&top_k=0", content=image_bytes(41),
+                                          headers={"content-type": "image/png"})
+            assert bad_top_k.status_code == 422
+            assert (await client.post("/classify?top_k=x", content=b"")).status_code == 422  # no task at all
             text = (await client.get("/metrics")).text
         assert metric(text, "mmap_requests_total", task="clipart", status="200") == 3
         assert metric(text, "mmap_requests_total", task="sketch", status="200") == 2
         assert metric(text, "mmap_requests_total", task="_unknown", status="404") == 1
         assert metric(text, "mmap_requests_total", task="real", status="415") == 1
+        assert metric(text, "mmap_requests_total", task="sketch", status="422") == 1
+        assert metric(text, "mmap_requests_total", task="_unknown", status="422") == 1
         assert metric(text, "mmap_request_duration_seconds_count", task="clipart") == 3
         assert metric(text, "mmap_images_rejected_total", reason="unsupported_type") == 1
         # Sequential requests: five forwards of one image each (the warm-up is not traffic).
@@ -321,7 +327,12 @@ def test_tasks_samples_page_and_docs(prompts_dir, sets, tmp_path, tiny):
             assert (await client.get("/samples/clipart/..%2F..%2Fpromptset.json")).status_code == 404
             page = await client.get("/")
             assert page.status_code == 200 and "<title>" in page.text
-            assert (await client.get("/docs")).status_code == 200
+            for page, asset in (("/docs", "/docs-assets/swagger-ui-bundle.js"),
+                                ("/redoc", "/docs-assets/redoc.standalone.js")):
+                html = (await client.get(page)).text
+                assert asset in html and "cdn" not in html.lower(), page  # works on an air-gapped host
+                served = await client.get(asset)
+                assert served.status_code == 200 and len(served.content) > 100_000, asset
             spec = (await client.get("/openapi.json")).json()
             assert "multipart/form-data" in spec["paths"]["/classify"]["post"]["requestBody"]["content"]
 
