@@ -15,11 +15,6 @@ One run does everything, so the ratios compare numbers taken on the same machine
    the reference. On a quiet machine the effect is small (a raw single-image forward right after a
    request: 161 and 227 ms with the service running, 168 and 150 ms frozen); it removes a doubt
    rather than a bias.
-This process, the load generator, runs at `--nice 10`: clients of a real deployment are other
-machines, while here they share the 2 cores, and at the same priority their ~0.1 core of HTTP
-work preempted the service's inference threads (each stall holds up the whole parallel region).
-At nice 10 they get the CPU the service leaves idle. The raw forwards are timed with the service
-frozen, so nothing competes with them and the nice value does not change them.
 Requests carry 224x224 JPEGs (what a client that resizes sends) as raw image/jpeg bodies.
 Throughput is measured inside a timed window that follows an untimed warm-up (see `drive`).
 Each ratio is the median of per-round (or per-pair) ratios: on a machine shared with other jobs
@@ -256,7 +251,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--raw-repeats", type=int, default=2, help="raw batched forwards per round (median)")
     parser.add_argument("--single", type=int, default=40, help="sequential requests at concurrency 1")
-    parser.add_argument("--nice", type=int, default=10, help="niceness of this process (0 = same priority as the service)")
     parser.add_argument("--quick", action="store_true", help="smoke run: short phases, one round")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -274,7 +268,6 @@ def main() -> None:
     port, log = free_port(), work / "service.log"
     base = f"http://127.0.0.1:{port}"
     process = raw.service = start_service(args, prompts, port, log)
-    os.nice(args.nice)  # after the start: the service keeps the default priority
     print(f"model {args.model} (random weights, seed {args.seed}), {len(tasks)} tasks in {args.sets} prompt sets, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores; batch {args.batch}, "
           f"concurrency {args.concurrency}, windows {args.window_s:g} s x {args.rounds} rounds", flush=True)

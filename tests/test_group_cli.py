@@ -40,8 +40,10 @@ def test_cosine_grouping_writes_json_and_heatmap(root, tmp_path):
     assert (tmp_path / "g" / "groups.png").stat().st_size > 1000
 
 
-def test_fixed_k_and_lookahead(root, tmp_path):
-    data = _group(root, tmp_path / "k.json", "--groups", "2", "--affinity", "lookahead")
+def test_fixed_k_and_lookahead_with_the_transfer_check(root, tmp_path):
+    data = _group(root, tmp_path / "k.json", "--groups", "2", "--affinity", "lookahead", "--transfer-steps", "3")
+    transfer = np.array(data["transfer"])
+    assert transfer.shape == (3, 3) and np.isfinite(transfer).all() and -1 <= data["agreement"] <= 1
     assert len(data["groups"]) == 2
     a = np.array(data["affinity"])
     assert np.isfinite(a).all()

@@ -11,6 +11,7 @@ from training.group import (
     Grouping,
     best_partition,
     partition_score,
+    rank_agreement,
     read_groups,
     set_partitions,
     write_grouping,
@@ -107,3 +108,14 @@ def test_files_round_trip(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"groups": [["a"], ["a", "b"]]}))
     with pytest.raises(ValueError, match="more than one group"):
         read_groups(tmp_path / "bad.json", ["a", "b"])
+
+
+def test_rank_agreement_compares_symmetrised_pairs():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 5))
+    sym = (a + a.T) / 2
+    assert rank_agreement(a, sym) == pytest.approx(1.0)  # symmetrising first: a and its symmetric part agree
+    assert rank_agreement(a, -a.T) == pytest.approx(-1.0)
+    assert rank_agreement(a, sym + 100 * np.eye(5)) == pytest.approx(1.0)  # the diagonal is not a pair
+    monotone = np.exp(3 * sym)  # ranks, not values
+    assert rank_agreement(sym, monotone) == pytest.approx(1.0)

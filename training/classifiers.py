@@ -111,21 +111,28 @@ class MultiTaskObjective(nn.Module):
 
 
 @torch.no_grad()
-def accuracy(classifier: TaskClassifier, sets: Mapping[str, ImageSet], batch_size: int = 256,
-             dist: DistInfo | None = None, autocast: Callable | None = None) -> dict[str, float]:
-    """Top-1 accuracy per task; under DDP each rank scores a shard and counts are summed."""
+def task_metrics(classifier: TaskClassifier, sets: Mapping[str, ImageSet], batch_size: int = 256,
+                 dist: DistInfo | None = None, autocast: Callable | None = None) -> dict[str, tuple[float, float]]:
+    """(top-1 accuracy, mean cross-entropy) per task; under DDP each rank scores a shard and sums are summed."""
     rank, world = (dist.rank, dist.world) if dist else (0, 1)
     device = next(classifier.parameters()).device
-    counts = torch.zeros(len(sets), 2, dtype=torch.float64)
+    sums = torch.zeros(len(sets), 3, dtype=torch.float64)  # correct, summed loss, images
     for i, (task, images) in enumerate(sets.items()):
         with autocast() if autocast else nullcontext():
             score = classifier.scorer(task)
             mine = torch.arange(rank, len(images), world)
             for start in range(0, len(mine), batch_size):
                 x, y = images.batch(mine[start:start + batch_size])
-                pred = score(x.to(device)).argmax(-1).cpu()
-                counts[i, 0] += (pred == y).sum()
-                counts[i, 1] += len(y)
+                logits = score(x.to(device)).float().cpu()
+                sums[i, 0] += (logits.argmax(-1) == y).sum()
+                sums[i, 1] += F.cross_entropy(logits, y, reduction="sum")
+                sums[i, 2] += len(y)
     if world > 1:
-        counts = all_reduce_sum(counts, dist)
-    return {task: float(c / max(n, 1)) for task, (c, n) in zip(sets, counts.tolist(), strict=True)}
+        sums = all_reduce_sum(sums, dist)
+    return {task: (c / max(n, 1), loss / max(n, 1)) for task, (c, loss, n) in zip(sets, sums.tolist(), strict=True)}
+
+
+def accuracy(classifier: TaskClassifier, sets: Mapping[str, ImageSet], batch_size: int = 256,
+             dist: DistInfo | None = None, autocast: Callable | None = None) -> dict[str, float]:
+    """Top-1 accuracy per task (see `task_metrics`)."""
+    return {task: acc for task, (acc, _) in task_metrics(classifier, sets, batch_size, dist, autocast).items()}

@@ -102,6 +102,8 @@ def add_grouping_args(parser: argparse.ArgumentParser, count_flag: str = "--grou
     g.add_argument("--probe-steps", type=int, default=d.probe_steps, help="steps over which per-task gradients are compared")
     g.add_argument("--lookahead-scale", type=float, default=d.lookahead_scale,
                    help="lookahead step as a multiple of the optimiser's own step")
+    g.add_argument("--transfer-steps", type=int, default=d.transfer_steps,
+                   help="> 0: check the affinity against measured transfer (one training of this many steps per task)")
 
 
 def split_config(args: argparse.Namespace) -> SplitConfig:
@@ -126,7 +128,8 @@ def grouping_config(args: argparse.Namespace) -> GroupingConfig:
         threshold: float | str = float(args.threshold)
     except ValueError:
         threshold = args.threshold
-    return GroupingConfig(args.affinity, count, threshold, args.warmup_steps, args.probe_steps, args.lookahead_scale)
+    return GroupingConfig(args.affinity, count, threshold, args.warmup_steps, args.probe_steps, args.lookahead_scale,
+                          args.transfer_steps)
 
 
 @dataclass

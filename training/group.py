@@ -28,6 +28,13 @@
 4. Output: JSON with `tasks`, `affinity` (as measured), `affinity_symmetric`, `groups` (lists
    of task names), `score`, `threshold`, `ranking` (best partitions) and `settings`; a heatmap
    PNG beside it.
+5. Optional check of the proxy (`transfer_steps` > 0): the affinity is a cheap estimate of how
+   much training on one task helps another. `measure_transfer` measures that directly: from the
+   same initial shared module, train on task i ALONE for `transfer_steps` and record
+   T_ij = 1 - L_j(after) / L_j(before) on all of task j's training images (T trainings). The JSON
+   then also holds `transfer` and `agreement`, the Spearman rank correlation between the
+   off-diagonal entries of the symmetrised affinity and transfer matrices: near 1, the gradients
+   predict transfer on this backbone; near 0, the grouping is not to be trusted there.
 
 CLI: `python -m training.group --data ROOT --tasks a,b --out groups.json [--affinity cosine|lookahead] [--groups K|auto]`.
 """
@@ -49,7 +56,7 @@ import torch.nn.functional as F
 
 from mmap_model import Backbone, MultiTaskPrompts, PromptConfig
 
-from .classifiers import MultiTaskObjective, PromptClassifier, TaskText
+from .classifiers import MultiTaskObjective, PromptClassifier, TaskText, task_metrics
 from .data import ImageSet
 from .dist import DistInfo, all_reduce_sum, shutdown
 from .trainer import TrainConfig, Trainer
@@ -69,6 +76,7 @@ class GroupingConfig:
     warmup_steps: int = 20
     probe_steps: int = 10
     lookahead_scale: float = 1.0  # lookahead step as a multiple of the optimiser's own step
+    transfer_steps: int = 0  # > 0: also measure direct transfer (T trainings of this many steps) to check the affinity
 
     def __post_init__(self) -> None:
         if self.affinity not in ("cosine", "lookahead"):
@@ -77,8 +85,8 @@ class GroupingConfig:
             raise ValueError("groups must be >= 1 (or None for auto)")
         if isinstance(self.threshold, str) and self.threshold not in ("mean", "median"):
             raise ValueError("threshold must be a number, 'mean' or 'median'")
-        if self.warmup_steps < 0 or self.probe_steps < 1 or self.lookahead_scale <= 0:
-            raise ValueError("need warmup_steps >= 0, probe_steps >= 1 and lookahead_scale > 0")
+        if self.warmup_steps < 0 or self.probe_steps < 1 or self.lookahead_scale <= 0 or self.transfer_steps < 0:
+            raise ValueError("need warmup_steps >= 0, probe_steps >= 1, lookahead_scale > 0 and transfer_steps >= 0")
 
 
 @dataclass
@@ -92,12 +100,15 @@ class Grouping:
     threshold: float
     ranking: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    transfer: list[list[float]] | None = None  # step 5, when measured
+    agreement: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         a = np.asarray(self.affinity)
+        checked = {} if self.transfer is None else {"transfer": self.transfer, "agreement": self.agreement}
         return {"tasks": self.tasks, "affinity": self.affinity, "affinity_symmetric": ((a + a.T) / 2).tolist(),
                 "groups": self.groups, "score": self.score, "threshold": self.threshold,
-                "ranking": self.ranking, "settings": self.settings}
+                "ranking": self.ranking, "settings": self.settings, **checked}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +260,38 @@ def measure_affinity(backbone: Backbone, tasks: Mapping[str, TaskText], train_se
     return affinity / cfg.probe_steps
 
 
+def measure_transfer(backbone: Backbone, tasks: Mapping[str, TaskText], train_sets: Mapping[str, ImageSet],
+                     prompt_cfg: PromptConfig, train_cfg: TrainConfig, steps: int,
+                     dist: DistInfo | None = None, progress: bool = True) -> np.ndarray:
+    """The T x T direct transfer of step 5: row i, what `steps` steps on task i alone do to every task's loss."""
+    names = list(tasks)
+    torch.manual_seed(train_cfg.seed)
+    prompts = MultiTaskPrompts(shared_module_config(prompt_cfg), backbone.widths, names, {"shared": names},
+                               task_modules=False)
+    start = {k: v.clone() for k, v in prompts.state_dict().items()}
+
+    def losses() -> np.ndarray:
+        metrics = task_metrics(PromptClassifier(backbone, tasks, prompts), train_sets, dist=dist)
+        return np.array([metrics[t][1] for t in names])
+
+    before = losses()
+    transfer = np.zeros((len(names), len(names)))
+    for i, source in enumerate(names):
+        prompts.load_state_dict(start)
+        alone = MultiTaskObjective(PromptClassifier(backbone, {source: tasks[source]}, prompts))
+        Trainer(alone, {source: train_sets[source]}, replace(train_cfg, steps=steps, accum=1), dist=dist,
+                progress=progress).fit(until=steps)
+        transfer[i] = 1 - losses() / before
+    return transfer
+
+
+def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman correlation of the off-diagonal pairs of two T x T matrices, each symmetrised first."""
+    upper = np.triu_indices(len(a), 1)
+    ranks = [np.argsort(np.argsort(((m + m.T) / 2)[upper])) for m in (np.asarray(a), np.asarray(b))]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
 def _optimizer_steps(trainer: Trainer, params: list[torch.Tensor], grads: torch.Tensor) -> torch.Tensor:
     """[T, P]: the update the trainer's optimiser would make for each task's gradient on its own."""
     group = trainer.optimizer.param_groups[0]
@@ -291,6 +334,9 @@ def group_tasks(backbone: Backbone, tasks: Mapping[str, TaskText], train_sets: M
     names = list(tasks)
     affinity = measure_affinity(backbone, tasks, train_sets, prompt_cfg, train_cfg, cfg, dist, progress)
     index_groups, score, tau, ranking = best_partition(affinity, cfg.groups, cfg.threshold)
+    transfer = None
+    if cfg.transfer_steps:
+        transfer = measure_transfer(backbone, tasks, train_sets, prompt_cfg, train_cfg, cfg.transfer_steps, dist, progress)
     def named(gs: list[list[int]]) -> list[list[str]]:
         return [[names[i] for i in g] for g in gs]
 
@@ -299,7 +345,9 @@ def group_tasks(backbone: Backbone, tasks: Mapping[str, TaskText], train_sets: M
                 "search": "exhaustive" if len(names) <= EXHAUSTIVE_MAX_TASKS else "greedy",
                 "seconds": round(time.perf_counter() - start, 2)}
     return Grouping(names, affinity.tolist(), named(index_groups), score, tau,
-                    [{"groups": named(g), "score": s} for g, s in ranking], settings)
+                    [{"groups": named(g), "score": s} for g, s in ranking], settings,
+                    None if transfer is None else transfer.tolist(),
+                    None if transfer is None else rank_agreement(affinity, transfer))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,8 +425,9 @@ def main(argv: Sequence[str] | None = None) -> Grouping:
     shutdown(run.dist)
     if run.dist.main:
         json_path, png = write_grouping(grouping, args.out)
+        checked = {} if grouping.agreement is None else {"agreement_with_transfer": grouping.agreement}
         print(json.dumps({"groups": grouping.groups, "score": grouping.score, "threshold": grouping.threshold,
-                          "json": str(json_path), "heatmap": str(png)}, indent=2))
+                          **checked, "json": str(json_path), "heatmap": str(png)}, indent=2))
     return grouping
 
 
