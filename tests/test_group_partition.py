@@ -119,3 +119,4 @@ def test_rank_agreement_compares_symmetrised_pairs():
     assert rank_agreement(a, sym + 100 * np.eye(5)) == pytest.approx(1.0)  # the diagonal is not a pair
     monotone = np.exp(3 * sym)  # ranks, not values
     assert rank_agreement(sym, monotone) == pytest.approx(1.0)
+    assert rank_agreement(a[:2, :2], a[:2, :2]) is None  # one pair: nothing to rank

@@ -285,8 +285,11 @@ def measure_transfer(backbone: Backbone, tasks: Mapping[str, TaskText], train_se
     return transfer
 
 
-def rank_agreement(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman correlation of the off-diagonal pairs of two T x T matrices, each symmetrised first."""
+def rank_agreement(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman correlation of the off-diagonal pairs of two T x T matrices, each symmetrised first;
+    None below 3 tasks (one pair has no ranking)."""
+    if len(a) < 3:
+        return None
     upper = np.triu_indices(len(a), 1)
     ranks = [np.argsort(np.argsort(((m + m.T) / 2)[upper])) for m in (np.asarray(a), np.asarray(b))]
     return float(np.corrcoef(*ranks)[0, 1])
