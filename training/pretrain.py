@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -155,8 +156,8 @@ drawn object classes in the styles below and nothing else.
   per class and domain drawn at {args.size} px (seed {args.seed}); each step pairs images with freshly sampled
   captions (`synthetic.caption`). Unseen during pretraining: {", ".join(d for d in synthetic.DOMAINS if d not in SEEN_DOMAINS)}.
 - Training: open_clip `ClipLoss`, AdamW (lr {args.lr}, weight decay {args.weight_decay}), batch {args.batch_size},
-  {args.steps} steps, warm-up then cosine, deterministic by seed. It took {train_seconds / 60:.1f} minutes on the
-  2-core development machine while other jobs shared it (about 1.5 s/step when it had the machine alone).
+  {args.steps} steps, warm-up then cosine, deterministic by seed. It took {train_seconds / 60:.1f} minutes
+  ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads).
 - Reproduce: `python -m training.pretrain` (the defaults are the settings above).
 
 ## Zero-shot top-1 accuracy (%)
