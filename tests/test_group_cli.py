@@ -11,12 +11,9 @@ import pytest
 from training import group
 from training.data import prepare_synthetic
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is 3-7x faster on 2 shared cores
+
 TASKS = ["sketch", "photo", "clipart"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """These tiny models run 3-7x faster on one thread on the shared 2-core box (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,7 @@ from training.classifiers import MultiTaskObjective, PromptClassifier, TaskText,
 from training.data import SplitConfig, discover_tasks, load_splits, prepare_synthetic
 from training.trainer import TrainConfig, Trainer
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """These tiny models run 3-7x faster on one thread on the shared 2-core box (conftest.one_torch_thread)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is 3-7x faster on 2 shared cores
 
 
 @pytest.fixture(scope="module")

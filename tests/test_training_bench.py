@@ -9,10 +9,7 @@ import pytest
 from training import bench
 from training.data import prepare_synthetic
 
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """These tiny models run 3-7x faster on one thread on the shared 2-core box (conftest.one_torch_thread)."""
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is 3-7x faster on 2 shared cores
 
 
 @pytest.mark.slow

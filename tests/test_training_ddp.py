@@ -25,13 +25,10 @@ from mmap_model.promptset import WEIGHTS_FILE
 from training import fit
 from training.data import prepare_synthetic
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is 3-7x faster on 2 shared cores
+
 REPO = Path(__file__).resolve().parent.parent
 TOLERANCE = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """These tiny models run 3-7x faster on one thread on the shared 2-core box (conftest.one_torch_thread)."""
 
 
 def _args(root: Path, out: Path, batch: int) -> list[str]:

@@ -21,19 +21,17 @@ from training.data import SplitConfig, discover_tasks, load_splits, prepare_synt
 from training.group import GroupingConfig, group_tasks
 from training.trainer import TrainConfig
 
-pytestmark = pytest.mark.skipif(not (EMBEDDED_DIR / "open_clip_model.safetensors").is_file(),
-                                reason="embedded mmap-tiny weights not trained yet (python -m training.pretrain)")
+pytestmark = [
+    pytest.mark.usefixtures("one_torch_thread"),  # tiny models: one thread is 3-7x faster on 2 shared cores
+    pytest.mark.skipif(not (EMBEDDED_DIR / "open_clip_model.safetensors").is_file(),
+                       reason="embedded mmap-tiny weights not trained yet (python -m training.pretrain)"),
+]
 
 
 def _seen_domains() -> list[str]:
     from training.pretrain import SEEN_DOMAINS
 
     return list(SEEN_DOMAINS)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """These tiny models run 3-7x faster on one thread on the shared 2-core box (conftest.one_torch_thread)."""
 
 
 @pytest.mark.slow

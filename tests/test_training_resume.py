@@ -26,12 +26,9 @@ from training.checkpoint import (
 )
 from training.data import prepare_synthetic
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one thread is 3-7x faster on 2 shared cores
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def _one_thread(one_torch_thread):
-    """These tiny models run 3-7x faster on one thread on the shared 2-core box (conftest.one_torch_thread)."""
 
 
 @pytest.mark.parametrize("make", [lambda p: torch.optim.AdamW(p, lr=0.1, weight_decay=0.01),
