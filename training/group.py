@@ -220,6 +220,13 @@ def shared_module_config(cfg: PromptConfig) -> PromptConfig:
     return replace(cfg, group_tokens=cfg.group_tokens + cfg.task_tokens)
 
 
+def shared_module(backbone: Backbone, names: list[str], prompt_cfg: PromptConfig, seed: int) -> MultiTaskPrompts:
+    """The one module all tasks share during grouping, initialised from `seed` (the same for affinity and transfer)."""
+    torch.manual_seed(seed)
+    return MultiTaskPrompts(shared_module_config(prompt_cfg), backbone.widths, names, {"shared": names},
+                            task_modules=False)
+
+
 def _task_losses(classifier: PromptClassifier, batch: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
                  autocast) -> list[torch.Tensor]:
     with autocast():
@@ -232,9 +239,7 @@ def measure_affinity(backbone: Backbone, tasks: Mapping[str, TaskText], train_se
     """The T x T affinity matrix of METHOD.md's grouping step 1-2 (order of `tasks`)."""
     dist = dist or DistInfo()
     names = list(tasks)
-    torch.manual_seed(train_cfg.seed)
-    prompts = MultiTaskPrompts(shared_module_config(prompt_cfg), backbone.widths, names, {"shared": names},
-                               task_modules=False)
+    prompts = shared_module(backbone, names, prompt_cfg, train_cfg.seed)
     classifier = PromptClassifier(backbone, tasks, prompts)
     total = cfg.warmup_steps + cfg.probe_steps
     trainer = Trainer(MultiTaskObjective(classifier), train_sets, replace(train_cfg, steps=total, accum=1),
@@ -265,9 +270,7 @@ def measure_transfer(backbone: Backbone, tasks: Mapping[str, TaskText], train_se
                      dist: DistInfo | None = None, progress: bool = True) -> np.ndarray:
     """The T x T direct transfer of step 5: row i, what `steps` steps on task i alone do to every task's loss."""
     names = list(tasks)
-    torch.manual_seed(train_cfg.seed)
-    prompts = MultiTaskPrompts(shared_module_config(prompt_cfg), backbone.widths, names, {"shared": names},
-                               task_modules=False)
+    prompts = shared_module(backbone, names, prompt_cfg, train_cfg.seed)
     start = {k: v.clone() for k, v in prompts.state_dict().items()}
 
     def losses() -> np.ndarray:
