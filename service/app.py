@@ -444,11 +444,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        if request.url.path == "/classify":  # refused before the handler ran; still a classify request
+        if request.scope.get("endpoint") is classify:  # refused before the handler ran; still a classify request
             service: Service | None = app.state.service
-            task = request.query_params.get("task")
-            known = service is not None and task in service.registry.snapshot.tasks
-            app.state.metrics.requests.labels(task if known else UNKNOWN_TASK, "422").inc()
+            tasks = service.registry.snapshot.tasks if service is not None else {}
+            task = request.query_params.get("task", "")
+            app.state.metrics.requests.labels(task if task in tasks else UNKNOWN_TASK, "422").inc()
         return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
