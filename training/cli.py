@@ -22,7 +22,7 @@ from mmap_model import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, METHODS, Backbone, P
 
 from .classifiers import TaskText
 from .data import ImageSet, SplitConfig, Task, discover_tasks, load_splits
-from .dist import DistInfo, init_distributed
+from .dist import DistInfo, init_distributed, launched_by_torchrun
 from .group import GroupingConfig
 from .trainer import TrainConfig
 
@@ -170,9 +170,8 @@ def command_line(module: str, argv: list[str] | None) -> str:
     """The command as typed (for provenance); torchrun launches are recorded as such."""
     args = sys.argv[1:] if argv is None else argv
     prefix = ["python", "-m", module]
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        prefix = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}", "-m", module]
+    if launched_by_torchrun():
+        prefix = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])}", "-m", module]
     return shlex.join([*prefix, *args])
 
 

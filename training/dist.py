@@ -17,6 +17,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    grouped: bool = False  # in a process group (launched by torchrun, even with one process)
 
     @property
     def main(self) -> bool:
@@ -24,25 +25,31 @@ class DistInfo:
 
     @property
     def active(self) -> bool:
-        return self.world > 1
+        """Whether the model is wrapped in DDP and reductions go through the process group."""
+        return self.grouped
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1), else a single process.
+    """Join the process group when launched by torchrun (with any number of processes, so that one
+    GPU runs the nccl + DDP path too), else a single process.
 
     `device`: "auto" (cuda when available), "cpu" or "cuda". Under torchrun each rank takes
     cuda:<LOCAL_RANK>.
     """
     use_cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if not launched_by_torchrun():
         return DistInfo(device=torch.device("cuda" if use_cuda else "cpu"))
+    world = int(os.environ["WORLD_SIZE"])
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if use_cuda:
         torch.cuda.set_device(local)
     if not td.is_initialized():
         td.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world, local, torch.device(f"cuda:{local}" if use_cuda else "cpu"))
+    return DistInfo(rank, world, local, torch.device(f"cuda:{local}" if use_cuda else "cpu"), grouped=True)
 
 
 def all_reduce_sum(tensor: torch.Tensor, dist: DistInfo) -> torch.Tensor:
