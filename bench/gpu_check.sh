@@ -3,9 +3,13 @@
 #
 # 1. environment (nvidia-smi, torch, onnxruntime providers)
 # 2. the gpu-marked tests (pytest -m gpu): fp16/bf16 autocast, pinned staging, compiled buckets with
-#    CUDA graphs, onnxruntime's CUDA provider, the service on CUDA
+#    CUDA graphs, onnxruntime's CUDA provider, the service on CUDA, bf16/fp16 training, nccl + DDP
 # 3. image-tower throughput, ViT-B-32 and ViT-B-16 (random weights), fp16, batch sweep,
-#    torch vs onnxruntime-gpu (bench/backends.py), then torch.compile(reduce-overhead) if time is left
+#    torch vs onnxruntime-gpu (bench/backends.py)
+# 4. torch eager vs torch.compile(reduce-overhead) = CUDA graphs, ViT-B-32 fp16
+# 5. upload decoding: the service's Pillow path on a thread pool vs nvjpeg + tensor resize (bench/decode.py)
+# 6. the service under load on the GPU, 224 px and 1024 px uploads (bench/load.py --device cuda)
+# Steps 4-6 run only while the time budget (GPU_CHECK_BUDGET_S) lasts.
 # and writes REPORT_DIR/report.md (+ the logs and JSON it came from). REPORT_DIR defaults to $OUT
 # when set (the device runner's output folder), else runs/gpu-check-<time>.
 #
@@ -47,9 +51,11 @@ if ! timeout 60 "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_availabl
 fi
 
 log "gpu-marked tests"
-timeout 200 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests/ > "$REPORT/pytest-gpu.log" 2>&1
+timeout 300 "$PY" -m pytest -m gpu -q -rsP -p no:cacheprovider tests/test_deploy_gpu.py tests/test_training_gpu.py \
+  > "$REPORT/pytest-gpu.log" 2>&1
 TESTS_RC=$?
-tail -n 15 "$REPORT/pytest-gpu.log"
+grep -E "accuracy .* vs fp32|max \|Δ\|" "$REPORT/pytest-gpu.log" > "$REPORT/pytest-numbers.txt"
+tail -n 15 "$REPORT/pytest-gpu.log"; cat "$REPORT/pytest-numbers.txt"
 
 HAS_ORT_CUDA=$(timeout 60 "$PY" -c "import onnxruntime as o; print(int('CUDAExecutionProvider' in o.get_available_providers()))" 2>/dev/null || echo 0)
 BACKENDS="torch"
@@ -77,17 +83,35 @@ else
   log "skipping the torch.compile sweep: $(left) s left"
 fi
 
+if [ "$(left)" -gt 60 ]; then
+  log "upload decoding: Pillow on a thread pool vs decode_jpeg on cpu and cuda"
+  timeout $(( $(left) - 20 )) "$PY" bench/decode.py --sizes 224 1024 --images 128 --batch 32 128 \
+    --json "$REPORT/decode.json" > "$REPORT/bench-decode.md" 2> "$REPORT/bench-decode.log"
+  rc=$?; log "decode exit $rc"; cat "$REPORT/bench-decode.md"
+  [ $rc = 0 ] || tail -n 20 "$REPORT/bench-decode.log" | tee -a "$REPORT/bench-decode.md"
+fi
+
+for SIZE in 224 1024; do
+  if [ "$(left)" -lt 100 ]; then log "skipping the service load at $SIZE px: $(left) s left"; continue; fi
+  log "service load on cuda/fp16, ViT-B-32, $SIZE px uploads"
+  timeout $(( $(left) - 10 )) "$PY" bench/load.py --model ViT-B-32 --device cuda --precision fp16 --image-size $SIZE \
+    --batch 64 --concurrency 64 --clients 2 --decode-workers 4 --rounds 2 --warm-s 3 --window-s 8 \
+    --single 20 --json "$REPORT/load-$SIZE.json" > "$REPORT/bench-load-$SIZE.md" 2> "$REPORT/bench-load-$SIZE.log"
+  rc=$?; log "load $SIZE exit $rc"; cat "$REPORT/bench-load-$SIZE.md"
+  [ $rc = 0 ] || tail -n 20 "$REPORT/bench-load-$SIZE.log" | tee -a "$REPORT/bench-load-$SIZE.md"
+done
+
 {
   echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ)"
   echo
   echo '```'; cat "$REPORT/environment.txt"; echo '```'
   echo
   echo "## gpu-marked tests (exit $TESTS_RC)"
-  echo; echo '```'; tail -n 15 "$REPORT/pytest-gpu.log"; echo '```'
+  echo; echo '```'; tail -n 15 "$REPORT/pytest-gpu.log"; cat "$REPORT/pytest-numbers.txt"; echo '```'
   for f in "$REPORT"/bench-*.md; do
     [ -s "$f" ] || continue
     echo; echo "## $(basename "$f" .md)"; echo
-    echo "Command: bash bench/gpu_check.sh (bench/backends.py --device cuda --precision fp16)"; echo
+    echo "Command: bash bench/gpu_check.sh (see the step's command there)"; echo
     cat "$f"
   done
   echo; echo "Total $(( $(date +%s) - START )) s."

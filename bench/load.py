@@ -1,4 +1,4 @@
-"""Service load benchmark: `python bench/load.py [--quick] [--model ViT-B-32]`.
+"""Service load benchmark: `python bench/load.py [--quick] [--model ViT-B-32] [--device cuda --precision fp16]`.
 
 One run does everything, so the ratios compare numbers taken on the same machine minutes apart:
 1. Builds the backbone with seeded random weights in this process and saves 16 tasks (4 prompt
@@ -15,7 +15,10 @@ One run does everything, so the ratios compare numbers taken on the same machine
    the reference. On a quiet machine the effect is small (a raw single-image forward right after a
    request: 161 and 227 ms with the service running, 168 and 150 ms frozen); it removes a doubt
    rather than a bias.
-Requests carry 224x224 JPEGs (what a client that resizes sends) as raw image/jpeg bodies.
+Requests carry 224x224 JPEGs (what a client that resizes sends; `--image-size` for larger uploads) as
+raw image/jpeg bodies. On a GPU (`--device cuda`) the reference is the service's own image tower
+(`TorchImageTower`: pinned staging, autocast, the copy back) called directly, and `--clients` load
+generator processes share the concurrency, since one Python client cannot keep a GPU service busy.
 Throughput is measured inside a timed window that follows an untimed warm-up (see `drive`).
 Each ratio is the median of per-round (or per-pair) ratios: on a machine shared with other jobs
 the absolute numbers swing from minute to minute, and pairing keeps both sides of a ratio under
@@ -37,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -45,7 +49,8 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from mmap_model import PromptConfig, PromptedCLIP, PromptSet, TaskSpec, load_backbone
+from mmap_model import PromptConfig, PromptSet, TaskSpec, load_backbone
+from service.backends import TorchImageTower
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["apple", "boat", "chair", "dog", "eagle", "fork", "guitar", "house", "island", "jacket", "kite", "lamp",
@@ -108,7 +113,9 @@ def free_port() -> int:
 
 def start_service(args, prompts: Path, port: int, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), "--prompts", str(prompts),
-               "--model", args.model, "--pretrained", f"random:{args.seed}", "--device", "cpu",
+               "--model", args.model, "--pretrained", f"random:{args.seed}", "--device", args.device,
+               "--precision", args.precision, "--decode-workers", str(args.decode_workers),
+               "--backend", args.backend, "--torch-compile", args.torch_compile,
                "--max-batch-size", str(args.batch), "--max-wait-ms", str(args.max_wait_ms),
                "--queue-size", str(4 * args.concurrency), "--watch-interval-s", "0", "--log-level", "warning"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MMAP_")}
@@ -147,14 +154,14 @@ def frozen(process: subprocess.Popen | None):
 
 
 class RawForward:
-    """The prompted image tower of the same backbone, called directly: the reference for the service."""
+    """The service's image tower on the same backbone, called directly: the reference for the service."""
 
     def __init__(self, backbone, prompts_dir: Path, images: list[bytes], batch: int):
         self.service: subprocess.Popen | None = None  # frozen while a forward is timed
-        self.prompted = PromptedCLIP(backbone.model)
+        self.tower = TorchImageTower(backbone)
         sets = {p.name: PromptSet.load(p, backbone) for p in sorted(prompts_dir.iterdir())}
         with torch.inference_mode():
-            self.bank = torch.stack([ps.prompts(t).visual for ps in sets.values() for t in ps.tasks])
+            self.bank = torch.stack([ps.prompts(t).visual for ps in sets.values() for t in ps.tasks]).to(backbone.device)
         self.pixels = torch.stack([backbone.preprocess(Image.open(io.BytesIO(d))) for d in images])
         for size in (1, batch):  # first-call costs per shape (the CPU kernels' setup): 25% of the first batch
             self.seconds(size)
@@ -167,9 +174,32 @@ class RawForward:
         with torch.inference_mode(), frozen(self.service):
             for _ in range(repeats):
                 start = time.perf_counter()
-                self.prompted.encode_image(images, prompts, normalize=True)
+                self.tower(images, prompts)  # returns on the CPU: a GPU forward is complete
                 times.append(time.perf_counter() - start)
         return statistics.median(times)
+
+
+def drive_processes(clients: int, base: str, tasks: list[str], images: list[bytes], concurrency: int, warm_s: float,
+                    window_s: float) -> tuple[float, list[float], int, float]:
+    """`drive` split over `clients` processes (1: in this one): summed throughput, all latencies, failures,
+    and the cores the load generator used (its child processes included)."""
+    before = os.times()
+    if clients == 1:
+        throughput, latencies, failures = asyncio.run(drive(base, tasks, images, concurrency, warm_s, window_s))
+    else:
+        shares = [concurrency // clients + (c < concurrency % clients) for c in range(clients)]
+        with ProcessPoolExecutor(clients) as pool:
+            done = list(pool.map(run_drive, *zip(*[(base, tasks[c:] + tasks[:c], images, n, warm_s, window_s)
+                                                  for c, n in enumerate(shares)], strict=True)))
+        throughput, latencies, failures = sum(d[0] for d in done), [x for d in done for x in d[1]], sum(d[2] for d in done)
+    after = os.times()
+    cores = (after.user + after.system + after.children_user + after.children_system
+             - before.user - before.system - before.children_user - before.children_system) / (after.elapsed - before.elapsed)
+    return throughput, latencies, failures, cores
+
+
+def run_drive(*args) -> tuple[float, list[float], int]:
+    return asyncio.run(drive(*args))
 
 
 async def drive(base: str, tasks: list[str], images: list[bytes], concurrency: int, warm_s: float,
@@ -193,10 +223,13 @@ async def drive(base: str, tasks: list[str], images: list[bytes], concurrency: i
             while time.perf_counter() < window[1]:
                 task = tasks[i % len(tasks)]
                 sent = time.perf_counter()
-                response = await client.post(f"/classify?task={task}&top_k=1", content=images[i % len(images)],
-                                             headers={"content-type": "image/jpeg"})
+                try:
+                    response = await client.post(f"/classify?task={task}&top_k=1", content=images[i % len(images)],
+                                                 headers={"content-type": "image/jpeg"})
+                except httpx.TransportError:  # e.g. a keep-alive connection the server closed as it was reused
+                    response = None
                 ended = time.perf_counter()
-                if response.status_code != 200:
+                if response is None or response.status_code != 200:
                     failures += 1
                 elif window[0] <= ended <= window[1]:
                     ended_at[w].append(ended)
@@ -251,6 +284,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--raw-repeats", type=int, default=2, help="raw batched forwards per round (median)")
     parser.add_argument("--single", type=int, default=40, help="sequential requests at concurrency 1")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                        help="the service's backend (the raw reference is always the torch tower)")
+    parser.add_argument("--torch-compile", default="off", help="the service's torch_compile mode")
+    parser.add_argument("--decode-workers", type=int, default=min(4, os.cpu_count() or 1), help="the service's decode threads")
+    parser.add_argument("--image-size", type=int, default=None, help="side of the uploaded JPEGs (default: the model's input)")
+    parser.add_argument("--clients", type=int, default=1, help="load generator processes sharing --concurrency")
     parser.add_argument("--quick", action="store_true", help="smoke run: short phases, one round")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
@@ -259,18 +300,19 @@ def main() -> None:
             8, 16, 3.0, 8.0, 1, 1, 8)
 
     torch.manual_seed(args.seed)  # the service's `random:<seed>` builds these same weights
-    backbone = load_backbone(args.model, None)
+    backbone = load_backbone(args.model, None, args.device, args.precision)
     work = Path(tempfile.mkdtemp(prefix="mmap-load-"))
     prompts = work / "prompts"
     tasks = make_prompt_sets(backbone, prompts, args.sets, args.tasks_per_set, args.classes)
-    images = make_images(64, backbone.image_size)
+    images = make_images(64, args.image_size or backbone.image_size)
     raw = RawForward(backbone, prompts, images, args.batch)
     port, log = free_port(), work / "service.log"
     base = f"http://127.0.0.1:{port}"
     process = raw.service = start_service(args, prompts, port, log)
     print(f"model {args.model} (random weights, seed {args.seed}), {len(tasks)} tasks in {args.sets} prompt sets, "
-          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores; batch {args.batch}, "
-          f"concurrency {args.concurrency}, windows {args.window_s:g} s x {args.rounds} rounds", flush=True)
+          f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores, {args.device}/{args.precision}; batch "
+          f"{args.batch}, concurrency {args.concurrency} from {args.clients} client process(es), uploads "
+          f"{args.image_size or backbone.image_size} px, windows {args.window_s:g} s x {args.rounds} rounds", flush=True)
     try:
         wait_ready(base, process, len(tasks), log)
         rounds: list[dict[str, float]] = []
@@ -278,17 +320,17 @@ def main() -> None:
         failures = 0
         for r in range(args.rounds):
             raw_img_s = args.batch / raw.seconds(args.batch, args.raw_repeats)
-            cpu, sums = (cpu_seconds(process.pid), cpu_seconds(os.getpid()), time.perf_counter()), service_sums(base)
-            mixed, latencies, failed_mixed = asyncio.run(drive(base, tasks, images, args.concurrency, args.warm_s,
-                                                               args.window_s))
-            wall = time.perf_counter() - cpu[2]
+            cpu, sums = (cpu_seconds(process.pid), time.perf_counter()), service_sums(base)
+            mixed, latencies, failed_mixed, client_cores = drive_processes(
+                args.clients, base, tasks, images, args.concurrency, args.warm_s, args.window_s)
+            wall = time.perf_counter() - cpu[1]
             sums = {k: v - sums[k] for k, v in service_sums(base).items()}
             busy = sums["mmap_inference_duration_seconds_sum"] / wall
             mean_batch = sums["mmap_batch_size_sum"] / max(sums["mmap_batch_size_count"], 1)
             in_forward = sums["mmap_batch_size_sum"] / sums["mmap_inference_duration_seconds_sum"]
-            service_cores, client_cores = ((cpu_seconds(pid) - was) / wall
-                                           for pid, was in ((process.pid, cpu[0]), (os.getpid(), cpu[1])))
-            one, _, failed_one = asyncio.run(drive(base, tasks[:1], images, args.concurrency, args.warm_s, args.window_s))
+            service_cores = (cpu_seconds(process.pid) - cpu[0]) / wall
+            one, _, failed_one, _ = drive_processes(args.clients, base, tasks[:1], images, args.concurrency,
+                                                    args.warm_s, args.window_s)
             rounds.append({"raw_img_s": raw_img_s, "mixed_req_s": mixed, "one_task_req_s": one,
                            "service_cores": service_cores, "client_cores": client_cores, "forward_busy": busy,
                            "mean_batch": mean_batch, "img_s_inside_forwards": in_forward})
