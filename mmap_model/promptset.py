@@ -104,10 +104,15 @@ class PromptSet:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, backbone: Backbone | None = None) -> PromptSet:
-        """Read and validate a prompt set; with `backbone`, also check it was trained on it."""
+    def load(cls, directory: str | Path, backbone: Backbone | None = None, *, within: Path | None = None) -> PromptSet:
+        """Read and validate a prompt set; with `backbone`, also check it was trained on it.
+
+        `within` (a resolved directory): refuse a set whose directory or files, symlinks followed, lie
+        outside it. Checked on the opened files themselves, so a symlink swapped in after any earlier
+        check by path cannot lead the load out.
+        """
         directory = Path(directory)
-        config, weights = _read_files(directory)
+        config, weights = _read_files(directory, within)
         meta = _parse_config(directory, config)
         major = str(meta["format_version"]).split(".")[0]
         if major != FORMAT_VERSION.split(".")[0]:
@@ -146,7 +151,7 @@ def backbone_info(backbone: Backbone) -> dict[str, Any]:
             "d_t": w.d_t, "d_v": w.d_v, "embed_dim": w.embed_dim, "layers_t": w.layers_t, "layers_v": w.layers_v}
 
 
-def _read_files(directory: Path) -> tuple[bytes, bytes]:
+def _read_files(directory: Path, within: Path | None = None) -> tuple[bytes, bytes]:
     """The bytes of promptset.json and prompts.safetensors, both read through one handle on the directory.
 
     Prompt sets are replaced by renaming directories; a swap in the middle of a load must not pair one
@@ -158,13 +163,25 @@ def _read_files(directory: Path) -> tuple[bytes, bytes]:
     except OSError as e:
         raise PromptSetError(f"{directory}: cannot open the prompt-set directory: {e.strerror}") from e
     try:
-        return (_read_regular_file(directory, dir_fd, CONFIG_FILE, MAX_CONFIG_BYTES),
-                _read_regular_file(directory, dir_fd, WEIGHTS_FILE, MAX_WEIGHTS_BYTES))
+        _check_within(directory, dir_fd, directory, within)
+        return (_read_regular_file(directory, dir_fd, CONFIG_FILE, MAX_CONFIG_BYTES, within),
+                _read_regular_file(directory, dir_fd, WEIGHTS_FILE, MAX_WEIGHTS_BYTES, within))
     finally:
         os.close(dir_fd)
 
 
-def _read_regular_file(directory: Path, dir_fd: int, name: str, limit: int) -> bytes:
+def _check_within(item: Path, fd: int, directory: Path, within: Path | None) -> None:
+    """Refuse an opened file or directory that is not inside `within`: judged by where the descriptor
+    points (/proc/self/fd on Linux), else by the path, symlinks followed."""
+    if within is None:
+        return
+    link = Path(f"/proc/self/fd/{fd}")
+    real = Path(os.readlink(link)) if link.is_symlink() else item.resolve()
+    if not real.is_relative_to(within):
+        raise PromptSetError(f"{item}: a symlink to {real}, outside the prompt directory {within}")
+
+
+def _read_regular_file(directory: Path, dir_fd: int, name: str, limit: int, within: Path | None = None) -> bytes:
     try:  # O_NONBLOCK: opening a FIFO planted under this name must not hang the loader
         fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -172,6 +189,7 @@ def _read_regular_file(directory: Path, dir_fd: int, name: str, limit: int) -> b
     except OSError as e:
         raise PromptSetError(f"{directory}: cannot open {name}: {e.strerror}") from e
     with os.fdopen(fd, "rb") as f:
+        _check_within(directory / name, f.fileno(), directory, within)
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise PromptSetError(f"{directory}: {name} is not a regular file")

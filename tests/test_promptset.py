@@ -123,6 +123,44 @@ def test_fingerprint_is_stable_across_processes(tiny, tmp_path):
     assert out.stdout.strip() == tiny.fingerprint
 
 
+def test_within_is_judged_on_the_opened_files_not_their_paths(saved, tiny, tmp_path, monkeypatch):
+    """`within` refuses a symlink out of the prompt directory (the set, or one of its files), and judges where
+    the opened descriptors point: a name flipped outside only for the moment of the open is caught too."""
+    root = tmp_path / "prompts"
+    root.mkdir()
+    (root / "out").symlink_to(saved, target_is_directory=True)
+    files = root / "files"
+    files.mkdir()
+    (files / CONFIG_FILE).write_bytes((saved / CONFIG_FILE).read_bytes())
+    (files / WEIGHTS_FILE).symlink_to(saved / WEIGHTS_FILE)
+    for name in ("out", "files"):
+        with pytest.raises(PromptSetError, match="outside the prompt directory"):
+            PromptSet.load(root / name, tiny, within=root.resolve())
+    inner = shutil.copytree(saved, root / ".v1")
+    (root / "current").symlink_to(inner, target_is_directory=True)  # stays inside: fine
+    assert PromptSet.load(root / "current", tiny, within=root.resolve()).name == "demo"
+
+    real_open, target = promptset.os.open, root / "raced"
+    shutil.copytree(saved, target)
+    assert target.resolve().is_relative_to(root.resolve())  # what a check by path would have seen
+
+    def flip_around_the_open(path, flags, *args, **kwargs):
+        """Point the name outside just for the open, then put the inside directory back: a later check
+        by path would see only the inside one."""
+        if Path(path) != target:
+            return real_open(path, flags, *args, **kwargs)
+        target.rename(root / "retired")
+        target.symlink_to(saved, target_is_directory=True)
+        fd = real_open(path, flags, *args, **kwargs)
+        target.unlink()
+        (root / "retired").rename(target)
+        return fd
+
+    monkeypatch.setattr(promptset.os, "open", flip_around_the_open)
+    with pytest.raises(PromptSetError, match="outside the prompt directory"):
+        PromptSet.load(target, tiny, within=root.resolve())
+
+
 def test_a_directory_swapped_mid_load_is_read_from_one_version(saved, tiny, tmp_path, monkeypatch):
     """Replacing a prompt set by renaming directories while it loads must not pair the old config with the
     new weights (which the sha256 check would refuse): both files come from the directory the load opened."""
@@ -131,8 +169,8 @@ def test_a_directory_swapped_mid_load_is_read_from_one_version(saved, tiny, tmp_
     old_version = PromptSet.load(saved, tiny).version
     real_read = promptset._read_regular_file
 
-    def read_then_swap(directory, dir_fd, name, limit):
-        blob = real_read(directory, dir_fd, name, limit)
+    def read_then_swap(directory, dir_fd, name, *args):
+        blob = real_read(directory, dir_fd, name, *args)
         if name == CONFIG_FILE:  # the window between the two reads: swap the way operators do
             saved.rename(tmp_path / "retired")
             newer.rename(saved)
