@@ -8,8 +8,9 @@
 #    torch vs onnxruntime-gpu (bench/backends.py)
 # 4. torch eager vs torch.compile(reduce-overhead) = CUDA graphs, ViT-B-32 fp16
 # 5. upload decoding: the service's Pillow path on a thread pool vs nvjpeg + tensor resize (bench/decode.py)
-# 6. the service under load on the GPU, 224 px and 1024 px uploads (bench/load.py --device cuda)
-# Steps 4-6 run only while the time budget (GPU_CHECK_BUDGET_S) lasts.
+# 6. the service under load on the GPU (bench/load.py --device cuda): eager, with CUDA graphs
+#    (torch_compile=reduce-overhead), with onnxruntime-gpu when present, and with 1024-px uploads
+# Steps 3-6 run only while the time budget (GPU_CHECK_BUDGET_S, default 460 s) lasts; about 900 s runs them all.
 # and writes REPORT_DIR/report.md (+ the logs and JSON it came from). REPORT_DIR defaults to $OUT
 # when set (the device runner's output folder), else runs/gpu-check-<time>.
 #
@@ -61,45 +62,38 @@ HAS_ORT_CUDA=$(timeout 60 "$PY" -c "import onnxruntime as o; print(int('CUDAExec
 BACKENDS="torch"
 [ "$HAS_ORT_CUDA" = 1 ] && BACKENDS="torch onnx" || log "onnxruntime has no CUDA provider: torch rows only (pip install 'onnxruntime-gpu[cuda,cudnn]')"
 
+# bench_step NAME NEED_S CMD...: runs CMD when at least NEED_S seconds of the budget are left, under a
+# timeout of what is left; REPORT/bench-NAME.md gets the command line, then CMD's stdout.
+bench_step() {
+  local name=$1 need=$2 rc
+  shift 2
+  if [ "$(left)" -lt "$need" ]; then log "skipping $name: $(left) s left"; return; fi
+  log "$name"
+  printf 'Command: %s\n\n' "$*" > "$REPORT/bench-$name.md"
+  timeout $(( $(left) - 10 )) "$@" >> "$REPORT/bench-$name.md" 2> "$REPORT/bench-$name.log"
+  rc=$?; log "$name exit $rc"; cat "$REPORT/bench-$name.md"
+  [ $rc = 0 ] || tail -n 20 "$REPORT/bench-$name.log" | tee -a "$REPORT/bench-$name.md"
+}
+
 for MODEL in ViT-B-32 ViT-B-16; do
-  if [ "$(left)" -lt 90 ]; then log "skipping $MODEL: $(left) s left"; continue; fi
-  log "throughput $MODEL fp16 ($BACKENDS), batches $BATCHES"
   # shellcheck disable=SC2086
-  timeout $(( $(left) - 30 )) "$PY" bench/backends.py --model "$MODEL" --device cuda --precision fp16 \
-    --batch-sizes $BATCHES --backends $BACKENDS --repeats 3 --min-round-s 0.3 \
-    --json "$REPORT/bench-$MODEL.json" > "$REPORT/bench-$MODEL.md" 2> "$REPORT/bench-$MODEL.log"
-  rc=$?; log "$MODEL exit $rc"; cat "$REPORT/bench-$MODEL.md"
-  [ $rc = 0 ] || tail -n 20 "$REPORT/bench-$MODEL.log" | tee -a "$REPORT/bench-$MODEL.md"
+  bench_step "$MODEL" 90 "$PY" bench/backends.py --model "$MODEL" --device cuda --precision fp16 \
+    --batch-sizes $BATCHES --backends $BACKENDS --repeats 3 --min-round-s 0.3 --json "$REPORT/bench-$MODEL.json"
 done
+# compiling takes tens of seconds per batch bucket: a short sweep only
+bench_step compile 150 "$PY" bench/backends.py --model ViT-B-32 --device cuda --precision fp16 \
+  --batch-sizes 32 128 --backends torch torch-compile --repeats 3 --min-round-s 0.3 --json "$REPORT/bench-compile.json"
+bench_step decode 60 "$PY" bench/decode.py --sizes 224 1024 --images 128 --batch 32 128 --json "$REPORT/decode.json"
 
-if [ "$(left)" -gt 150 ]; then  # compiling each bucket takes tens of seconds: a short sweep only
-  log "throughput ViT-B-32 fp16, torch eager vs torch.compile(reduce-overhead)"
-  timeout $(( $(left) - 20 )) "$PY" bench/backends.py --model ViT-B-32 --device cuda --precision fp16 \
-    --batch-sizes 32 128 --backends torch torch-compile --repeats 3 --min-round-s 0.3 \
-    --json "$REPORT/bench-compile.json" > "$REPORT/bench-compile.md" 2> "$REPORT/bench-compile.log"
-  rc=$?; log "compile exit $rc"; cat "$REPORT/bench-compile.md"
-  [ $rc = 0 ] || tail -n 20 "$REPORT/bench-compile.log" | tee -a "$REPORT/bench-compile.md"
-else
-  log "skipping the torch.compile sweep: $(left) s left"
-fi
-
-if [ "$(left)" -gt 60 ]; then
-  log "upload decoding: Pillow on a thread pool vs decode_jpeg on cpu and cuda"
-  timeout $(( $(left) - 20 )) "$PY" bench/decode.py --sizes 224 1024 --images 128 --batch 32 128 \
-    --json "$REPORT/decode.json" > "$REPORT/bench-decode.md" 2> "$REPORT/bench-decode.log"
-  rc=$?; log "decode exit $rc"; cat "$REPORT/bench-decode.md"
-  [ $rc = 0 ] || tail -n 20 "$REPORT/bench-decode.log" | tee -a "$REPORT/bench-decode.md"
-fi
-
-for SIZE in 224 1024; do
-  if [ "$(left)" -lt 100 ]; then log "skipping the service load at $SIZE px: $(left) s left"; continue; fi
-  log "service load on cuda/fp16, ViT-B-32, $SIZE px uploads"
-  timeout $(( $(left) - 10 )) "$PY" bench/load.py --model ViT-B-32 --device cuda --precision fp16 --image-size $SIZE \
-    --batch 64 --concurrency 64 --clients 2 --decode-workers 4 --rounds 2 --warm-s 3 --window-s 8 \
-    --single 20 --json "$REPORT/load-$SIZE.json" > "$REPORT/bench-load-$SIZE.md" 2> "$REPORT/bench-load-$SIZE.log"
-  rc=$?; log "load $SIZE exit $rc"; cat "$REPORT/bench-load-$SIZE.md"
-  [ $rc = 0 ] || tail -n 20 "$REPORT/bench-load-$SIZE.log" | tee -a "$REPORT/bench-load-$SIZE.md"
-done
+# The service under load: eager, then with CUDA graphs (and onnxruntime-gpu when present), then large uploads.
+LOAD=("$PY" bench/load.py --model ViT-B-32 --device cuda --precision fp16 --batch 32 --concurrency 64 --clients 2
+      --decode-workers 4 --rounds 2 --warm-s 3 --window-s 8 --single 20)
+bench_step load-224-eager 100 "${LOAD[@]}" --image-size 224 --json "$REPORT/load-224-eager.json"
+bench_step load-224-cudagraphs 240 "${LOAD[@]}" --image-size 224 --torch-compile reduce-overhead \
+  --json "$REPORT/load-224-cudagraphs.json"
+[ "$HAS_ORT_CUDA" = 1 ] && bench_step load-224-onnx 150 "${LOAD[@]}" --image-size 224 --backend onnx \
+  --json "$REPORT/load-224-onnx.json"
+bench_step load-1024-eager 100 "${LOAD[@]}" --image-size 1024 --json "$REPORT/load-1024-eager.json"
 
 {
   echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ)"
@@ -111,7 +105,6 @@ done
   for f in "$REPORT"/bench-*.md; do
     [ -s "$f" ] || continue
     echo; echo "## $(basename "$f" .md)"; echo
-    echo "Command: bash bench/gpu_check.sh (see the step's command there)"; echo
     cat "$f"
   done
   echo; echo "Total $(( $(date +%s) - START )) s."
