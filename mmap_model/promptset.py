@@ -163,14 +163,14 @@ def _read_files(directory: Path, within: Path | None = None) -> tuple[bytes, byt
     except OSError as e:
         raise PromptSetError(f"{directory}: cannot open the prompt-set directory: {e.strerror}") from e
     try:
-        _check_within(directory, dir_fd, directory, within)
+        _check_within(directory, dir_fd, within)
         return (_read_regular_file(directory, dir_fd, CONFIG_FILE, MAX_CONFIG_BYTES, within),
                 _read_regular_file(directory, dir_fd, WEIGHTS_FILE, MAX_WEIGHTS_BYTES, within))
     finally:
         os.close(dir_fd)
 
 
-def _check_within(item: Path, fd: int, directory: Path, within: Path | None) -> None:
+def _check_within(item: Path, fd: int, within: Path | None) -> None:
     """Refuse an opened file or directory that is not inside `within`: judged by where the descriptor
     points (/proc/self/fd on Linux), else by the path, symlinks followed."""
     if within is None:
@@ -189,7 +189,7 @@ def _read_regular_file(directory: Path, dir_fd: int, name: str, limit: int, with
     except OSError as e:
         raise PromptSetError(f"{directory}: cannot open {name}: {e.strerror}") from e
     with os.fdopen(fd, "rb") as f:
-        _check_within(directory / name, f.fileno(), directory, within)
+        _check_within(directory / name, f.fileno(), within)
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise PromptSetError(f"{directory}: {name} is not a regular file")

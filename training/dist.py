@@ -17,16 +17,11 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    grouped: bool = False  # in a process group (launched by torchrun, even with one process)
+    active: bool = False  # in a torchrun process group (any world size): DDP and collective reductions
 
     @property
     def main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        """Whether the model is wrapped in DDP and reductions go through the process group."""
-        return self.grouped
 
 
 def launched_by_torchrun() -> bool:
@@ -49,7 +44,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(local)
     if not td.is_initialized():
         td.init_process_group("nccl" if use_cuda else "gloo")
-    return DistInfo(rank, world, local, torch.device(f"cuda:{local}" if use_cuda else "cpu"), grouped=True)
+    return DistInfo(rank, world, local, torch.device(f"cuda:{local}" if use_cuda else "cpu"), active=True)
 
 
 def all_reduce_sum(tensor: torch.Tensor, dist: DistInfo) -> torch.Tensor:
