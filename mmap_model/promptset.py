@@ -170,6 +170,20 @@ def _read_files(directory: Path, within: Path | None = None) -> tuple[bytes, byt
         os.close(dir_fd)
 
 
+def read_file_within(path: Path, limit: int, within: Path) -> bytes:
+    """The bytes of the regular file `path` (at most `limit`), refused (PromptSetError) unless the opened
+    directory and file lie inside `within`: for serving files of an untrusted directory, race-free."""
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise PromptSetError(f"{path.parent}: cannot open the directory: {e.strerror}") from e
+    try:
+        _check_within(path.parent, dir_fd, within)
+        return _read_regular_file(path.parent, dir_fd, path.name, limit, within)
+    finally:
+        os.close(dir_fd)
+
+
 def _check_within(item: Path, fd: int, within: Path | None) -> None:
     """Refuse an opened file or directory that is not inside `within`: judged by where the descriptor
     points (/proc/self/fd on Linux), else by the path, symlinks followed."""

@@ -40,13 +40,14 @@ from torch import Tensor
 
 from mmap_model import Backbone, PromptedCLIP, PromptSetError, load_backbone
 from mmap_model.prompts import check_name
+from mmap_model.promptset import read_file_within
 
 from .backends import make_image_tower
 from .batcher import Batcher
 from .errors import ServiceError
 from .images import ImageRejected, decode_image, set_pillow_pixel_limit
 from .metrics import UNKNOWN_TASK, Metrics
-from .registry import Registry, TaskHandle, inside, watch_directory
+from .registry import MAX_SAMPLE_BYTES, SAMPLE_TYPES, Registry, TaskHandle, watch_directory
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -306,16 +307,21 @@ async def get_task(task: str, service: ServiceDep) -> TaskInfo:
     return _task_info(_handle(service, task))
 
 
-@router.get("/samples/{task}/{filename}", responses=ERRORS, tags=["tasks"], response_class=FileResponse)
-async def get_sample(task: str, filename: str, service: ServiceDep) -> FileResponse:
+@router.get("/samples/{task}/{filename}", responses=ERRORS, tags=["tasks"], response_class=Response)
+async def get_sample(task: str, filename: str, service: ServiceDep) -> Response:
     """A sample image shipped with the task's prompt set (`<set>/samples/<task>/`)."""
     handle = _handle(service, task)
-    path = handle.sample_dir / filename
-    # Only listed names: no path ever comes from the client. Re-checked now: the file may have been removed
-    # (FileResponse would fail with a 500) or replaced by a symlink out of the prompt directory since the load.
-    if filename not in handle.samples or not path.is_file() or not inside(path, service.registry.directory.resolve()):
-        raise ServiceError(404, "unknown_sample", f"task {task!r} has no sample {filename!r}")
-    return FileResponse(path)
+    missing = ServiceError(404, "unknown_sample", f"task {task!r} has no sample {filename!r}")
+    if filename not in handle.samples:  # only listed names: no path ever comes from the client
+        raise missing
+    # Read now, judged on the opened file: it may have been removed since the load, or replaced by a
+    # symlink out of the prompt directory (even for just the moment of the open).
+    try:
+        data = await asyncio.to_thread(read_file_within, handle.sample_dir / filename, MAX_SAMPLE_BYTES,
+                                       service.registry.directory.resolve())
+    except PromptSetError:
+        raise missing from None
+    return Response(data, media_type=SAMPLE_TYPES[Path(filename).suffix.lower()])
 
 
 @router.get("/healthz", tags=["ops"])

@@ -50,7 +50,9 @@ from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-SAMPLE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
+SAMPLE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
+SAMPLE_SUFFIXES = set(SAMPLE_TYPES)
+MAX_SAMPLE_BYTES = 8 * 1024 * 1024  # a sample image above this is not served
 MAX_SAMPLES = 8
 
 DirState = tuple  # what the watcher compares: (sha256 of the config, (mtime, size) of each file)

@@ -123,6 +123,25 @@ def test_fingerprint_is_stable_across_processes(tiny, tmp_path):
     assert out.stdout.strip() == tiny.fingerprint
 
 
+def flip_for_the_open(monkeypatch, opened: str | Path, name: Path, outside: Path) -> None:
+    """While `os.open(opened)` runs, `name` is a symlink to `outside`; before and after it is the real thing,
+    so any check by path, earlier or later, sees only the real one."""
+    real_open, parked = promptset.os.open, name.with_name(name.name + ".parked")
+
+    def open_flipped(path, flags, *args, **kwargs):
+        if Path(path) != Path(opened):
+            return real_open(path, flags, *args, **kwargs)
+        name.rename(parked)
+        name.symlink_to(outside)
+        try:
+            return real_open(path, flags, *args, **kwargs)
+        finally:
+            name.unlink()
+            parked.rename(name)
+
+    monkeypatch.setattr(promptset.os, "open", open_flipped)
+
+
 def test_within_is_judged_on_the_opened_files_not_their_paths(saved, tiny, tmp_path, monkeypatch):
     """`within` refuses a symlink out of the prompt directory (the set, or one of its files), and judges where
     the opened descriptors point: a name flipped outside only for the moment of the open is caught too."""
@@ -140,25 +159,27 @@ def test_within_is_judged_on_the_opened_files_not_their_paths(saved, tiny, tmp_p
     (root / "current").symlink_to(inner, target_is_directory=True)  # stays inside: fine
     assert PromptSet.load(root / "current", tiny, within=root.resolve()).name == "demo"
 
-    real_open, target = promptset.os.open, root / "raced"
+    target = root / "raced"
     shutil.copytree(saved, target)
     assert target.resolve().is_relative_to(root.resolve())  # what a check by path would have seen
-
-    def flip_around_the_open(path, flags, *args, **kwargs):
-        """Point the name outside just for the open, then put the inside directory back: a later check
-        by path would see only the inside one."""
-        if Path(path) != target:
-            return real_open(path, flags, *args, **kwargs)
-        target.rename(root / "retired")
-        target.symlink_to(saved, target_is_directory=True)
-        fd = real_open(path, flags, *args, **kwargs)
-        target.unlink()
-        (root / "retired").rename(target)
-        return fd
-
-    monkeypatch.setattr(promptset.os, "open", flip_around_the_open)
+    flip_for_the_open(monkeypatch, target, target, saved)
     with pytest.raises(PromptSetError, match="outside the prompt directory"):
         PromptSet.load(target, tiny, within=root.resolve())
+
+
+def test_read_file_within_judges_the_opened_file(tmp_path, monkeypatch):
+    """What /samples serves: a file flipped to a symlink out only for the moment of its open is refused."""
+    root, secret = tmp_path / "prompts", tmp_path / "secret.png"
+    (root / "set").mkdir(parents=True)
+    sample = root / "set" / "dog.png"
+    sample.write_bytes(b"a dog")
+    secret.write_bytes(b"TOP SECRET")
+    assert promptset.read_file_within(sample, 100, root.resolve()) == b"a dog"
+    with pytest.raises(PromptSetError, match="larger than the limit"):
+        promptset.read_file_within(sample, 3, root.resolve())
+    flip_for_the_open(monkeypatch, "dog.png", sample, secret)
+    with pytest.raises(PromptSetError, match="outside the prompt directory"):
+        promptset.read_file_within(sample, 100, root.resolve())
 
 
 def test_a_directory_swapped_mid_load_is_read_from_one_version(saved, tiny, tmp_path, monkeypatch):
