@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,28 +160,28 @@ def _read_files(directory: Path, within: Path | None = None) -> tuple[bytes, byt
     version's config with the other's weights, so both files are opened relative to the directory as it
     was when the load began.
     """
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as e:
-        raise PromptSetError(f"{directory}: cannot open the prompt-set directory: {e.strerror}") from e
-    try:
-        _check_within(directory, dir_fd, within)
+    with _opened_directory(directory, within, "prompt-set directory") as dir_fd:
         return (_read_regular_file(directory, dir_fd, CONFIG_FILE, MAX_CONFIG_BYTES, within),
                 _read_regular_file(directory, dir_fd, WEIGHTS_FILE, MAX_WEIGHTS_BYTES, within))
-    finally:
-        os.close(dir_fd)
 
 
 def read_file_within(path: Path, limit: int, within: Path) -> bytes:
     """The bytes of the regular file `path` (at most `limit`), refused (PromptSetError) unless the opened
     directory and file lie inside `within`: for serving files of an untrusted directory, race-free."""
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError as e:
-        raise PromptSetError(f"{path.parent}: cannot open the directory: {e.strerror}") from e
-    try:
-        _check_within(path.parent, dir_fd, within)
+    with _opened_directory(path.parent, within) as dir_fd:
         return _read_regular_file(path.parent, dir_fd, path.name, limit, within)
+
+
+@contextmanager
+def _opened_directory(directory: Path, within: Path | None, what: str = "directory") -> Iterator[int]:
+    """A descriptor of `directory` (checked against `within`), closed afterwards."""
+    try:
+        dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError as e:
+        raise PromptSetError(f"{directory}: cannot open the {what}: {e.strerror}") from e
+    try:
+        _check_within(directory, dir_fd, within)
+        yield dir_fd
     finally:
         os.close(dir_fd)
 
