@@ -10,13 +10,12 @@ Measures, in one run, the two ways a JPEG upload can become the image tower's in
   of the bytes included; once per device in `--devices`.
 Also reports how far the tensor path's input is from the service's (Pillow) input, in 8-bit pixel
 levels: the GPU decoder's IDCT and the tensor resize are not Pillow's, so the two cannot be identical.
-Synthetic photos (smooth blobs + noise, quality 90), like bench/load.py's uploads.
+Synthetic photos (bench/uploads.py), the same generator as bench/load.py's uploads.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import statistics
@@ -24,36 +23,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
-from PIL import Image
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+from uploads import synthetic_jpegs
 
 from mmap_model import load_backbone
 from service.images import decode_image
 
 MAX_PIXELS = 64_000_000
-
-
-def make_jpegs(n: int, size: int, seed: int = 0) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    height, width = size, size * 4 // 3  # landscape, so the centre crop has work to do
-    yy, xx = np.mgrid[0:height, 0:width]
-    jpegs = []
-    for _ in range(n):
-        canvas = np.zeros((height, width, 3), dtype=np.float32)
-        for _ in range(5):
-            cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(size / 20, size / 2)
-            canvas += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None] * rng.uniform(0, 255, 3)
-        canvas += rng.normal(0, 8, canvas.shape)
-        buffer = io.BytesIO()
-        Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
-        jpegs.append(buffer.getvalue())
-    return jpegs
 
 
 class TensorPreprocess:
@@ -131,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     print("|" + " --- |" * (2 + 2 * len(paths)))
     results = []
     for size in args.sizes:
-        jpegs = make_jpegs(args.images, size)
+        jpegs = synthetic_jpegs(args.images, size, size * 4 // 3)  # landscape: the centre crop has work
         kib = statistics.mean(len(j) for j in jpegs) / 1024
         cpu = {w: cpu_rate(cpu_prepare, jpegs, w, args.repeats) for w in args.workers}
         reference = torch.stack([cpu_prepare(j) for j in jpegs[:16]])

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
+from uploads import synthetic_jpegs
 
 from mmap_model import PromptConfig, PromptSet, TaskSpec, load_backbone
 from service.backends import TorchImageTower
@@ -73,22 +74,6 @@ def make_prompt_sets(backbone, directory: Path, n_sets: int, tasks_per_set: int,
             names.append(name)
         PromptSet.create(f"set{s}", backbone, PromptConfig(), tasks).save(directory / f"set{s}")
     return names
-
-
-def make_images(n: int, size: int) -> list[bytes]:
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size]
-    images = []
-    for _ in range(n):
-        canvas = np.zeros((size, size, 3))
-        for _ in range(5):
-            cy, cx, r = rng.uniform(0, size, 2).tolist() + [rng.uniform(10, size / 2)]
-            canvas += np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))[..., None] * rng.uniform(0, 255, 3)
-        canvas += rng.normal(0, 8, canvas.shape)  # texture, so the JPEG is not trivially small
-        buffer = io.BytesIO()
-        Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images
 
 
 def cpu_seconds(pid: int) -> float:
@@ -304,7 +289,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="mmap-load-"))
     prompts = work / "prompts"
     tasks = make_prompt_sets(backbone, prompts, args.sets, args.tasks_per_set, args.classes)
-    images = make_images(64, args.image_size or backbone.image_size)
+    images = synthetic_jpegs(64, args.image_size or backbone.image_size)
     raw = RawForward(backbone, prompts, images, args.batch)
     port, log = free_port(), work / "service.log"
     base = f"http://127.0.0.1:{port}"
