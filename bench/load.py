@@ -174,8 +174,9 @@ def drive_processes(clients: int, base: str, tasks: list[str], images: list[byte
     else:
         shares = [concurrency // clients + (c < concurrency % clients) for c in range(clients)]
         with ProcessPoolExecutor(clients) as pool:
-            done = list(pool.map(run_drive, *zip(*[(base, tasks[c:] + tasks[:c], images, n, warm_s, window_s)
-                                                  for c, n in enumerate(shares)], strict=True)))
+            futures = [pool.submit(run_drive, base, tasks[c:] + tasks[:c], images, n, warm_s, window_s)
+                       for c, n in enumerate(shares)]
+            done = [f.result() for f in futures]
         throughput, latencies, failures = sum(d[0] for d in done), [x for d in done for x in d[1]], sum(d[2] for d in done)
     after = os.times()
     cores = (after.user + after.system + after.children_user + after.children_system
