@@ -54,8 +54,15 @@ def test_pretraining_is_deterministic_by_seed():
     """Two short runs with one seed give identical weights (the full run is the same code, longer)."""
     def run():
         args = argparse.Namespace(steps=2, batch_size=8, lr=1e-3, weight_decay=0.1, pool_per_class=1, eval_per_class=1,
-                                  size=32, seed=3)
+                                  size=32, seed=3, seen=pretrain.SEEN_DOMAINS)
         return pretrain.train(args, evaluate=False)["model"].state_dict()
 
     a, b = run(), run()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seen_domains_are_checked_before_any_training(capsys):
+    for seen in ("photo,oil", ","):
+        with pytest.raises(SystemExit):
+            pretrain.main(["--seen", seen, "--steps", "1"])
+        assert "--seen needs domains of" in capsys.readouterr().err

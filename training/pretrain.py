@@ -1,12 +1,13 @@
 """Pretrain the embedded default: a tiny open_clip CLIP on captioned procedural images.
 
-    python -m training.pretrain [--out mmap_model/weights/mmap-tiny] [--steps 3000] [--seed 0]
+    python -m training.pretrain [--out mmap_model/weights/mmap-tiny] [--steps 500] [--seed 0] [--seen a,b,c]
 
 The architecture is `mmap_model/weights/mmap-tiny/open_clip_config.json` (native ViT + native
 text tower, so it can be prompted). Training uses open_clip's standard contrastive loss
 (`open_clip.ClipLoss`) on images of the SEEN domains only, each paired with a freshly sampled
 caption naming class, domain and attributes; the other domains stay unseen so that prompts have
-room to help there. Images are drawn once (a fixed pool per class and seen domain, deterministic
+room to help there. `--seen` picks other seen domains (experiments; the embedded default keeps
+SEEN_DOMAINS). Images are drawn once (a fixed pool per class and seen domain, deterministic
 by seed) and put through the model's own eval preprocess; each step samples a batch from the pool.
 
 Writes open_clip's format (`open_clip_config.json` + `open_clip_model.safetensors`, loadable
@@ -35,6 +36,7 @@ from mmap_model import EMBEDDED_MODEL, PromptedCLIP, class_text_features, load_b
 from mmap_model.backbone import EMBEDDED_DIR
 
 from . import synthetic
+from .cli import comma_list
 
 SEEN_DOMAINS = ["photo", "clipart", "sketch", "product"]
 EVAL_SEED_OFFSET = 1000  # evaluation images come from another seed than the training pool
@@ -81,7 +83,7 @@ def train(args: argparse.Namespace, evaluate: bool = True) -> dict:
     model, tokenizer, preprocess = backbone.model, backbone.tokenizer, backbone.preprocess
     model.train().requires_grad_(True)
     prompted = PromptedCLIP(model)
-    pool, pool_cls, pool_dom = draw_pool(SEEN_DOMAINS, args.pool_per_class, args.seed, args.size, preprocess)
+    pool, pool_cls, pool_dom = draw_pool(args.seen, args.pool_per_class, args.seed, args.size, preprocess)
     loss_fn = open_clip.ClipLoss()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -94,7 +96,7 @@ def train(args: argparse.Namespace, evaluate: bool = True) -> dict:
     bar = tqdm(range(args.steps), desc="pretrain")
     for step in bar:
         idx = rng.integers(len(pool), size=args.batch_size)
-        texts = [synthetic.caption(int(pool_cls[i]), SEEN_DOMAINS[pool_dom[i]], rng) for i in idx]
+        texts = [synthetic.caption(int(pool_cls[i]), args.seen[pool_dom[i]], rng) for i in idx]
         images = pool[torch.from_numpy(idx)]
         if rng.random() < 0.5:  # horizontal flip of the whole batch: cheap augmentation, shapes stay shapes
             images = images.flip(-1)
@@ -135,11 +137,11 @@ def write(out: Path, model, args: argparse.Namespace, results: dict, train_secon
 def model_card(args: argparse.Namespace, results: dict, train_seconds: float) -> str:
     cfg = json.loads((EMBEDDED_DIR / "open_clip_config.json").read_text())["model_cfg"]
     rows = "\n".join(
-        f"| {d} | {synthetic.DOMAINS[d]} | {'seen' if d in SEEN_DOMAINS else 'unseen'} | "
+        f"| {d} | {synthetic.DOMAINS[d]} | {'seen' if d in args.seen else 'unseen'} | "
         f"{100 * results['domain'][d]:.1f} | {100 * results['generic'][d]:.1f} |"
         for d in synthetic.DOMAINS)
-    seen = np.mean([results["domain"][d] for d in SEEN_DOMAINS])
-    unseen = np.mean([results["domain"][d] for d in synthetic.DOMAINS if d not in SEEN_DOMAINS])
+    seen = np.mean([results["domain"][d] for d in args.seen])
+    unseen = np.mean([results["domain"][d] for d in synthetic.DOMAINS if d not in args.seen])
     return f"""# mmap-tiny: the embedded default CLIP
 
 A tiny open_clip CLIP (native ViT image tower + native text tower) pretrained by this project on
@@ -152,13 +154,13 @@ drawn object classes in the styles below and nothing else.
   text width {cfg['text_cfg']['width']}, {cfg['text_cfg']['heads']} heads, {cfg['text_cfg']['layers']} layers,
   context 77, open_clip's tokenizer. Load it with `mmap_model.load_backbone()` (model `mmap-tiny`, pretrained
   `embedded`) or `open_clip.create_model('local-dir:mmap_model/weights/mmap-tiny')`.
-- Data: {len(synthetic.CLASSES)} classes x seen domains {", ".join(SEEN_DOMAINS)}; a pool of {args.pool_per_class} images
+- Data: {len(synthetic.CLASSES)} classes x seen domains {", ".join(args.seen)}; a pool of {args.pool_per_class} images
   per class and domain drawn at {args.size} px (seed {args.seed}); each step pairs images with freshly sampled
-  captions (`synthetic.caption`). Unseen during pretraining: {", ".join(d for d in synthetic.DOMAINS if d not in SEEN_DOMAINS)}.
+  captions (`synthetic.caption`). Unseen during pretraining: {", ".join(d for d in synthetic.DOMAINS if d not in args.seen)}.
 - Training: open_clip `ClipLoss`, AdamW (lr {args.lr}, weight decay {args.weight_decay}), batch {args.batch_size},
   {args.steps} steps, warm-up then cosine, deterministic by seed. It took {train_seconds / 60:.1f} minutes
   ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads).
-- Reproduce: `python -m training.pretrain` (the defaults are the settings above).
+- Reproduce: `python -m training.pretrain{'' if args.seen == SEEN_DOMAINS else ' --seen ' + ','.join(args.seen)}` (the other settings above are the defaults).
 
 ## Zero-shot top-1 accuracy (%)
 
@@ -195,7 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="drawing size in px (the model resizes to its input)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seen", type=comma_list, default=SEEN_DOMAINS,
+                        help=f"comma-separated domains to pretrain on (default: {','.join(SEEN_DOMAINS)})")
     args = parser.parse_args(argv)
+    if not args.seen or not set(args.seen) <= set(synthetic.DOMAINS):
+        parser.error(f"--seen needs domains of {sorted(synthetic.DOMAINS)}, got {args.seen}")
     torch.set_num_threads(args.threads)
     trained = train(args)
     write(args.out, trained["model"], args, trained["results"], trained["train_seconds"])
