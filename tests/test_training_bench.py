@@ -35,3 +35,13 @@ def test_bench_runs_every_method_with_lr_selection(tmp_path):
     table = (out / "table.md").read_text()
     assert all(f"| {m} |" in table for m in labels) and "sketch" in table and "± " in table
     assert (out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_takes_fraction_and_needs_a_validation_split(tmp_path):
+    root = prepare_synthetic(tmp_path / "syn", 4, domains=["sketch"])
+    common = ["--data", str(root), "--pretrained", "none", "--steps", "1", "--batch-size", "8", "--seeds", "0",
+              "--methods", "zero-shot", "--lr-grid", "", "--finetune-lr-grid", "", "--out", str(tmp_path / "b")]
+    summary = bench.main([*common, "--fraction", "0.5"])  # used to clash with the benchmark's default --shots
+    assert [s["method"] for s in summary] == ["zero-shot"]
+    with pytest.raises(SystemExit):
+        bench.main([*common, "--val-fraction", "0"])

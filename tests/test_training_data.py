@@ -12,6 +12,7 @@ from PIL import Image
 from training import synthetic
 from training.data import (
     DEFAULT_TEMPLATE,
+    ImageReadError,
     Pixels,
     SplitConfig,
     TaskSampler,
@@ -127,3 +128,23 @@ def test_augmentation_is_seeded_and_identity_warp_is_exact():
     assert torch.allclose(warp(images, identity), images, atol=1e-5)
     mirror = torch.tensor([[-1.0, 0, 0], [0, 1, 0]]).expand(4, 2, 3)
     assert torch.allclose(warp(images, mirror), images.flip(-1), atol=1e-5)
+
+
+def test_data_mistakes_are_named_before_training(tmp_path, tiny):
+    root = tmp_path / "dn"
+    for domain in ("a b", "a_b"):
+        (root / domain / "dog").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(root / domain / "dog" / "0.png")
+    with pytest.raises(ValueError, match="both map to task 'a_b'"):  # one would silently hide the other
+        discover_tasks(root)
+    (root / "a b" / "dog" / "0.png").rename(root / "a_b" / "dog" / "1.png")
+    (root / "a b" / "dog").rmdir()
+    (root / "a b").rmdir()
+    (root / "a_b_train.txt").write_text("a_b/dog/0.png 0\na_b/dog/gone.png 0\n")
+    (root / "a_b_test.txt").write_text("a_b/dog/1.png 0\n")
+    with pytest.raises(FileNotFoundError, match="gone.png"):  # listed in a split file, missing on disk
+        discover_tasks(root)
+    (root / "a_b" / "dog" / "gone.png").write_bytes(b"not an image")
+    task = discover_tasks(root, split=SplitConfig(val_fraction=0.0))[0]
+    with pytest.raises(ImageReadError, match="gone.png"):  # a corrupt file names itself, with what to do
+        load_splits([task], tiny.preprocess, ("train",))

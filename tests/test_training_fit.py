@@ -90,3 +90,46 @@ def test_trained_prompts_differ_from_initialisation(root, tmp_path):
     initial = MultiTaskPrompts(PromptConfig(), widths, ["sketch"], {"all": ["sketch"]}).state_dict()
     assert set(trained) == set(initial)
     assert all(not torch.equal(trained[k], initial[k]) for k in trained)  # every tensor received updates
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_run_directory(root, tmp_path):
+    run_dir = tmp_path / "run"
+    _fit(root, tmp_path / "a", "--groups", "one", "--tasks", "sketch", "--steps", "3", "--run-dir", str(run_dir))
+    with pytest.raises(SystemExit):  # would resume or prune the other run's checkpoints
+        _fit(root, tmp_path / "b", "--groups", "one", "--tasks", "sketch", "--steps", "1", "--run-dir", str(run_dir))
+    _fit(root, tmp_path / "b", "--groups", "one", "--tasks", "sketch", "--steps", "1", "--run-dir", str(run_dir),
+         "--overwrite")
+    assert [p.name for p in run_dir.glob("checkpoint-*.json")] == ["checkpoint-00000001.json"]
+    steps = {json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()}
+    assert steps == {1}
+
+
+def test_no_validation_split_records_no_validation_accuracy(root, tmp_path):
+    sets = _fit(root, tmp_path / "o", "--groups", "one", "--tasks", "sketch", "--steps", "1", "--val-fraction", "0")
+    result = PromptSet.load(sets[0]).provenance["result"]
+    assert result["val_accuracy"] is None  # not 0.0: there were no validation images
+
+
+def test_user_mistakes_end_in_one_line_errors(root, tmp_path, capsys):
+    groups = tmp_path / "groups.json"
+    groups.write_text(json.dumps({"groups": [["sketch", "photo"], ["photo"]]}))
+    (tmp_path / "file").write_text("x")
+    for extra in (["--tasks", "nope"], ["--tasks", "sketch,sketch"], ["--shots", "0"], ["--groups", str(groups)],
+                  ["--data", str(tmp_path / "missing")], ["--out", str(tmp_path / "file")]):
+        with pytest.raises(SystemExit) as caught:
+            _fit(root, tmp_path / "o", *extra)
+        message = str(caught.value.code) + capsys.readouterr().err
+        assert "error" in message and "Traceback" not in message, (extra, message)
+
+
+def test_evaluate_uses_the_class_names_the_set_was_trained_with(root, tmp_path):
+    names = tmp_path / "names.json"
+    names.write_text(json.dumps({"apple": "red apple"}))
+    out = tmp_path / "sets"
+    _fit(root, out, "--groups", "one", "--tasks", "sketch", "--steps", "1", "--classnames", str(names))
+    assert "red apple" in PromptSet.load(out / "all").tasks["sketch"].classnames
+    rows = evaluate.main(["--data", str(root), "--promptsets", str(out), "--threads", "1"])  # the recorded file
+    assert rows[0]["accuracy"] == pytest.approx(PromptSet.load(out / "all").evaluation["accuracy"]["sketch"], abs=1e-9)
+    names.unlink()
+    with pytest.raises(SystemExit, match="--classnames"):  # the recorded file is gone: say how to give it
+        evaluate.main(["--data", str(root), "--promptsets", str(out), "--threads", "1"])

@@ -18,7 +18,6 @@ from safetensors.torch import load_file
 from mmap_model.promptset import WEIGHTS_FILE
 from training import fit
 from training.checkpoint import (
-    CheckpointError,
     latest_checkpoint,
     load_checkpoint,
     optimizer_from_flat,
@@ -94,5 +93,7 @@ def test_resume_refuses_a_different_run(tmp_path):
     base = ["--data", str(root), "--pretrained", "none", "--threads", "1", "--groups", "one", "--shots", "1", "--batch-size", "8",
             "--steps", "1", "--quiet", "--out", str(tmp_path / "o"), "--run-dir", str(tmp_path / "r")]
     fit.main(base)
-    with pytest.raises(CheckpointError, match="batch_size"):
+    with pytest.raises(SystemExit, match="batch_size"):  # a one-line error, not a traceback
         fit.main([*base, "--batch-size", "4", "--resume", "--overwrite"])
+    with pytest.raises(SystemExit, match="train_data differs"):  # same settings, other training images
+        fit.main([*base, "--split-seed", "5", "--resume", "--overwrite"])

@@ -55,6 +55,7 @@ from .trainer import TrainConfig, Trainer, autocast_factory
 
 log = logging.getLogger(__name__)
 
+BENCH_SHOTS = 8  # images per class and task, unless --shots or --fraction says otherwise
 BENCH_LR = TrainConfig.lr  # AdamW lr of every prompt method
 BENCH_FINETUNE_LR = 3e-4  # AdamW lr of full fine-tuning
 # Every method that trains with a learning rate gets its own, picked from a grid on the
@@ -236,7 +237,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     cli.add_prompt_args(parser)
     cli.add_train_args(parser)
     cli.add_grouping_args(parser, count_flag="--num-groups")
-    parser.set_defaults(shots=8, steps=60, batch_size=16, quiet=True, lr=BENCH_LR, threads=BENCH_THREADS)
+    parser.set_defaults(steps=60, batch_size=16, quiet=True, lr=BENCH_LR, threads=BENCH_THREADS)
+    parser.add_argument("--progress", dest="quiet", action="store_false", help="progress bars (off by default here)")
     parser.add_argument("--finetune-lr", type=float, default=BENCH_FINETUNE_LR, help="AdamW lr of full fine-tuning")
     parser.add_argument("--lr-grid", type=cli.comma_list, default=BENCH_LR_GRID,
                         help="select each prompt method's lr from these on the validation split of the first seed "
@@ -249,6 +251,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--synthetic-per-class", type=int, default=24, help="images per class when --data is omitted")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = parser.parse_args(argv)
+    if args.shots is None and args.fraction is None:
+        args.shots = BENCH_SHOTS
+    if args.val_fraction == 0:
+        parser.error("the benchmark picks learning rates and the linear probe's weight decay on the validation split: "
+                     "--val-fraction must be > 0")
     unknown = [m for m in args.methods if m not in METHOD_SPECS]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {list(METHOD_SPECS)}")

@@ -21,7 +21,7 @@ import torch
 from mmap_model import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, METHODS, Backbone, PromptConfig, load_backbone
 
 from .classifiers import TaskText
-from .data import ImageSet, SplitConfig, Task, discover_tasks, load_splits
+from .data import ImageReadError, ImageSet, SplitConfig, Task, discover_tasks, load_splits
 from .dist import DistInfo, init_distributed, launched_by_torchrun
 from .group import GroupingConfig
 from .trainer import TrainConfig
@@ -154,15 +154,27 @@ def backbone_from(model: str, pretrained: str | None, device: str) -> Backbone:
     return load_backbone(model, pretrained, device=device)
 
 
+def user_error(e: Exception) -> SystemExit:
+    """A mistake in the user's data or options: one line on stderr and exit status 1, no traceback."""
+    return SystemExit(f"error: {e}")
+
+
 def prepare(args: argparse.Namespace, splits: tuple[str, ...] = ("train", "val", "test")) -> Run:
-    """Join the process group, load the frozen backbone and the tasks' images."""
+    """Read the tasks (before anything slow, so data mistakes show at once), join the process
+    group, load the frozen backbone and the tasks' images."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
+    try:
+        split = split_config(args)
+        tasks = discover_tasks(args.data, args.tasks, split, getattr(args, "seed", 0), args.classnames, args.templates)
+    except (ValueError, OSError) as e:
+        raise user_error(e) from None
     dist = init_distributed(args.device)
     backbone = backbone_from(args.model, args.pretrained, str(dist.device))
-    split = split_config(args)
-    tasks = discover_tasks(args.data, args.tasks, split, getattr(args, "seed", 0), args.classnames, args.templates)
-    sets = load_splits(tasks, backbone.preprocess, splits, int(args.cache_gb * (1 << 30)))
+    try:
+        sets = load_splits(tasks, backbone.preprocess, splits, int(args.cache_gb * (1 << 30)))
+    except ImageReadError as e:
+        raise user_error(e) from None
     return Run(dist, backbone, tasks, sets, split)
 
 

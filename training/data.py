@@ -166,18 +166,25 @@ def _read_split_file(root: Path, path: Path, folders: list[str]) -> list[tuple[P
         if rel.parent.name not in index:
             raise ValueError(f"{path}: {rel} is not in a known class folder")
         items.append((root / rel, index[rel.parent.name]))
+    missing = [str(f) for f, _ in items if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{path}: {len(missing)} listed image(s) are not on disk, e.g. {', '.join(missing[:3])}")
     return items
 
 
-def _keep_shots(by_class: list[list[Path]], cfg: SplitConfig, seed: int, task: str) -> list[list[Path]]:
+def _keep_shots(by_class: list[list[Path]], cfg: SplitConfig, seed: int, task: str,
+                classnames: Sequence[str]) -> list[list[Path]]:
     if cfg.shots is None and cfg.fraction is None:
         return by_class
-    kept = []
+    kept, short = [], []
     for c, files in enumerate(by_class):
         k = cfg.shots if cfg.shots is not None else max(1, round(cfg.fraction * len(files)))
         if k > len(files):
-            log.warning("task %s class %d: %d shots asked, %d available", task, c, k, len(files))
+            short.append(f"{classnames[c]} ({len(files)})")
         kept.append([files[i] for i in sorted(_permutation(len(files), seed, task, c, "shots")[:k])])
+    if short:  # one line per task, not one per class
+        log.warning("task %s: %d of %d classes have fewer than %d training images: %s", task, len(short), len(by_class),
+                    k, ", ".join(short[:10]) + (", ..." if len(short) > 10 else ""))
     return kept
 
 
@@ -193,8 +200,14 @@ def discover_tasks(root: str | Path, tasks: Sequence[str] | None = None, split: 
     root = Path(root)
     split = split or SplitConfig()
     folders = list_domains(root)
-    by_name = {task_name(f): f for f in folders}
+    by_name: dict[str, str] = {}
+    for f in folders:
+        if by_name.setdefault(task_name(f), f) != f:
+            raise ValueError(f"domain folders {by_name[task_name(f)]!r} and {f!r} in {root} both map to task "
+                             f"{task_name(f)!r}; rename one")
     chosen = list(by_name) if not tasks else list(tasks)
+    if len(set(chosen)) < len(chosen):
+        raise ValueError(f"tasks listed more than once: {sorted({t for t in chosen if chosen.count(t) > 1})}")
     unknown = [t for t in chosen if t not in by_name]
     if unknown:
         raise ValueError(f"unknown task(s) {unknown}; {root} has {sorted(by_name)}")
@@ -222,6 +235,10 @@ def discover_tasks(root: str | Path, tasks: Sequence[str] | None = None, split: 
                 n_test = _test_count(len(files), split)
                 test[c] = sorted(files[i] for i in perm[:n_test])
                 pool[c] = sorted(files[i] for i in perm[n_test:])
+        empty = [task.classnames[c] for c in range(len(class_folders)) if not pool[c] and not test[c]]
+        if empty:
+            log.warning("task %s: %d class(es) have no images and can never be predicted right: %s", name, len(empty),
+                        ", ".join(empty[:10]))
         val: list[list[Path]] = []
         train: list[list[Path]] = []
         for c, files in enumerate(pool):
@@ -229,7 +246,7 @@ def discover_tasks(root: str | Path, tasks: Sequence[str] | None = None, split: 
             n_val = _val_count(len(files), len(files) + len(test[c]), split)
             val.append(sorted(files[i] for i in perm[:n_val]))
             train.append(sorted(files[i] for i in perm[n_val:]))
-        train = _keep_shots(train, split, seed, name)
+        train = _keep_shots(train, split, seed, name, task.classnames)
         for s, by_class in zip(SPLITS, (train, val, test), strict=True):
             task.files[s], task.labels[s] = _flatten(by_class)
         if not task.files["train"] or not task.files["test"]:
@@ -238,15 +255,20 @@ def discover_tasks(root: str | Path, tasks: Sequence[str] | None = None, split: 
     return out
 
 
-def data_summary(root: Path, tasks: list[Task], split: SplitConfig, seed: int) -> dict:
-    """What provenance records about the data (enough to rebuild the same splits)."""
+def data_summary(root: Path, tasks: list[Task], split: SplitConfig, seed: int, classnames_file: Path | None = None) -> dict:
+    """What provenance records about the data (enough to rebuild the same splits and class names)."""
     return {"root": str(root), "split": {**split.__dict__}, "seed": seed,
+            "classnames_file": None if classnames_file is None else str(Path(classnames_file).resolve()),
             "tasks": {t.name: t.summary() for t in tasks}}
 
 
 # ---------------------------------------------------------------------------------------------
 # Pixels
 # ---------------------------------------------------------------------------------------------
+
+
+class ImageReadError(ValueError):
+    """An image of the data root that cannot be decoded (named in the message)."""
 
 
 class Pixels:
@@ -268,8 +290,11 @@ class Pixels:
 
     def load(self, path: Path) -> Tensor:
         """uint8 [3, H, W] of one file after the PIL part of the transform."""
-        with Image.open(path) as im:
-            arr = np.asarray(self.pil_steps(im), dtype=np.uint8)
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(self.pil_steps(im), dtype=np.uint8)
+        except (OSError, ValueError, Image.DecompressionBombError) as e:  # UnidentifiedImageError is an OSError
+            raise ImageReadError(f"cannot read image {path}: {e}; remove it or list it out of the split") from e
         if arr.ndim == 2:
             arr = np.repeat(arr[:, :, None], 3, axis=2)
         return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

@@ -5,7 +5,9 @@ backbone is the one the first set was trained on (`--model/--pretrained` overrid
 is checked against its fingerprint). The test split is rebuilt from the split settings recorded
 in each set's provenance (so it is the split the set was scored on at training time), else from
 the command-line split options. Zero-shot accuracy (the task's own template, no prompts) is
-reported alongside. Prints a markdown table; `--json FILE` also writes the numbers.
+reported alongside. Class names come from the folders, mapped by `--classnames` (default: the
+file the set was trained with, when provenance records one). Prints a markdown table; `--json
+FILE` also writes the numbers.
 """
 
 from __future__ import annotations
@@ -51,9 +53,14 @@ def recorded_split(meta: dict[str, Any], fallback: SplitConfig) -> SplitConfig:
     return SplitConfig(**{k: v for k, v in recorded.items() if k in known})
 
 
+def recorded_classnames(meta: dict[str, Any]) -> Path | None:
+    recorded = (meta.get("provenance") or {}).get("data", {}).get("classnames_file")
+    return Path(recorded) if isinstance(recorded, str) and Path(recorded).is_file() else None
+
+
 def evaluate(root: Path, set_dirs: Sequence[Path], model: str | None = None, pretrained: str | None = None,
              device: str = "cpu", fallback_split: SplitConfig | None = None, templates: Path | None = None,
-             batch_size: int = 256) -> list[dict[str, Any]]:
+             batch_size: int = 256, classnames: Path | None = None) -> list[dict[str, Any]]:
     """One row per (prompt set, task found in the root): accuracy with prompts and zero-shot."""
     metas = [json.loads((d / CONFIG_FILE).read_text()) for d in set_dirs]
     if model is None:
@@ -63,14 +70,16 @@ def evaluate(root: Path, set_dirs: Sequence[Path], model: str | None = None, pre
     for directory, meta in zip(set_dirs, metas, strict=True):
         ps = PromptSet.load(directory, backbone)
         split = recorded_split(meta, fallback_split or SplitConfig())
-        tasks = discover_tasks(root, None, split, templates_file=templates)
+        names_file = classnames or recorded_classnames(meta)
+        tasks = discover_tasks(root, None, split, classnames_file=names_file, templates_file=templates)
         present = [t for t in tasks if t.name in ps.tasks]
         missing = sorted(set(ps.tasks) - {t.name for t in present})
         if missing:
             log.warning("%s: tasks %s are not in %s", directory, missing, root)
         for task in present:
             if task.classnames != ps.tasks[task.name].classnames:
-                raise ValueError(f"{directory}: task {task.name!r} classes differ from the folders in {root}")
+                raise ValueError(f"{directory}: task {task.name!r} classes differ from the folders in {root} "
+                                 f"(class names from {names_file or 'the folder names'}; --classnames picks the file)")
         sets = load_splits(present, backbone.preprocess, ("test",))["test"]
         texts = {t.name: TaskText(ps.tasks[t.name].classnames, ps.tasks[t.name].template) for t in present}
         prompted = accuracy(PromptClassifier(backbone, texts, ps.prompts), sets, batch_size)
@@ -104,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     parser.add_argument("--templates", type=Path, default=None, help="only matters for reading the root")
+    parser.add_argument("--classnames", type=Path, default=None,
+                        help="JSON {class_folder: class name} (default: the one recorded in the set's provenance)")
     parser.add_argument("--test-fraction", type=float, default=SplitConfig.test_fraction, help="when provenance has no split")
     parser.add_argument("--split-seed", type=int, default=SplitConfig.split_seed, help="when provenance has no split")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
@@ -111,8 +122,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     cli.setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = evaluate(args.data, find_promptsets(args.promptsets), args.model, args.pretrained, args.device,
-                    SplitConfig(test_fraction=args.test_fraction, split_seed=args.split_seed), args.templates)
+    try:
+        rows = evaluate(args.data, find_promptsets(args.promptsets), args.model, args.pretrained, args.device,
+                        SplitConfig(test_fraction=args.test_fraction, split_seed=args.split_seed), args.templates,
+                        classnames=args.classnames)
+    except (ValueError, OSError) as e:
+        raise cli.user_error(e) from None
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

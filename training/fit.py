@@ -41,8 +41,9 @@ from mmap_model.prompts import check_name
 from mmap_model.promptset import CONFIG_FILE
 
 from . import cli
+from .checkpoint import CheckpointError
 from .classifiers import MultiTaskObjective, PromptClassifier, accuracy
-from .data import data_summary
+from .data import ImageReadError, data_summary
 from .dist import shutdown
 from .group import Grouping, group_tasks, read_groups, write_grouping
 from .trainer import TrainConfig, Trainer, TrainResult, autocast_factory
@@ -84,7 +85,10 @@ def resolve_groups(mode: str, run: cli.Run, prompt_cfg: PromptConfig, train_cfg:
         if cached is not None and run.dist.main:
             write_grouping(grouping, cached)
         return named_groups(grouping.groups), grouping
-    return named_groups(read_groups(Path(mode), names)), None
+    try:
+        return named_groups(read_groups(Path(mode), names)), None
+    except (ValueError, OSError) as e:  # the user's groups file
+        raise cli.user_error(e) from None
 
 
 def build_prompts(run: cli.Run, prompt_cfg: PromptConfig, groups: Mapping[str, list[str]], task_modules: bool,
@@ -162,6 +166,14 @@ def save_atomically(ps: PromptSet, out: Path, fill: Any = None) -> Path:
     return final
 
 
+def run_files(run_dir: Path) -> list[Path]:
+    """What a training run leaves in its run directory (checkpoints, metrics, grouping)."""
+    if not run_dir.is_dir():
+        return []
+    return sorted(p for pattern in ("checkpoint-*", "metrics.jsonl", "groups.json", "groups.png")
+                  for p in run_dir.glob(pattern) if p.is_file())
+
+
 def existing_sets(out: Path) -> list[Path]:
     return sorted(p.parent for p in out.glob(f"*/{CONFIG_FILE}")) if out.is_dir() else []
 
@@ -186,19 +198,30 @@ def main(argv: list[str] | None = None) -> list[Path]:
         parser.error(f"--groups: {args.groups!r} is neither auto, one, none nor an existing groups.json")
     if args.no_task_modules and args.groups == "none":
         parser.error("--no-task-modules needs groups (auto, one or a file)")
+    if args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} exists and is not a directory")
     stale = existing_sets(args.out)
     if stale and not args.overwrite:
         parser.error(f"{args.out} already holds prompt sets ({', '.join(p.name for p in stale)}); pass --overwrite")
-    cli.setup_logging()
     run_dir = args.run_dir or args.out.with_name(args.out.name + ".run")
+    earlier = [] if args.resume else run_files(run_dir)
+    if earlier and not args.overwrite:
+        parser.error(f"{run_dir} holds another run's files ({', '.join(p.name for p in earlier[:4])}); "
+                     "pass --resume to continue it or --overwrite to start afresh")
+    cli.setup_logging()
     run = cli.prepare(args)
     prompt_cfg, train_cfg = cli.prompt_config(args), cli.train_config(args)
     progress = not args.quiet
     if run.dist.main:
+        for f in earlier:  # --overwrite without --resume: a fresh run must not mix with (or resume) the old one
+            f.unlink()
         run_dir.mkdir(parents=True, exist_ok=True)
     groups, grouping = resolve_groups(args.groups, run, prompt_cfg, train_cfg, args, run_dir, progress)
     prompts = build_prompts(run, prompt_cfg, groups, not args.no_task_modules, train_cfg.seed)
-    classifier, result = train_prompts(run, prompts, train_cfg, run_dir, args.resume, progress)
+    try:
+        classifier, result = train_prompts(run, prompts, train_cfg, run_dir, args.resume, progress)
+    except (CheckpointError, ImageReadError) as e:
+        raise cli.user_error(e) from None
     scores = score_test_split(run, classifier, train_cfg)
     shutdown(run.dist)  # the collectives are over; only rank 0 writes
     if not run.dist.main:
@@ -206,7 +229,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     provenance = {
         "command": cli.command_line("training.fit", argv), "seed": train_cfg.seed, "code_version": cli.code_version(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "data": data_summary(args.data, run.tasks, run.split, train_cfg.seed), "train": asdict(train_cfg),
+        "data": data_summary(args.data, run.tasks, run.split, train_cfg.seed, args.classnames), "train": asdict(train_cfg),
         "world_size": run.dist.world, "groups": groups,
         "grouping": None if grouping is None else {k: v for k, v in grouping.to_json().items() if k != "ranking"},
         "result": {"steps": result.steps, "train_seconds": round(result.train_seconds, 2),

@@ -427,7 +427,7 @@ def main(argv: Sequence[str] | None = None) -> Grouping:
     cli.setup_logging()
     run = cli.prepare(args)
     grouping = group_tasks(run.backbone, run.texts, run.sets["train"], cli.prompt_config(args), cli.train_config(args),
-                           cli.grouping_config(args), run.dist)
+                           cli.grouping_config(args), run.dist, progress=not args.quiet)
     shutdown(run.dist)
     if run.dist.main:
         json_path, png = write_grouping(grouping, args.out)

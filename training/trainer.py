@@ -25,6 +25,7 @@ fine-tuning. An epoch is `ceil(largest task / (batch_size * accum))` optimiser s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -139,7 +140,8 @@ class Trainer:
         if self.dist.active:
             self.model = DistributedDataParallel(objective, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
                                                  broadcast_buffers=False)
-        self.train_sets, self.val_sets = dict(train_sets), dict(val_sets or {})
+        self.train_sets = dict(train_sets)
+        self.val_sets = {t: s for t, s in (val_sets or {}).items() if len(s)}  # --val-fraction 0: no val metrics
         self.run_dir, self.progress = run_dir, progress and self.dist.main
         self.params = {n: p for n, p in objective.named_parameters() if p.requires_grad}
         if not self.params:
@@ -180,9 +182,17 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
 
+    def _data_digest(self) -> str:
+        """sha256 of the training images (domain/class/file names and labels, per task): a resume must
+        see the same data, wherever the root is mounted."""
+        digest = hashlib.sha256()
+        for task, images in sorted(self.train_sets.items()):
+            digest.update(json.dumps([task, ["/".join(f.parts[-3:]) for f in images.files], images.labels.tolist()]).encode())
+        return digest.hexdigest()
+
     def _meta(self) -> dict[str, Any]:
         return {"config": asdict(self.cfg), "total_steps": self.total_steps,
-                "params": {n: list(p.shape) for n, p in self.params.items()}}
+                "params": {n: list(p.shape) for n, p in self.params.items()}, "train_data": self._data_digest()}
 
     def save(self, epoch: int) -> Path | None:
         if self.run_dir is None or not self.dist.main:
@@ -203,7 +213,7 @@ class Trainer:
             path = found
         tensors, meta = load_checkpoint(Path(path))
         mine = self._meta()
-        for key in ("config", "total_steps", "params"):
+        for key in ("config", "total_steps", "params", "train_data"):
             if meta.get(key) != mine[key]:
                 diff = {k: (meta[key].get(k), v) for k, v in mine[key].items() if meta[key].get(k) != v} \
                     if isinstance(mine[key], dict) and isinstance(meta.get(key), dict) else (meta.get(key), mine[key])
