@@ -51,7 +51,6 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 SAMPLE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-SAMPLE_SUFFIXES = set(SAMPLE_TYPES)
 MAX_SAMPLE_BYTES = 8 * 1024 * 1024  # a sample image above this is not served
 MAX_SAMPLES = 8
 
@@ -316,7 +315,7 @@ class Registry:
                                            None if prompts.text is None else prompts.text.to(device))
                 visual = None if prompts.visual is None else prompts.visual.to(device, torch.float32)
                 sample_dir = path / "samples" / task
-                samples = tuple(sorted(p.name for p in sample_dir.glob("*") if p.suffix.lower() in SAMPLE_SUFFIXES
+                samples = tuple(sorted(p.name for p in sample_dir.glob("*") if p.suffix.lower() in SAMPLE_TYPES
                                        and p.is_file() and inside(p, root))[:MAX_SAMPLES]) if sample_dir.is_dir() else ()
                 handles[task] = TaskHandle(task, name, ps.version, ps.method, spec.group, tuple(spec.classnames),
                                            text.float().cpu(), visual, sample_dir, samples)

@@ -12,6 +12,8 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -154,9 +156,14 @@ def backbone_from(model: str, pretrained: str | None, device: str) -> Backbone:
     return load_backbone(model, pretrained, device=device)
 
 
-def user_error(e: Exception) -> SystemExit:
-    """A mistake in the user's data or options: one line on stderr and exit status 1, no traceback."""
-    return SystemExit(f"error: {e}")
+@contextmanager
+def user_errors(*kinds: type[Exception]) -> Iterator[None]:
+    """Inside, these exceptions are the user's mistakes (data, options, files): one line on stderr and
+    exit status 1, no traceback."""
+    try:
+        yield
+    except kinds as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 def prepare(args: argparse.Namespace, splits: tuple[str, ...] = ("train", "val", "test")) -> Run:
@@ -164,17 +171,13 @@ def prepare(args: argparse.Namespace, splits: tuple[str, ...] = ("train", "val",
     group, load the frozen backbone and the tasks' images."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    try:
+    with user_errors(ValueError, OSError):
         split = split_config(args)
         tasks = discover_tasks(args.data, args.tasks, split, getattr(args, "seed", 0), args.classnames, args.templates)
-    except (ValueError, OSError) as e:
-        raise user_error(e) from None
     dist = init_distributed(args.device)
     backbone = backbone_from(args.model, args.pretrained, str(dist.device))
-    try:
+    with user_errors(ImageReadError):
         sets = load_splits(tasks, backbone.preprocess, splits, int(args.cache_gb * (1 << 30)))
-    except ImageReadError as e:
-        raise user_error(e) from None
     return Run(dist, backbone, tasks, sets, split)
 
 

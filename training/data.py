@@ -202,9 +202,10 @@ def discover_tasks(root: str | Path, tasks: Sequence[str] | None = None, split: 
     folders = list_domains(root)
     by_name: dict[str, str] = {}
     for f in folders:
-        if by_name.setdefault(task_name(f), f) != f:
-            raise ValueError(f"domain folders {by_name[task_name(f)]!r} and {f!r} in {root} both map to task "
-                             f"{task_name(f)!r}; rename one")
+        name = task_name(f)
+        if name in by_name:
+            raise ValueError(f"domain folders {by_name[name]!r} and {f!r} in {root} both map to task {name!r}; rename one")
+        by_name[name] = f
     chosen = list(by_name) if not tasks else list(tasks)
     if len(set(chosen)) < len(chosen):
         raise ValueError(f"tasks listed more than once: {sorted({t for t in chosen if chosen.count(t) > 1})}")

@@ -122,12 +122,10 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     cli.setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
+    with cli.user_errors(ValueError, OSError):
         rows = evaluate(args.data, find_promptsets(args.promptsets), args.model, args.pretrained, args.device,
                         SplitConfig(test_fraction=args.test_fraction, split_seed=args.split_seed), args.templates,
                         classnames=args.classnames)
-    except (ValueError, OSError) as e:
-        raise cli.user_error(e) from None
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

@@ -85,10 +85,8 @@ def resolve_groups(mode: str, run: cli.Run, prompt_cfg: PromptConfig, train_cfg:
         if cached is not None and run.dist.main:
             write_grouping(grouping, cached)
         return named_groups(grouping.groups), grouping
-    try:
+    with cli.user_errors(ValueError, OSError):  # the user's groups file
         return named_groups(read_groups(Path(mode), names)), None
-    except (ValueError, OSError) as e:  # the user's groups file
-        raise cli.user_error(e) from None
 
 
 def build_prompts(run: cli.Run, prompt_cfg: PromptConfig, groups: Mapping[str, list[str]], task_modules: bool,
@@ -218,10 +216,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         run_dir.mkdir(parents=True, exist_ok=True)
     groups, grouping = resolve_groups(args.groups, run, prompt_cfg, train_cfg, args, run_dir, progress)
     prompts = build_prompts(run, prompt_cfg, groups, not args.no_task_modules, train_cfg.seed)
-    try:
+    with cli.user_errors(CheckpointError, ImageReadError):
         classifier, result = train_prompts(run, prompts, train_cfg, run_dir, args.resume, progress)
-    except (CheckpointError, ImageReadError) as e:
-        raise cli.user_error(e) from None
     scores = score_test_split(run, classifier, train_cfg)
     shutdown(run.dist)  # the collectives are over; only rank 0 writes
     if not run.dist.main:

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +182,7 @@ class Trainer:
 
     # -- checkpoints --------------------------------------------------------------------------
 
+    @cached_property
     def _data_digest(self) -> str:
         """sha256 of the training images (domain/class/file names and labels, per task): a resume must
         see the same data, wherever the root is mounted."""
@@ -192,7 +193,7 @@ class Trainer:
 
     def _meta(self) -> dict[str, Any]:
         return {"config": asdict(self.cfg), "total_steps": self.total_steps,
-                "params": {n: list(p.shape) for n, p in self.params.items()}, "train_data": self._data_digest()}
+                "params": {n: list(p.shape) for n, p in self.params.items()}, "train_data": self._data_digest}
 
     def save(self, epoch: int) -> Path | None:
         if self.run_dir is None or not self.dist.main:
