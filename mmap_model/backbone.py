@@ -9,11 +9,12 @@ preprocess, tokenizer and widths, and a fingerprint of its weights that prompt s
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -22,12 +23,10 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from open_clip.transformer import TextTransformer, VisionTransformer
 from torch import nn
 
+from .embedded import EMBEDDED_DIR, EMBEDDED_MODEL, EMBEDDED_PRETRAINED, EMBEDDED_PROMPTS_DIR  # noqa: F401
+
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODEL = "mmap-tiny"
-EMBEDDED_PRETRAINED = "embedded"
-EMBEDDED_DIR = Path(__file__).parent / "weights" / EMBEDDED_MODEL
-EMBEDDED_PROMPTS_DIR = EMBEDDED_DIR / "promptsets"  # demo prompt sets trained on the embedded default
 
 PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -60,6 +59,14 @@ class Backbone:
     pretrained: str | None
     device: torch.device
     dtype: torch.dtype
+
+    @property
+    def preprocess_cfg(self) -> dict[str, Any]:
+        """What `preprocess` does, as data: open_clip's PreprocessCfg fields, `size` as [H, W]."""
+        cfg = dataclasses.asdict(PreprocessCfg(**self.model.visual.preprocess_cfg))
+        size = cfg["size"]
+        cfg["size"] = [size, size] if isinstance(size, int) else list(size)
+        return cfg
 
     @property
     def image_size(self) -> int:

@@ -1,6 +1,6 @@
-"""The inference service: FastAPI over a frozen CLIP with hot-swappable MmAP prompt sets."""
+"""The inference service: HTTP worker processes in front of one engine process that owns the frozen CLIP
+and its hot-swappable MmAP prompt sets (docs/architecture.md). `python -m service` starts it all."""
 
-from .app import create_app
 from .settings import Settings
 
-__all__ = ["Settings", "create_app"]
+__all__ = ["Settings"]

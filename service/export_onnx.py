@@ -207,7 +207,7 @@ def export_image_tower(backbone: Backbone, out: Path, depth: int, tokens: int, d
 
 def verify(backbone: Backbone, graph: bytes, info: GraphInfo, providers: Sequence[str] | None = None) -> float:
     """Run the graph with onnxruntime on a batch of 3 and compare with torch; raise OnnxGraphError beyond tolerance."""
-    from .onnx_backend import CUDA_EP, open_session, provider_names  # onnxruntime: the optional onnx extra
+    from .onnx_runtime import CUDA_EP, open_session, provider_names  # onnxruntime: the optional onnx extra
 
     providers = providers or default_providers(backbone)
     if info.dtype == "fp16" and CUDA_EP not in provider_names(providers):
@@ -226,7 +226,7 @@ def verify(backbone: Backbone, graph: bytes, info: GraphInfo, providers: Sequenc
 
 
 def default_providers(backbone: Backbone) -> list[str]:
-    from .onnx_backend import providers_for
+    from .onnx_runtime import providers_for
 
     return providers_for(backbone.device)
 
@@ -238,7 +238,7 @@ def default_signature(backbone: Backbone) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .app import load_configured_backbone  # the service's own loading rules (random:<seed>, no silent fallback)
+    from .backbone import load_configured_backbone  # the service's rules: random:<seed>, no silent fallback
     from .settings import Settings
 
     parser = argparse.ArgumentParser(prog="python -m service.export_onnx", description=__doc__.splitlines()[0])

@@ -3,7 +3,8 @@
 Order matters: the header is parsed lazily first and the pixel count checked against the limit
 BEFORE any pixel is decoded, so a decompression bomb (a small file claiming a huge canvas) is
 refused without allocating it. Pillow's own bomb guard (`Image.MAX_IMAGE_PIXELS`) is set to the
-same limit as a second line. Runs in a thread pool; never on the event loop.
+same limit as a second line. The HTTP workers decode small images on the event loop and larger ones
+on a thread pool (uploads.py).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     EXIF orientation is applied. Raises `ImageRejected`: 413 above `max_pixels`, 415 for
     anything that is not one of the supported formats, 422 for an empty, truncated or corrupt file.
     """
+    return load_image(open_image(data, max_pixels))
+
+
+def open_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The upload's header, checked (format, pixel count), with no pixel decoded yet: `decode_image`'s first half."""
     if not data:
         raise ImageRejected(422, "empty", "the upload is empty")
     try:
@@ -64,6 +70,11 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                             f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}")
     if width < 1 or height < 1:
         raise ImageRejected(422, "corrupt", f"image has an empty canvas ({width}x{height})")
+    return image
+
+
+def load_image(image: Image.Image) -> Image.Image:
+    """The pixels of an image from `open_image`, oriented and in RGB: `decode_image`'s second half."""
     try:
         image.load()
         image = _apply_orientation(image)

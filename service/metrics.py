@@ -1,21 +1,30 @@
-"""The service's Prometheus metrics (names and labels as in ARCHITECTURE.md), one registry per app.
+"""The service's Prometheus metrics (names and labels as in docs/architecture.md), summed over its processes.
 
-A private `CollectorRegistry` per app keeps several apps in one process (tests) from clashing
-and keeps `/metrics` to exactly these series. Labels are bounded: `task` is a loaded task name or
-`UNKNOWN_TASK`, `status` an HTTP status code, `result` and `reason` small fixed sets.
+The launcher gives every process it starts the same `PROMETHEUS_MULTIPROC_DIR`: prometheus_client
+then keeps each process's values in files there, and `/metrics` (any worker) adds them up, so a
+counter equals the traffic whichever worker took it, and counts of a worker that died stay counted.
+HTTP workers write the request metrics, the engine the batching, inference and prompt-set ones.
+Without that variable (a process on its own) the values stay in the process and `/metrics` shows them.
+
+Labels are bounded: `task` is a loaded task name or `UNKNOWN_TASK`, `status` an HTTP status code,
+`result` and `reason` small fixed sets.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNKNOWN_TASK = "_unknown"  # requests naming no loaded task share one label value
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_PER_IMAGE_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class Metrics:
-    """The metric objects of one app."""
+    """The metric objects of one process."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -24,17 +33,26 @@ class Metrics:
                                 ["task", "status"], registry=r)
         self.request_duration = Histogram("mmap_request_duration_seconds", "classify latency, upload read to response",
                                           ["task"], buckets=_LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("mmap_queue_wait_seconds", "time a decoded image waits for its batch",
+        self.queue_wait = Histogram("mmap_queue_wait_seconds", "time a decoded image waits in the engine for its batch",
                                     buckets=_LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("mmap_batch_size", "images per image-tower forward",
                                     buckets=_BATCH_BUCKETS, registry=r)
         self.inference_duration = Histogram("mmap_inference_duration_seconds", "one image-tower forward and scoring",
                                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.tasks_loaded = Gauge("mmap_tasks_loaded", "tasks in the serving snapshot", registry=r)
+        self.forward_per_image = Histogram("mmap_forward_seconds_per_image",
+                                           "one image-tower forward and scoring divided by its images",
+                                           buckets=_PER_IMAGE_BUCKETS, registry=r)
+        self.tasks_loaded = Gauge("mmap_tasks_loaded", "tasks in the serving snapshot", registry=r,
+                                  multiprocess_mode="livemax")
         self.prompt_set_loads = Counter("mmap_prompt_set_loads", "prompt-set (re)load attempts by result",
                                         ["result"], registry=r)
         self.images_rejected = Counter("mmap_images_rejected", "uploads refused by reason", ["reason"], registry=r)
 
     def render(self) -> bytes:
-        """The text exposition format."""
-        return generate_latest(self.registry)
+        """The text exposition format: every process of the service, or this one alone."""
+        if not os.environ.get(MULTIPROC_ENV):
+            return generate_latest(self.registry)
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+

@@ -26,7 +26,6 @@ What arrives in the directory is untrusted: symlinks are followed only while the
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hashlib
 import logging
@@ -34,7 +33,6 @@ import stat
 import threading
 import time
 from collections.abc import Mapping
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -67,7 +65,7 @@ class TaskHandle:
     method: str
     group: str | None
     classnames: tuple[str, ...]
-    text_features: Tensor  # [C, D], normalised, fp32 on the CPU (scores are computed there)
+    text_features: Tensor  # [C, D], normalised, fp32 on the model's device (scores are computed there)
     visual_prompts: Tensor | None  # [J, m, d_v] on the model's device; None = image tower unprompted
     sample_dir: Path
     samples: tuple[str, ...]  # file names in sample_dir
@@ -318,7 +316,7 @@ class Registry:
                 samples = tuple(sorted(p.name for p in sample_dir.glob("*") if p.suffix.lower() in SAMPLE_TYPES
                                        and p.is_file() and inside(p, root))[:MAX_SAMPLES]) if sample_dir.is_dir() else ()
                 handles[task] = TaskHandle(task, name, ps.version, ps.method, spec.group, tuple(spec.classnames),
-                                           text.float().cpu(), visual, sample_dir, samples)
+                                           text.float(), visual, sample_dir, samples)
         return LoadedSet(name, ps.version, ps.method, time.time(), MappingProxyType(handles))
 
     def _publish(self, sets: Mapping[str, LoadedSet]) -> None:
@@ -326,14 +324,3 @@ class Registry:
             snapshot = Snapshot.of(sets)
         self._snapshot = snapshot  # one reference assignment: readers see the old or the new, never a mix
         self.metrics.tasks_loaded.set(len(snapshot.tasks))
-
-
-async def watch_directory(registry: Registry, executor: Executor, interval_s: float) -> None:
-    """Poll the prompt directory every `interval_s` until cancelled; the work runs on `executor`."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(interval_s)
-        try:
-            await loop.run_in_executor(executor, registry.poll, time.monotonic())
-        except Exception:  # a broken directory must not end the watch; the next poll retries
-            log.exception("prompt-directory poll failed")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -10,9 +11,14 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from mmap_model import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, EMBEDDED_PROMPTS_DIR
+from mmap_model.embedded import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, EMBEDDED_PROMPTS_DIR
 
 RANDOM_WEIGHTS = re.compile(r"^random:(\d+)$")
+
+
+def default_workers() -> int:
+    """One HTTP worker per core but one (the engine's), at least one."""
+    return max(1, (os.cpu_count() or 1) - 1)
 
 
 class Settings(BaseSettings):
@@ -42,12 +48,20 @@ class Settings(BaseSettings):
     queue_size: int = Field(256, ge=1, description="decoded images waiting for the model; beyond it requests get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="queue wait + inference per request; beyond it 504")
     drain_timeout_s: float = Field(20.0, gt=0, description="on SIGTERM: how long in-flight requests may take to finish before they are cut")
-    decode_workers: int = Field(min(4, os.cpu_count() or 1), ge=1, description="threads decoding images")
+    workers: int = Field(default_factory=lambda: default_workers(), ge=1,
+                         description="HTTP worker processes (read, check, decode uploads); default: one per core but "
+                                     "one, at least 1")
+    engine_threads: int = Field(0, ge=0, description="torch threads of the engine process; 0 = the cores the workers "
+                                                     "leave (at least 1) on CPU, 1 on CUDA")
+    worker_slots: int = Field(64, ge=1, description="images each HTTP worker may have in flight to the engine "
+                                                    "(shared-memory slots); beyond it 503")
+    decode_workers: int = Field(2, ge=1, description="threads decoding images in each HTTP worker")
     max_upload_bytes: int = Field(20 << 20, ge=1, description="largest accepted image file (bytes); beyond it 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height; beyond it 413")
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin; unset = admin API off (404)")
     watch_interval_s: float = Field(2.0, ge=0, description="prompt-directory poll interval; 0 = no watching")
     watch_debounce_s: float = Field(1.0, ge=0, description="a change is applied once it has been stable this long")
+    access_log: bool = Field(False, description="log every request (uvicorn's access log)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("pretrained")
@@ -60,3 +74,20 @@ class Settings(BaseSettings):
         """The seed of `pretrained='random:<seed>'`, else None."""
         match = RANDOM_WEIGHTS.match(self.pretrained or "")
         return int(match.group(1)) if match else None
+
+
+SETTINGS_ENV = "MMAP_INTERNAL_SETTINGS"  # how the launcher hands its settings to the processes it starts
+
+
+def settings_to_env(settings: Settings) -> str:
+    """The settings as JSON for a child process's environment (the admin token included, in clear:
+    the environment of a process is readable by its user alone, unlike a command line)."""
+    values = settings.model_dump(mode="json")
+    if settings.admin_token is not None:
+        values["admin_token"] = settings.admin_token.get_secret_value()
+    return json.dumps(values)
+
+
+def settings_from_env() -> Settings:
+    """The settings a launcher handed to this process."""
+    return Settings(**json.loads(os.environ[SETTINGS_ENV]))

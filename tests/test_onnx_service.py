@@ -10,6 +10,7 @@ from test_service_support import (  # noqa: E402
     DOODLES,
     OFFICE,
     classify,
+    failed_start,
     image_bytes,
     make_set,
     metric,
@@ -22,7 +23,6 @@ from test_service_support import (  # noqa: E402
 )
 
 from mmap_model import PromptConfig, TaskSpec  # noqa: E402
-from service import create_app  # noqa: E402
 from service.export_onnx import export_image_tower  # noqa: E402
 
 SCENES = {"indoor": TaskSpec(["kitchen", "office", "garage"], "a photo of a {}.", "places")}
@@ -64,14 +64,8 @@ def test_classify_on_onnx_backend_equals_torch_scores(prompts_dir, sets, tiny, t
 
 
 def test_a_graph_of_another_backbone_stops_the_service_with_the_reason(prompts_dir, foreign_graph):
-    app = create_app(settings(prompts_dir, backend="onnx", onnx_model=foreign_graph))
-
-    async def start():
-        async with app.router.lifespan_context(app):
-            pass
-
-    with pytest.raises(ValueError, match="exported from another backbone"):
-        run(start())
+    code, log = failed_start(settings(prompts_dir, backend="onnx", onnx_model=foreign_graph))
+    assert code == 1 and "exported from another backbone" in log, log[-2000:]
 
 
 @pytest.fixture

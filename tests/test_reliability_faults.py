@@ -14,7 +14,20 @@ from pathlib import Path
 import httpx
 import pytest
 from test_reliability_support import ADMIN, ADMIN_TOKEN, GoodTraffic, assert_json_error
-from test_service_support import DOODLES, OFFICE, classify, image_bytes, make_set, metric, publish, run, serve, settings
+from test_service_support import (
+    DOODLES,
+    OFFICE,
+    classify,
+    engine_pid,
+    frozen,
+    image_bytes,
+    make_set,
+    metric,
+    publish,
+    run,
+    serve,
+    settings,
+)
 
 from mmap_model.promptset import CONFIG_FILE
 
@@ -131,7 +144,10 @@ def test_queue_overflow_answers_503_and_recovers_when_load_drops(tmp_path, tiny)
     async def scenario():
         async with serve(settings(tmp_path, queue_size=2, max_batch_size=1)) as client:
             for _ in range(3):  # overload, then normal load, three times over
-                burst = await asyncio.gather(*(classify(client, "clipart", image_bytes(i % 4)) for i in range(64)))
+                with frozen(engine_pid(client)):  # the burst reaches the engine all at once when it wakes up
+                    burst = [asyncio.create_task(classify(client, "clipart", image_bytes(i % 4))) for i in range(64)]
+                    await asyncio.sleep(1.0)
+                burst = await asyncio.gather(*burst)
                 codes = Counter(r.status_code for r in burst)
                 assert set(codes) == {200, 503}, codes
                 for response in burst:

@@ -18,10 +18,8 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from test_reliability_support import ADMIN, ADMIN_TOKEN, uvicorn_thread
-from test_service_support import DOODLES, OFFICE, image_bytes, make_set, metric, publish, settings
-
-from service import create_app
+from test_reliability_support import ADMIN, ADMIN_TOKEN
+from test_service_support import DOODLES, OFFICE, image_bytes, make_set, metric, publish, served, settings
 
 OPERATIONS = ["POST /classify", "GET /tasks", "GET /tasks/{task}", "GET /samples/{task}/{filename}", "GET /healthz",
               "GET /readyz", "GET /metrics", "GET /admin/promptsets", "POST /admin/promptsets/{name}",
@@ -40,8 +38,7 @@ def fuzzed(tiny, tmp_path_factory) -> Iterator[tuple[str, schemathesis.BaseSchem
     sample_dir = prompts / "office" / "samples" / "clipart"
     sample_dir.mkdir(parents=True)
     (sample_dir / "dog.png").write_bytes(image_bytes(1))
-    app = create_app(settings(prompts, admin_token=ADMIN_TOKEN, max_upload_bytes=1 << 20))
-    with uvicorn_thread(app) as base:
+    with served(settings(prompts, admin_token=ADMIN_TOKEN, max_upload_bytes=1 << 20)) as base:
         yield base, schemathesis.openapi.from_url(f"{base}/openapi.json"), {"office": office.version}
 
 

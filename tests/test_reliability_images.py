@@ -11,25 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import io
+import select
 import socket
 import struct
 import time
 import zipfile
 import zlib
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from test_reliability_support import GoodTraffic, assert_json_error, uvicorn_thread
+from test_reliability_support import GoodTraffic, assert_json_error
 from test_service_images import _gif_claiming, _png_claiming
-from test_service_support import OFFICE, image_bytes, make_set, publish, run, scores, serve, settings
+from test_service_support import OFFICE, image_bytes, make_set, publish, run, scores, serve, served, settings
 
-from service import create_app
-from service.app import MULTIPART_OVERHEAD
 from service.images import decode_image
+from service.uploads import MULTIPART_OVERHEAD
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 GOOD_TASKS = ("clipart", "product", "real")
@@ -313,20 +312,30 @@ async def _raw(client: httpx.AsyncClient, data: bytes) -> httpx.Response:
                              headers={"content-type": "application/octet-stream"})
 
 
-class CountingBody:
-    """An endless-looking request body produced on demand; counts what the server actually pulled."""
+SOCKET_SLACK = 16 << 20  # what loopback socket buffers hold before the server's answer is seen (sent, not read)
 
-    def __init__(self, total: int, chunk: int = 64 << 10, prefix: bytes = b""):
-        self.total, self.chunk, self.prefix, self.sent = total, chunk, prefix, 0
 
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self.prefix:
-            self.sent += len(self.prefix)
-            yield self.prefix
-        block = bytes(self.chunk)
-        while self.sent < self.total:
-            self.sent += len(block)
-            yield block
+def _stream_until_answered(base: str, headers: dict[str, str], prefix: bytes, total: int, declare: bool,
+                           chunk: int = 64 << 10) -> tuple[int, int]:
+    """POST a body of `total` bytes chunk by chunk over a raw socket (declaring its length, or chunked),
+    stopping as soon as the server answers: (its status, the body bytes sent until then)."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    framing = f"Content-Length: {total}" if declare else "Transfer-Encoding: chunked"
+    request = (f"POST /classify?task=clipart HTTP/1.1\r\nHost: {host}\r\n{framing}\r\n"
+               + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+    sent, block = 0, prefix + bytes(chunk - len(prefix))
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, chunk)
+        conn.sendall(request)
+        while sent < total and not select.select([conn], [], [], 0)[0]:
+            try:
+                conn.sendall(block if declare else b"%x\r\n%s\r\n" % (len(block), block))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(block)
+            block = bytes(chunk)
+        answer = conn.recv(65536)
+    return int(answer.split(b" ", 2)[1]), sent
 
 
 def test_giant_and_many_part_bodies_are_refused_without_reading_them(prompts_dir):
@@ -348,18 +357,14 @@ def test_giant_and_many_part_bodies_are_refused_without_reading_them(prompts_dir
         async with serve(settings(prompts_dir, max_upload_bytes=LIMIT_BYTES)) as client:
             async with GoodTraffic(client, GOOD_TASKS) as good:
                 # Declared too large: refused from the header; the body is not read at all.
-                declared = CountingBody(10 << 30)
-                response = await client.post("/classify?task=clipart", content=declared,
-                                             headers={**form, "content-length": str(10 << 30)})
-                assert_json_error(response, 413, "upload_too_large")
-                assert declared.sent <= 64 << 10, declared.sent
+                base = str(client.base_url).rstrip("/")
+                status, sent = await asyncio.to_thread(_stream_until_answered, base, form, head, 10 << 30, True)
+                assert status == 413 and sent <= SOCKET_SLACK, sent
 
                 # Streamed without a length (chunked): refused as soon as the limit is passed.
                 for headers, prefix in ((form, head), ({"content-type": "image/png"}, b"")):
-                    streamed = CountingBody(1 << 30, prefix=prefix)
-                    response = await client.post("/classify?task=clipart", content=streamed, headers=headers)
-                    assert_json_error(response, 413, "upload_too_large")
-                    assert streamed.sent <= LIMIT_BYTES + MULTIPART_OVERHEAD + 2 * streamed.chunk, streamed.sent
+                    status, sent = await asyncio.to_thread(_stream_until_answered, base, headers, prefix, 1 << 30, False)
+                    assert status == 413 and sent <= LIMIT_BYTES + MULTIPART_OVERHEAD + SOCKET_SLACK, sent
 
                 # A file just over the limit inside a body that fits the multipart slack: still 413.
                 over = png + bytes(LIMIT_BYTES + 1 - len(png))
@@ -393,8 +398,7 @@ def test_giant_and_many_part_bodies_are_refused_without_reading_them(prompts_dir
 
 def test_declared_giant_body_is_refused_over_a_real_socket(prompts_dir):
     """uvicorn on loopback: a request declaring 10 GB gets its 413 after only the headers were sent."""
-    app = create_app(settings(prompts_dir, max_upload_bytes=LIMIT_BYTES))
-    with uvicorn_thread(app) as base:
+    with served(settings(prompts_dir, max_upload_bytes=LIMIT_BYTES)) as base:
         port = int(base.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
             started = time.perf_counter()

@@ -1,54 +1,53 @@
 """Helpers shared by the reliability tests (this module holds no tests).
 
-Builds on test_service_support.py (same served backbone, prompt sets and in-process app); adds a
-real uvicorn server on a loopback port in a background thread, a loop of good requests that runs
-next to whatever a test throws at the service, and readers of a process's memory.
+Builds on test_service_support.py (same served backbone, prompt sets and real service processes);
+adds a loop of good requests that runs next to whatever a test throws at the service, and readers
+of a process's memory.
 """
 
 from __future__ import annotations
 
 import asyncio
-import threading
+import json
+import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import uvicorn
-from fastapi import FastAPI
-from test_service_support import classify, free_port, image_bytes
+from test_service_support import classify, image_bytes
 
 ADMIN_TOKEN = "reliability-t0ken"
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-@contextmanager
-def uvicorn_thread(app: FastAPI, ready_timeout_s: float = 60) -> Iterator[str]:
-    """`app` behind a real uvicorn server on 127.0.0.1 (lifespan included), run in a daemon thread;
-    yields the base URL once /readyz is 200 and stops the server at the end."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout_s
-        while True:
-            assert thread.is_alive(), "uvicorn exited during start-up"
-            assert time.monotonic() < deadline, f"not ready in {ready_timeout_s} s"
-            try:
-                if httpx.get(f"{base}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        yield base
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+@dataclass
+class RawResponse:
+    status_code: int
+    headers: dict[str, str]
+    text: str
+
+    def json(self) -> dict:
+        return json.loads(self.text)
+
+
+def raw_request(base: str, method: str, path: str, headers: dict[str, bytes] | None = None,
+                body: bytes = b"") -> RawResponse:
+    """One HTTP/1.1 request written byte for byte, for headers an HTTP client refuses to send
+    (a trailing space, non-ASCII): the server's parser sees exactly these bytes."""
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    lines = [f"{method} {path} HTTP/1.1".encode(), f"Host: {host}".encode(), b"Connection: close",
+             f"Content-Length: {len(body)}".encode()]
+    lines += [name.encode() + b": " + value for name, value in (headers or {}).items()]
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + body)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    head, _, content = answer.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    parsed = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in header_lines)}
+    return RawResponse(int(status_line.split()[1]), parsed, content.decode("utf-8", "replace"))
 
 
 @dataclass

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-from test_service_support import classify, image_bytes, reference_scores, run, scores, serve
+from test_service_support import classify, failed_start, image_bytes, reference_scores, run, scores, serve
 
 import mmap_model.backbone
 from mmap_model import EMBEDDED_PROMPTS_DIR, PromptSet, load_backbone
 from mmap_model.promptset import CONFIG_FILE
-from service import Settings, create_app
+from service import Settings
+from service.backbone import load_configured_backbone
 
 
 def _demo_sets() -> list[str]:
@@ -43,13 +44,15 @@ def test_every_demo_task_classifies_with_the_defaults():
 
 
 def test_missing_embedded_weights_stop_start_up_with_the_reason(tmp_path, monkeypatch):
-    """The default must never serve random weights silently."""
+    """The default must never serve random weights silently: the engine's loading rule refuses."""
     monkeypatch.setattr(mmap_model.backbone, "EMBEDDED_DIR", tmp_path)  # an embedded directory without weights
-    app = create_app(Settings(device="cpu", prompts=tmp_path))
-
-    async def start():
-        async with app.router.lifespan_context(app):
-            pytest.fail("started without weights")
-
     with pytest.raises(RuntimeError, match="embedded weights missing.*does not fall back to random weights"):
-        run(start())
+        load_configured_backbone(Settings(device="cpu", prompts=tmp_path))
+
+
+def test_a_backbone_that_cannot_load_stops_the_service_with_the_reason(tmp_path):
+    """Through the launcher: the engine's reason in the log, exit status 1, and nothing left behind."""
+    code, log = failed_start(Settings(device="cpu", prompts=tmp_path, pretrained=str(tmp_path / "missing.bin"),
+                                      model="ViT-B-32", workers=1))
+    assert code == 1, log
+    assert "is not a known tag or valid file path" in log and "the engine did not start" in log, log[-2000:]

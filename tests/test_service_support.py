@@ -3,6 +3,8 @@
 The served backbone is the embedded default's architecture with seeded random weights
 (`pretrained="random:0"`), the same weights as the `tiny` fixture of conftest.py, so prompt sets
 created from `tiny` here are valid for the service: the real model, tiny enough to run in ms.
+Every test serves through the real process layout: `python -m service` (launcher, engine process,
+HTTP worker processes) on a loopback port; stopping it checks that nothing is left behind.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ import asyncio
 import io
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -29,7 +33,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mmap_model import Backbone, PromptConfig, PromptedCLIP, PromptSet, TaskSpec, class_text_features
 from mmap_model.backbone import EMBEDDED_DIR
-from service import Settings, create_app
+from service import Settings
+from service.transport import SHM_DIR, SHM_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 SERVED = {"model": "mmap-tiny", "pretrained": "random:0"}  # = conftest's `tiny` (seed 0)
@@ -81,9 +86,18 @@ def image_bytes(seed: int, size: tuple[int, int] = (48, 40), fmt: str = "PNG") -
 
 
 def settings(prompts_dir: Path, **overrides: Any) -> Settings:
-    values = {**SERVED, "prompts": prompts_dir, "device": "cpu", "watch_interval_s": 0, "decode_workers": 2,
-              **overrides}
+    values = {**SERVED, "prompts": prompts_dir, "device": "cpu", "watch_interval_s": 0, "workers": 1, **overrides}
     return Settings(**values)
+
+
+def settings_env(config: Settings) -> dict[str, str]:
+    """The settings as the MMAP_* environment of `python -m service`."""
+    env = {}
+    for name, value in config.model_dump().items():
+        if value is not None:
+            secret = getattr(value, "get_secret_value", None)
+            env[f"MMAP_{name.upper()}"] = secret() if secret else str(value)
+    return env
 
 
 async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 60) -> None:
@@ -94,13 +108,11 @@ async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 60) -> None:
 
 
 @asynccontextmanager
-async def serve(config: Settings) -> AsyncIterator[httpx.AsyncClient]:
-    """The app in-process (lifespan run as uvicorn would) behind an httpx client, once /readyz is 200."""
-    app = create_app(config)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://service", timeout=60) as client:
-            await wait_ready(client)
+async def serve(config: Settings, ready: bool = True) -> AsyncIterator[httpx.AsyncClient]:
+    """`python -m service` with these settings behind an httpx client, once /readyz is 200 (or, with
+    `ready=False`, once it answers at all)."""
+    with served(config, ready) as base:
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
             yield client
 
 
@@ -151,31 +163,116 @@ def free_port() -> int:
 
 
 @contextmanager
-def service_process(log_path: Path, args: list[str], env: dict[str, str],
-                    ready_timeout_s: float = 90) -> Iterator[tuple[str, subprocess.Popen]]:
+def service_process(log_path: Path, args: list[str], env: dict[str, str], ready_timeout_s: float = 90,
+                    ready: bool = True) -> Iterator[tuple[str, subprocess.Popen]]:
     """`python -m service ARGS` (with `env` on top of a clean MMAP_* environment) on a free loopback port;
-    yields the base URL once /readyz is 200, and stops the process at the end, whatever happens."""
+    yields the base URL once /readyz is 200 (`ready=False`: once /healthz answers). At the end it is
+    stopped with SIGTERM (killed if it does not stop), and nothing of it may be left: no process, no
+    shared-memory file, no runtime directory."""
     port = free_port()
     environment = {**{k: v for k, v in os.environ.items() if not k.startswith("MMAP_")}, **env}
     with log_path.open("w") as log:
         process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port), *args],
                                    cwd=REPO, env=environment, stdout=log, stderr=subprocess.STDOUT)
         base = f"http://127.0.0.1:{port}"
+        children: list[int] = []
         try:
             deadline = time.monotonic() + ready_timeout_s
-            while not _ready(base):
+            while not _answers(base, "/readyz" if ready else "/healthz"):
                 assert process.poll() is None, f"service exited: {log_path.read_text()[-3000:]}"
                 assert time.monotonic() < deadline, f"service not ready in {ready_timeout_s} s"
-                time.sleep(0.1)
+                time.sleep(0.05)
+            children = child_pids(process.pid)
+            LAUNCHERS[base] = process
             yield base, process
         finally:
+            LAUNCHERS.pop(base, None)
+            children = children or child_pids(process.pid)
             if process.poll() is None:
-                process.kill()
-                process.wait()
+                process.terminate()
+                try:
+                    process.wait(60)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+            assert_nothing_left(process.pid, children)
 
 
-def _ready(base: str) -> bool:
+@contextmanager
+def served(config: Settings, ready: bool = True) -> Iterator[str]:
+    """`python -m service` with these settings; yields its base URL (see service_process)."""
+    with tempfile.TemporaryDirectory(prefix="service-log-") as logs, \
+            service_process(Path(logs) / "service.log", [], settings_env(config), ready=ready) as (base, _):
+        yield base
+
+
+LAUNCHERS: dict[str, subprocess.Popen] = {}  # base URL -> the launcher process serving it
+
+
+def launcher(base: str | httpx.AsyncClient) -> subprocess.Popen:
+    return LAUNCHERS[str(getattr(base, "base_url", base)).rstrip("/")]
+
+
+def engine_pid(base: str | httpx.AsyncClient) -> int:
+    return next(p for p in child_pids(launcher(base).pid) if b"service.engine" in _cmdline(p))
+
+
+def worker_pids(base: str | httpx.AsyncClient) -> list[int]:
+    return [p for p in child_pids(launcher(base).pid) if b"service.worker" in _cmdline(p)]
+
+
+def _cmdline(pid: int) -> bytes:
     try:
-        return httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) for the length of the block."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def failed_start(config: Settings, timeout_s: float = 120) -> tuple[int, str]:
+    """Run `python -m service` with settings it cannot start with: its exit status and its log."""
+    environment = {**{k: v for k, v in os.environ.items() if not k.startswith("MMAP_")}, **settings_env(config)}
+    process = subprocess.run([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(free_port())],
+                             cwd=REPO, env=environment, capture_output=True, text=True, timeout=timeout_s)
+    return process.returncode, process.stdout + process.stderr
+
+
+def child_pids(pid: int) -> list[int]:
+    """The launcher's children (the engine and the HTTP workers)."""
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def assert_nothing_left(launcher: int, children: list[int], timeout_s: float = 15) -> None:
+    """No process of a stopped service runs, and its shared memory and runtime directory are gone."""
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p) for p in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in children if alive(p)], "processes of the service outlived it"
+    assert not list(SHM_DIR.glob(f"{SHM_PREFIX}.{launcher}.*")), "shared memory left in /dev/shm"
+    assert not list(Path(tempfile.gettempdir()).glob(f"{SHM_PREFIX}-{launcher}-*")), "runtime directory left"
+
+
+def _answers(base: str, path: str) -> bool:
+    try:
+        return httpx.get(f"{base}{path}", timeout=5).status_code == 200
     except httpx.TransportError:
-        return False  # not listening yet: the backbone loads before the socket opens
+        return False  # not listening yet

@@ -1,0 +1,224 @@
+"""An HTTP worker's side of the transport: its pixel ring and its ZeroMQ socket to the engine.
+
+Runs on the worker's event loop. `infer` puts one preprocessed image in a free slot, sends an
+`Infer` and awaits the answer; a reader task resolves answers by id and keeps the catalog current.
+A monitor on the socket sees the engine's connection drop (the engine died): every waiting
+request fails at once with 503 and new ones are refused, instead of hanging until their timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import zmq
+import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
+
+from .errors import ServiceError
+from .transport import (
+    SHM_DIR,
+    Call,
+    Catalog,
+    EngineInfo,
+    Failed,
+    Hello,
+    Infer,
+    PixelRing,
+    Reply,
+    Results,
+    Scored,
+    TaskInfo,
+    Welcome,
+    decode_to_worker,
+    encode,
+    ring_prefix,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_TOP_K = 1 << 30  # "all classes" for any task; keeps the field within the message's integer range
+
+
+class EngineUnavailable(ServiceError):
+    def __init__(self) -> None:
+        super().__init__(503, "engine_unavailable", "the inference engine is not running; retry shortly",
+                         {"Retry-After": "1"})
+
+
+class InferenceTimeout(ServiceError):
+    def __init__(self, timeout_s: float):
+        super().__init__(504, "timeout", f"no result within the request timeout of {timeout_s:g} s")
+
+
+def failure(message: Failed | Reply) -> ServiceError:
+    retry = getattr(message, "retry_after_s", None)
+    return ServiceError(message.status, message.error or "error", message.detail or "",
+                        {"Retry-After": str(retry)} if retry else None)
+
+
+class EngineClient:
+    """One worker's connection to the engine; `start` before use, `close` at the end."""
+
+    def __init__(self, info: EngineInfo, worker: int, slots: int, launcher_pid: int):
+        self.info = info
+        self.worker = worker
+        self.slots = slots
+        height, width = info.image_size
+        path = SHM_DIR / f"{ring_prefix(launcher_pid)}w{worker}.{os.getpid()}"
+        self.ring = PixelRing(path, slots, height, width, create=True)
+        self.catalog = Catalog(generation=-1, ready=False, reason="connecting to the engine", tasks=[])
+        self.tasks: dict[str, TaskInfo] = {}
+        self.down = True  # until the engine has welcomed this worker; again once its connection drops
+        self._free = list(range(slots - 1, -1, -1))
+        self._ids = itertools.count()
+        self._pending: dict[int, tuple[asyncio.Future | None, int | None]] = {}  # id -> (answer, slot or None)
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._tasks: list[asyncio.Task] = []
+
+    async def start(self, timeout_s: float) -> None:
+        """Connect, hand the engine the ring and wait for its Welcome (raises TimeoutError)."""
+        self._socket.connect(self.info.address)
+        welcome: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[-1] = (welcome, None)
+        await self._socket.send(encode(Hello(worker=self.worker, pid=os.getpid(), ring=str(self.ring.path),
+                                             slots=self.slots)))
+        self._tasks = [asyncio.create_task(self._read(), name="engine-reader"),
+                       asyncio.create_task(self._watch(), name="engine-monitor")]
+        try:
+            await asyncio.wait_for(welcome, timeout_s)
+        finally:
+            self.ring.unlink()  # the engine has mapped it (or is gone): nothing may be left in /dev/shm
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_all(EngineUnavailable())
+        self._monitor.close(linger=0)
+        self._socket.close(linger=0)
+        self._context.term()
+        self.ring.unlink()
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        """Mark an upload being read or decoded: the engine may wait for it to fill a batch."""
+        self.ring.add_incoming(1)
+        try:
+            yield
+        finally:
+            self.ring.add_incoming(-1)
+
+    def slot_free(self) -> bool:
+        return bool(self._free)
+
+    async def infer(self, pixels: np.ndarray, task: str, top_k: int, timeout_s: float) -> Scored:
+        """Scores of one image [H, W, 3] uint8 for one task; ServiceError with the engine's refusal."""
+        if self.down:
+            raise EngineUnavailable()
+        if not self._free:
+            raise ServiceError(503, "overloaded", "too many requests in flight on this worker; retry in 1 s",
+                               {"Retry-After": "1"})
+        request = next(self._ids)
+        slot = self._free[-1]
+        message = encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K)))
+        self._free.pop()
+        self.ring.pixels[slot] = pixels
+        answer: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[request] = (answer, slot)  # the slot is released when the engine answers, even late
+        await self._send(message)
+        try:
+            return await asyncio.wait_for(asyncio.shield(answer), timeout_s)
+        except TimeoutError:
+            if request in self._pending:
+                self._pending[request] = (None, slot)  # a late answer only frees the slot
+            raise InferenceTimeout(timeout_s) from None
+
+    async def call(self, op: str, timeout_s: float = 120.0, **args: str) -> Reply:
+        """An operation off the hot path (admin, samples); the engine's refusals come back as ServiceError."""
+        if self.down:
+            raise EngineUnavailable()
+        request = next(self._ids)
+        answer: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[request] = (answer, None)
+        await self._send(encode(Call(id=request, op=op, args=args)))
+        try:
+            reply: Reply = await asyncio.wait_for(asyncio.shield(answer), timeout_s)
+        except TimeoutError:
+            self._pending.pop(request, None)
+            raise InferenceTimeout(timeout_s) from None
+        if reply.status >= 400:
+            raise failure(reply)
+        return reply
+
+    async def _send(self, payload: bytes) -> None:
+        await self._socket.send(payload)
+
+    async def _read(self) -> None:
+        while True:
+            self._dispatch(decode_to_worker(await self._socket.recv()))
+            with contextlib.suppress(zmq.Again):
+                while True:
+                    self._dispatch(decode_to_worker(await self._socket.recv(zmq.NOBLOCK)))
+
+    def _dispatch(self, message: object) -> None:
+        if isinstance(message, Results):
+            for item in message.items:
+                self._dispatch(item)
+            return
+        if isinstance(message, Catalog):
+            self._set_catalog(message)
+            return
+        if isinstance(message, Welcome):
+            self._set_catalog(message.catalog)
+            self.down = False
+            key = -1
+        else:
+            key = message.id  # type: ignore[attr-defined]
+        answer, slot = self._pending.pop(key, (None, None))
+        if slot is not None:
+            self._free.append(slot)
+        if answer is None or answer.done():
+            return
+        if isinstance(message, Failed):
+            answer.set_exception(failure(message))
+        else:
+            answer.set_result(message)
+
+    def _set_catalog(self, catalog: Catalog) -> None:
+        if catalog.generation >= self.catalog.generation:
+            self.catalog = catalog
+            self.tasks = {t.task: t for t in catalog.tasks}
+
+    async def _watch(self) -> None:
+        while True:
+            event = parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED and not self.down:
+                log.error("lost the connection to the engine: failing %d waiting requests", len(self._pending))
+                self.down = True
+                self.catalog = Catalog(generation=self.catalog.generation, ready=False, reason="the engine is not "
+                                       "running", tasks=self.catalog.tasks)
+                self._fail_all(EngineUnavailable())
+
+    def _fail_all(self, error: ServiceError) -> None:
+        pending, self._pending = self._pending, {}
+        for answer, slot in pending.values():
+            if slot is not None:
+                self._free.append(slot)
+            if answer is not None and not answer.done():
+                answer.set_exception(error)
+
+
+def ring_files(launcher_pid: int) -> list[Path]:
+    """Shared-memory files of one service instance still on disk (none, unless a worker died mid-start)."""
+    return sorted(SHM_DIR.glob(f"{ring_prefix(launcher_pid)}*"))

@@ -1,0 +1,205 @@
+"""Between the HTTP workers and the engine: small msgspec messages over ZeroMQ, pixels in shared memory.
+
+Each worker owns a `PixelRing`: a file in /dev/shm holding a header and `slots` uint8 images of the
+model's input size. A worker writes an upload's preprocessed pixels into a free slot and sends an
+`Infer` naming the slot; the engine copies the slot into its batch and answers `Scored` or `Failed`
+with the request's id; only then is the slot free again. Pixels are written once and read once and
+are never pickled. The ring's file is unlinked as soon as the engine has mapped it, so a process
+killed with -9 leaves nothing in /dev/shm (the launcher also removes any file of its own prefix).
+
+Messages (docs/architecture.md, "Engine protocol"): a worker's DEALER socket talks to the engine's
+ROUTER socket. Worker -> engine: `Hello` (once, with the ring), `Infer` (one image), `Call` (admin
+operations, sample files). Engine -> worker: `Welcome` (answers Hello), `Catalog` (what is served;
+pushed to every worker after each change), `Scored` / `Failed` (answer an Infer; those of one batch travel
+together as `Results`), `Reply` (answers a
+Call). One `Infer` carries one image, so requests with several images or their own label sets add
+fields and messages, not another protocol.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+# The environment a launcher hands to the processes it starts (besides the settings, see settings.py).
+ENGINE_READY_FD_ENV = "MMAP_ENGINE_READY_FD"  # the engine writes its EngineInfo here once it serves
+ENGINE_ADDRESS_ENV = "MMAP_ENGINE_ADDRESS"  # the engine's ZeroMQ endpoint
+ENGINE_INFO_ENV = "MMAP_ENGINE_INFO"  # a worker's copy of the EngineInfo (JSON)
+WORKER_INDEX_ENV = "MMAP_WORKER_INDEX"
+LISTEN_FD_ENV = "MMAP_LISTEN_FD"  # the inherited listening socket
+LAUNCHER_PID_ENV = "MMAP_LAUNCHER_PID"
+
+SHM_DIR = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+SHM_PREFIX = "mmap-serve"
+HEADER_BYTES = 4096  # the ring's header page: int64 counters, then the slots (page-aligned)
+
+
+def ring_prefix(launcher_pid: int) -> str:
+    """Every shared-memory file of one service instance starts with this (so its launcher can remove them)."""
+    return f"{SHM_PREFIX}.{launcher_pid}."
+
+
+class SharedMemoryTooSmall(RuntimeError):
+    """/dev/shm cannot hold a worker's ring: the container needs more shared memory."""
+
+
+class PixelRing:
+    """`slots` images [H, W, 3] uint8 in one shared-memory file, plus a counter of uploads on their way.
+
+    `incoming` (header int64 0) is written by the worker alone: the number of requests it is reading
+    or decoding now. The engine sums it over workers to decide whether waiting for a fuller batch
+    can pay off.
+    """
+
+    def __init__(self, path: Path, slots: int, height: int, width: int, create: bool):
+        self.path = Path(path)
+        self.slots = slots
+        self.shape = (height, width, 3)
+        size = HEADER_BYTES + slots * height * width * 3
+        fd = os.open(self.path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        try:
+            if create:
+                try:
+                    os.posix_fallocate(fd, 0, size)  # reserve now: a full tmpfs would otherwise SIGBUS on first write
+                except OSError as e:
+                    os.close(fd)
+                    fd = -1
+                    self.path.unlink(missing_ok=True)
+                    raise SharedMemoryTooSmall(
+                        f"cannot reserve {size / 2**20:.1f} MiB of shared memory in {SHM_DIR} ({e.strerror}): give "
+                        "the container more (docker run --shm-size, compose shm_size, a k8s emptyDir with medium: "
+                        "Memory at /dev/shm) or lower MMAP_WORKER_SLOTS") from None
+            elif os.fstat(fd).st_size < size:
+                raise ValueError(f"{self.path} holds {os.fstat(fd).st_size} bytes, expected {size}")
+            self._mmap = mmap.mmap(fd, size)
+        finally:
+            if fd >= 0:
+                os.close(fd)
+        self.header = np.ndarray((HEADER_BYTES // 8,), np.int64, buffer=self._mmap)
+        self.pixels = np.ndarray((slots, *self.shape), np.uint8, buffer=self._mmap, offset=HEADER_BYTES)
+
+    @property
+    def incoming(self) -> int:
+        return int(self.header[0])
+
+    def add_incoming(self, n: int) -> None:
+        self.header[0] += n
+
+    def unlink(self) -> None:
+        """Remove the file; the mapping stays valid for every process that has it."""
+        self.path.unlink(missing_ok=True)
+
+
+# ---- messages ----
+
+class Hello(msgspec.Struct, tag=True):
+    worker: int  # the worker's index (a replacement keeps its predecessor's)
+    pid: int
+    ring: str  # path of the worker's PixelRing
+    slots: int
+
+
+class Infer(msgspec.Struct, tag=True):
+    id: int
+    slot: int
+    task: str
+    top_k: int
+
+
+class Call(msgspec.Struct, tag=True):
+    """Operations off the hot path: `admin.list`, `admin.load`, `admin.unload` (arg: a set name), `sample`."""
+
+    id: int
+    op: str
+    args: dict[str, str] = {}
+
+
+class TaskInfo(msgspec.Struct):
+    task: str
+    prompt_set: str
+    version: str
+    method: str
+    group: str | None
+    classes: list[str]
+    samples: list[str]
+
+
+class Catalog(msgspec.Struct, tag=True):
+    generation: int
+    ready: bool
+    reason: str | None  # why not ready
+    tasks: list[TaskInfo]
+
+
+class Welcome(msgspec.Struct, tag=True):
+    engine_pid: int
+    catalog: Catalog
+
+
+class Scored(msgspec.Struct, tag=True):
+    id: int
+    task: str
+    version: str
+    prompt_set: str
+    method: str
+    labels: list[str]
+    scores: list[float]
+
+
+class Failed(msgspec.Struct, tag=True):
+    id: int
+    status: int
+    error: str
+    detail: str
+    retry_after_s: int | None = None
+
+
+class Results(msgspec.Struct, tag=True):
+    """The answers of one batch for one worker: one message instead of one per image."""
+
+    items: list[Scored | Failed]
+
+
+class Reply(msgspec.Struct, tag=True):
+    id: int
+    status: int
+    body: Any  # a JSON-able answer; bytes for `sample`
+    error: str | None = None
+    detail: str | None = None
+
+
+ToEngine = Hello | Infer | Call
+ToWorker = Welcome | Catalog | Results | Scored | Failed | Reply
+
+encode = msgspec.msgpack.Encoder().encode
+decode_to_engine = msgspec.msgpack.Decoder(ToEngine).decode
+decode_to_worker = msgspec.msgpack.Decoder(ToWorker).decode
+
+
+class EngineInfo(msgspec.Struct):
+    """What the launcher learns from the engine once it is up, and hands to every worker."""
+
+    address: str  # the engine's ZeroMQ endpoint
+    pid: int
+    image_size: tuple[int, int]  # (H, W) of the model's input
+    preprocess: dict[str, Any]  # open_clip's PreprocessCfg fields (size, mode, mean, std, interpolation, resize_mode)
+    model: str
+    pretrained: str | None
+    fingerprint: str
+    device: str
+    precision: str
+    backend: str
+
+
+def engine_info_json(info: EngineInfo) -> bytes:
+    return msgspec.json.encode(info)
+
+
+def engine_info_from_json(data: bytes | str) -> EngineInfo:
+    return msgspec.json.decode(data, type=EngineInfo)

@@ -1,0 +1,115 @@
+"""Uploads, in an HTTP worker: read and check the body, decode it, and preprocess it to uint8 pixels.
+
+`read_upload` takes the image bytes of a multipart field `file` or of a raw image/* body, refusing
+more than the limit before reading where the client declares its length, and as soon as it is
+exceeded otherwise. `Preprocessor` is open_clip's eval transform up to, not including, ToTensor and
+Normalize: resize (PIL, the same call torchvision makes) and center crop, giving [H, W, 3] uint8.
+The engine divides by 255 and normalises on its device, so the whole pipeline is bit-identical to
+open_clip's own transform while a quarter of the bytes cross to the engine and the device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+from .images import ImageRejected, decode_image, load_image, open_image
+
+MULTIPART_OVERHEAD = 64 << 10  # boundary and part headers around the file in a multipart body
+RAW_TYPES = ("image/", "application/octet-stream")
+PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+               "nearest": Image.Resampling.NEAREST}
+
+
+async def read_upload(request: Request, max_bytes: int) -> bytes:
+    """The image bytes of a multipart field `file` or a raw image/* body (ImageRejected otherwise)."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    is_form = media == "multipart/form-data"
+    if not is_form and not media.startswith(RAW_TYPES):
+        raise ImageRejected(415, "unsupported_type", "send the image as multipart/form-data field 'file' or as a raw "
+                                                     f"image/* body (content-type was {media or 'missing'!r})")
+    allowed = max_bytes + (MULTIPART_OVERHEAD if is_form else 0)
+    too_large = ImageRejected(413, "upload_too_large", f"upload larger than the limit of {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > allowed:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > allowed:
+            raise too_large
+    data = await _form_file(request, bytes(body)) if is_form else bytes(body)
+    if len(data) > max_bytes:
+        raise too_large
+    return data
+
+
+async def _form_file(request: Request, body: bytes) -> bytes:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body
+
+    try:
+        form = await MultiPartParser(request.headers, chunks(), max_files=1, max_fields=16).parse()
+    except MultiPartException as e:
+        raise ImageRejected(422, "corrupt", f"malformed multipart body: {e}") from e
+    try:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ImageRejected(422, "missing_file", "the multipart body has no file field named 'file'")
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+class Preprocessor:
+    """Decoded upload -> [H, W, 3] uint8 at the model's input size, as open_clip's eval transform makes it.
+
+    `cfg` holds open_clip's PreprocessCfg fields. Supported: resize_mode "shortest" with a square size
+    (torchvision Resize of the short side, then CenterCrop) and "squash" (Resize to (H, W)); others
+    raise ValueError at start-up rather than serve different pixels.
+    """
+
+    def __init__(self, cfg: dict[str, Any], max_pixels: int):
+        size = cfg["size"]
+        self.height, self.width = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        self.mode = cfg.get("resize_mode", "shortest")
+        if self.mode not in ("shortest", "squash") or (self.mode == "shortest" and self.height != self.width):
+            raise ValueError(f"the workers cannot preprocess resize_mode={self.mode!r} at size {size}")
+        interpolation = cfg.get("interpolation", "bicubic")
+        if interpolation not in PIL_FILTERS:
+            raise ValueError(f"the workers cannot preprocess interpolation={interpolation!r}")
+        self.filter = PIL_FILTERS[interpolation]
+        self.max_pixels = max_pixels
+
+    def __call__(self, data: bytes) -> np.ndarray:
+        """Decode (safely, see images.py) and preprocess one upload."""
+        return self.pixels(decode_image(data, self.max_pixels))
+
+    def open(self, data: bytes) -> Image.Image:
+        """The upload's checked header (see images.open_image); `finish` decodes and preprocesses it."""
+        return open_image(data, self.max_pixels)
+
+    def finish(self, image: Image.Image) -> np.ndarray:
+        return self.pixels(load_image(image))
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        width, height = image.size
+        if self.mode == "squash":
+            target = (self.width, self.height)
+        else:  # torchvision's _compute_resized_output_size for an int size: the short side becomes `size`
+            short, long = (width, height) if width <= height else (height, width)
+            new_long = int(self.height * long / short)
+            target = (self.height, new_long) if width <= height else (new_long, self.height)
+        if target != (width, height):
+            image = image.resize(target, self.filter)
+        if image.size != (self.width, self.height):  # torchvision's center_crop (the resize never undershoots)
+            left = int(round((image.size[0] - self.width) / 2.0))
+            top = int(round((image.size[1] - self.height) / 2.0))
+            image = image.crop((left, top, left + self.width, top + self.height))
+        return np.asarray(image, dtype=np.uint8)
