@@ -48,6 +48,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 # Swagger UI and ReDoc as files in an installed package: FastAPI's default pages load them from a CDN,
 # which leaves /docs blank on an air-gapped host.
 DOCS_ASSETS = Path(str(importlib.resources.files("fastapi_offline") / "static"))
+WORKER_HEADER = "x-mmap-worker"  # which HTTP worker answered a classify request (its index)
 INLINE_DECODE_PIXELS = 256 * 256  # decoded on the event loop up to this size (about a millisecond at most)
 
 
@@ -166,7 +167,7 @@ async def classify(request: Request,
                                  "method": result.method, "predictions": [
                                      {"label": label, "score": score}
                                      for label, score in zip(result.labels, result.scores, strict=True)]}),
-                    media_type="application/json")
+                    media_type="application/json", headers={WORKER_HEADER: str(engine.worker)})
 
 
 def _task_info(info: TaskInfo) -> TaskInfoModel:

@@ -176,7 +176,7 @@ def test_sustained_load_with_a_hot_swap_every_second(tmp_path, tiny):
         ps.save(staged / str(i))  # written once; each swap is a copy + rename (the documented publish)
 
     async def scenario():
-        async with serve(settings(prompts, admin_token=ADMIN_TOKEN, **WATCH)) as client:
+        async with serve(settings(prompts, admin_token=ADMIN_TOKEN, workers=2, **WATCH)) as client:
             seen: Counter[str] = Counter()
             swaps = 0
             async with GoodTraffic(client, ("clipart", "product", "real", "sketch"), workers=4, minimum=100) as good:

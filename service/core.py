@@ -1,0 +1,221 @@
+"""The engine's model side: the ONE frozen CLIP, the prompt-set registry, batched scoring, and the
+operations off the hot path (admin, sample files). Transport-free: the engine process's loop
+(engine.py) drives it, and so does the Ray Serve engine deployment (deploy/ray).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmap_model import Backbone, PromptedCLIP, PromptSetError
+from mmap_model.prompts import check_name
+from mmap_model.promptset import read_file_within
+
+from .backends import PixelNormalizer, make_image_tower
+from .metrics import Metrics
+from .registry import MAX_SAMPLE_BYTES, SAMPLE_TYPES, PromptSlot, Registry, TaskHandle
+from .settings import Settings
+from .transport import Catalog, EngineInfo, Failed, Scored, TaskInfo
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    """One image waiting for its batch."""
+
+    request: int  # the id its answer carries
+    pixels: np.ndarray  # [H, W, 3] uint8 (a view of a worker's slot: copied when the batch is built)
+    handle: TaskHandle  # of the snapshot the request arrived in: a swap never breaks it
+    slot: PromptSlot
+    top_k: int
+    arrived: float = 0.0  # time.monotonic()
+    client: Any = None  # who to answer (the engine loop's business)
+
+
+class CallRefused(Exception):
+    """An admin or sample call refused with an HTTP status (the worker answers it as is)."""
+
+    def __init__(self, status: int, error: str, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+
+
+
+
+class InferenceCore:
+    """The model, the registry and what is done with them; not thread-safe but for `call` (loader thread)."""
+
+    def __init__(self, settings: Settings, backbone: Backbone, metrics: Metrics):
+        self.settings = settings
+        self.backbone = backbone
+        self.metrics = metrics
+        self.registry = Registry(backbone, settings.prompts, metrics, settings.watch_debounce_s)
+        self.tower = make_image_tower(settings.backend, backbone, settings)
+        cfg = backbone.preprocess_cfg
+        self.normalize = PixelNormalizer(backbone.device, cfg["mean"], cfg["std"])
+        self.logit_scale = float(PromptedCLIP(backbone.model).logit_scale)
+        self.ready = False
+        self.failure: str | None = None
+        self.last_forward_s = 0.0
+        self.operations: dict[str, Callable[[dict[str, str]], Any]] = {
+            "admin.list": lambda args: self.listing(),
+            "admin.load": lambda args: self._load(args.get("name", "")),
+            "admin.unload": lambda args: self._unload(args.get("name", "")),
+            "sample": lambda args: self._sample(args.get("task", ""), args.get("filename", "")),
+        }
+
+    def info(self, address: str) -> EngineInfo:
+        cfg = self.backbone.preprocess_cfg
+        return EngineInfo(address=address, pid=os.getpid(), image_size=tuple(cfg["size"]), preprocess=cfg,
+                          model=self.backbone.model_name, pretrained=self.backbone.pretrained,
+                          fingerprint=self.backbone.fingerprint, device=str(self.backbone.device),
+                          precision=self.settings.precision, backend=self.settings.backend)
+
+    def admit(self, request: int, task: str, pixels: np.ndarray, top_k: int, queued: int) -> Pending | Failed:
+        """A request for the queue, or its refusal: unknown task, not ready, queue full (`queued` waiting)."""
+        snapshot = self.registry.snapshot
+        handle = snapshot.tasks.get(task)
+        if handle is None:
+            loaded = ", ".join(sorted(snapshot.tasks)) or "none"
+            return Failed(request, 404, "unknown_task", f"unknown task {task!r}; loaded tasks: {loaded}")
+        if not self.ready:
+            return Failed(request, 503, "not_ready", self.not_ready_reason() or "", 1)
+        if queued >= self.settings.queue_size:
+            retry = max(1, int(np.ceil(queued / self.settings.max_batch_size * self.last_forward_s)))
+            return Failed(request, 503, "overloaded", f"the request queue is full; retry in {retry} s", retry)
+        return Pending(request, pixels, handle, snapshot.slots[task], top_k, time.monotonic())
+
+    def score(self, items: list[Pending]) -> list[Scored | Failed]:
+        """Answers in the order of `items`: one forward per prompt bank, each row scored over its own task."""
+        answers: list[Scored | Failed] = [None] * len(items)  # type: ignore[list-item]
+        groups: dict[int, list[int]] = {}
+        for i, item in enumerate(items):
+            groups.setdefault(id(item.slot.bank), []).append(i)
+        for rows in groups.values():
+            group = [items[i] for i in rows]
+            start = time.perf_counter()
+            try:
+                results: list[Scored | Failed] = list(self._forward(group))
+            except Exception as e:  # a failing forward fails its own requests, not the service
+                log.exception("inference failed for a batch of %d", len(group))
+                results = [Failed(i.request, 500, "inference_failed", f"{type(e).__name__}: {e}") for i in group]
+            elapsed = time.perf_counter() - start
+            for i, result in zip(rows, results, strict=True):
+                answers[i] = result
+            self.last_forward_s = elapsed
+            self.metrics.batch_size.observe(len(group))
+            self.metrics.inference_duration.observe(elapsed)
+            self.metrics.forward_per_image.observe(elapsed / len(group))
+        return answers
+
+    def _forward(self, items: list[Pending]) -> list[Scored]:
+        """One forward for items of one prompt bank, then each row scored over its own task's classes."""
+        bank = items[0].slot.bank
+        with torch.inference_mode():
+            pixels = torch.from_numpy(np.stack([item.pixels for item in items]))  # copies out of the slots
+            prompts = None if bank is None else bank[torch.tensor([i.slot.index for i in items], device=bank.device)]
+            features = self.tower(self.normalize(pixels), prompts).to(self.backbone.device)
+            rows_of: dict[int, list[int]] = {}
+            for row, item in enumerate(items):
+                rows_of.setdefault(id(item.handle), []).append(row)
+            answers: list[Scored] = [None] * len(items)  # type: ignore[list-item]
+            for rows in rows_of.values():
+                handle = items[rows[0]].handle
+                index = torch.tensor(rows, device=features.device)
+                probs = (self.logit_scale * features[index] @ handle.text_features.T).softmax(dim=-1)
+                k = min(max(items[r].top_k for r in rows), len(handle.classnames))
+                scores, labels = (t.tolist() for t in probs.topk(k))
+                for row, row_scores, row_labels in zip(rows, scores, labels, strict=True):
+                    n = min(items[row].top_k, k)
+                    answers[row] = Scored(items[row].request, handle.task, handle.version, handle.prompt_set,
+                                          handle.method, [handle.classnames[i] for i in row_labels[:n]], row_scores[:n])
+        return answers
+
+
+    def warm_up(self) -> None:
+        """One forward per prompt bank (and one unprompted), off the metrics: first-call costs go here."""
+        height, width = self.backbone.preprocess_cfg["size"]
+        pixels = torch.zeros(1, height, width, 3, dtype=torch.uint8)
+        banks = {id(s.bank): s.bank for s in self.registry.snapshot.slots.values()} | {id(None): None}
+        with torch.inference_mode():
+            for bank in banks.values():
+                self.tower(self.normalize(pixels), None if bank is None else bank[:1])
+
+
+    def call(self, op: str, args: dict[str, str]) -> Any:
+        """An operation off the hot path (CallRefused with an HTTP status when refused); reads files."""
+        if op not in self.operations:
+            raise CallRefused(400, "unknown_operation", f"unknown operation {op!r}")
+        return self.operations[op](args)
+
+    def listing(self) -> dict[str, Any]:
+        return {"directory": str(self.registry.directory), "directory_error": self.registry.directory_error,
+                "prompt_sets": [dataclasses.asdict(s) for s in self.registry.status()]}
+
+    def _load(self, name: str) -> dict[str, Any]:
+        try:
+            check_name(name)
+        except ValueError as e:
+            raise CallRefused(422, "invalid_name", str(e)) from e
+        if not (self.registry.directory / name).is_dir():
+            raise CallRefused(404, "not_found", f"no prompt-set directory {name!r} in {self.registry.directory}")
+        try:
+            self.registry.load(name)
+        except PromptSetError as e:
+            serving = self.registry.snapshot.sets.get(name)
+            keeps = f"; version {serving.version} keeps serving" if serving else ""
+            raise CallRefused(422, "load_failed", f"{e}{keeps}") from e
+        return self.listing()
+
+    def _unload(self, name: str) -> dict[str, Any]:
+        if not self.registry.unload(name):
+            raise CallRefused(404, "not_loaded", f"prompt set {name!r} is not loaded")
+        return self.listing()
+
+    def _sample(self, task: str, filename: str) -> dict[str, Any]:
+        handle = self.registry.snapshot.tasks.get(task)
+        if handle is None:
+            raise CallRefused(404, "unknown_task", f"unknown task {task!r}")
+        missing = CallRefused(404, "unknown_sample", f"task {task!r} has no sample {filename!r}")
+        if filename not in handle.samples:  # only listed names: no path ever comes from the client
+            raise missing
+        # Read now, judged on the opened file: it may have been removed since the load, or replaced by a
+        # symlink out of the prompt directory (even for just the moment of the open).
+        try:
+            data = read_file_within(handle.sample_dir / filename, MAX_SAMPLE_BYTES, self.registry.directory.resolve())
+        except PromptSetError:
+            raise missing from None
+        return {"data": data, "media_type": SAMPLE_TYPES[Path(filename).suffix.lower()]}
+
+    # ---- what is served ----
+
+    def not_ready_reason(self) -> str | None:
+        """None when ready: prompt sets loaded, warm-up done, at least one task served."""
+        if self.failure:
+            return f"start-up failed: {self.failure}"
+        if not self.ready:
+            return "loading prompt sets and warming up"
+        if not self.registry.snapshot.tasks:
+            failed = [s.name for s in self.registry.status() if s.state == "failed"]
+            return f"no prompt set loaded from {self.settings.prompts}" + (
+                f"; failed: {', '.join(failed)} (see the log or /admin/promptsets)" if failed else "")
+        return None
+
+    def catalog(self, generation: int) -> Catalog:
+        snapshot = self.registry.snapshot
+        reason = self.not_ready_reason()
+        tasks = [TaskInfo(h.task, h.prompt_set, h.version, h.method, h.group, list(h.classnames), list(h.samples))
+                 for h in (snapshot.tasks[t] for t in sorted(snapshot.tasks))]
+        return Catalog(generation, reason is None, reason, tasks)
