@@ -115,6 +115,7 @@ def test_compose_reserves_a_gpu_and_mounts_prompts_and_cache():
     (device,) = service["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
     assert "8000:8000" in service["ports"]
+    assert service["shm_size"] == "1gb"  # the HTTP workers' pixel rings (Docker's default /dev/shm is 64 MB)
     targets = {(parts[-2] if parts[-1] in ("ro", "rw") else parts[-1]): v
                for v in service["volumes"] for parts in [v.split(":")]}
     assert targets["/prompts"].endswith(":ro") and "/cache" in targets

@@ -82,6 +82,9 @@ def test_prompt_sets_come_from_the_shared_volume_the_config_names():
     # the root filesystem is read-only: everything the service writes must be a volume
     assert pod["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
     assert {"/cache", "/tmp"} <= {m["mountPath"] for m in mounts.values()}
+    # the HTTP workers' pixel rings live in /dev/shm: memory-backed and larger than a container's 64 MB default
+    (shm,) = [n for n, m in mounts.items() if m["mountPath"] == "/dev/shm"]
+    assert volumes[shm]["emptyDir"]["medium"] == "Memory"
 
 
 def test_config_sets_only_real_settings_with_valid_values():

@@ -1,5 +1,6 @@
-"""Ray Serve (deploy/ray): a local Serve on the CPU with 2 replicas of the service's own app answers the
-same HTTP API through Ray's proxy, both replicas serve, and everything shuts down. Bounded in time."""
+"""Ray Serve (deploy/ray): a local Serve on the CPU with 2 ingress replicas (the service's own HTTP app) in
+front of an engine replica answers the same HTTP API through Ray's proxy, both ingress replicas serve, the
+scores are the reference's, and everything shuts down. Bounded in time."""
 
 from __future__ import annotations
 
@@ -50,16 +51,18 @@ def test_two_replicas_serve_the_http_api_through_the_ray_proxy(serve_app_module,
                  runtime_env={"env_vars": {"PYTHONPATH": str(DEPLOY_RAY)}})  # replicas import serve_app as a cluster would
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = {**SERVED, "prompts": str(tmp_path), "device": "cpu", "watch_interval_s": 0, "decode_workers": 1,
-                    "max_batch_size": 8}
-        deployment = serve_app_module.MmapServe.options(
-            num_replicas=2, ray_actor_options={"num_cpus": 0.5, "num_gpus": 0})
-        serve.run(deployment.bind(settings=settings), name="mmap", route_prefix="/")  # returns once replicas run
+                    "max_batch_size": 8, "engine_threads": 1}
+        cpu = {"num_cpus": 0.5, "num_gpus": 0}
+        engine = serve_app_module.MmapEngine.options(num_replicas=1, ray_actor_options=cpu).bind(settings=settings)
+        ingress = serve_app_module.MmapIngress.options(num_replicas=2, ray_actor_options=cpu)
+        serve.run(ingress.bind(engine, settings=settings), name="mmap", route_prefix="/")  # returns once replicas run
         status = serve.status().applications["mmap"]
         assert status.status == "RUNNING"
-        assert status.deployments["mmap-serve"].replica_states == {"RUNNING": 2}
+        assert status.deployments["mmap-ingress"].replica_states == {"RUNNING": 2}
+        assert status.deployments["mmap-engine"].replica_states == {"RUNNING": 1}
 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-            assert client.get("/readyz").json()["ready"] is True  # the lifespan waited for the warm-up
+            assert client.get("/readyz").json()["ready"] is True  # the engine replica warmed up before it ran
             assert {t["task"] for t in client.get("/tasks").json()["tasks"]} == set(OFFICE)
             data = {seed: image_bytes(seed) for seed in range(4)}
 

@@ -1,47 +1,59 @@
-"""Ray Serve: mmap-serve's engine in N replicas behind Ray's HTTP proxy, with the same HTTP API.
+"""Ray Serve: mmap-serve's process split as two deployments, with the same HTTP API.
 
     serve run deploy/ray/serve.yaml                 # from the repository root (PYTHONPATH=deploy/ray)
-    serve run serve_app:app                         # defaults + MMAP_* env, one replica
+    serve run serve_app:app                         # defaults + MMAP_* env, one replica of each
 
-Each replica runs the service's own FastAPI app (`service.create_app`) as its ingress: its own
-prompt-set registry, cross-task batcher and backend (torch or onnx), nothing re-implemented.
-Ray's proxy spreads requests over the replicas; each replica batches what it receives. Per replica:
+- `mmap-ingress` (CPU replicas): the service's own FastAPI app (`service.app.create_app`): reads,
+  checks, decodes and preprocesses uploads to uint8 pixels, exactly as an HTTP worker does, and
+  calls the engine through a DeploymentHandle instead of shared memory + ZeroMQ. Responses carry
+  `x-mmap-replica: <replica id>`.
+- `mmap-engine` (GPU replicas): the service's `InferenceCore` (the frozen CLIP, the prompt-set
+  registry, batched scoring), with Serve's `@serve.batch` gathering images across ingress replicas
+  and tasks into one forward (`max_batch_size`, `max_wait_ms` from the settings). A replica turns
+  healthy once its prompt sets are loaded and warmed up; its watcher thread follows the prompt
+  directory, and the ingress replicas refresh their catalog from it every `CATALOG_REFRESH_S`.
 
-- settings: `Settings(**overrides)` over the replica's `MMAP_*` environment (set them in the Serve
-  config's `runtime_env.env_vars`; `args.settings` of the config overrides per application);
-- a replica starts serving only once its prompt sets are loaded and the warm-up forward ran (the
-  app's lifespan waits for it), and a start-up failure fails the replica, which Serve restarts;
-  `check_health` reports a replica whose start-up failed;
-- responses carry `x-mmap-replica: <replica id>`, so a client (and the test) sees who served it;
-- `max_ongoing_requests` must be at least `max_batch_size`: Serve caps the requests a replica
-  holds at once, so a lower cap would cap the batch.
-
-Prompt sets come from a directory every replica can read (a shared volume); each replica's
-watcher picks up what is published there. The admin API, if enabled, acts on the ONE replica that
-answers: publish through the shared directory instead.
+Settings: `Settings(**overrides)` over the replicas' `MMAP_*` environment (the Serve config's
+`runtime_env.env_vars`; `args.settings` overrides per application). Prompt sets come from a
+directory every engine replica can read. The admin API, if enabled, acts on the ONE engine replica
+that answers: publish through the shared directory instead. /metrics on an ingress replica shows
+that replica's request metrics; the engine's batch metrics are in the engine replicas' processes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import threading
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
 from typing import Any
 
+import msgspec
+import numpy as np
 from fastapi import FastAPI
 from ray import serve
 from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import Settings, create_app
+from service import (
+    Settings,
+    transport,  # its encoder and decoder by module: the deployments are pickled by value
+)
+from service.app import create_app
+from service.engine_client import EngineUnavailable, InferenceTimeout, failure
+from service.transport import Catalog, EngineInfo, Failed, Reply, Scored, TaskInfo
+
+log = logging.getLogger(__name__)
 
 REPLICA_HEADER = b"x-mmap-replica"
-DEFAULT_READY_TIMEOUT_S = 900.0  # weights may download, and onnx graphs export, before a replica is ready
+CATALOG_REFRESH_S = 0.5
 
 
 class ReplicaHeader:
-    """Pure ASGI middleware: every HTTP response says which replica produced it."""
+    """Pure ASGI middleware: every HTTP response says which ingress replica produced it."""
 
     def __init__(self, app: ASGIApp, replica: str):
         self.app = app
@@ -60,65 +72,156 @@ class ReplicaHeader:
         await self.app(scope, receive, tagged)
 
 
-async def wait_until_warm(app: FastAPI, timeout_s: float) -> None:
-    """Return once the service has loaded its prompt sets and warmed up; raise if start-up failed."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        service = app.state.service
-        if service is not None and service.failure:
-            raise RuntimeError(f"mmap-serve replica failed to start: {service.failure}")
-        if service is not None and service.warmed_up:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"mmap-serve replica not warm after {timeout_s:g} s")
-        await asyncio.sleep(0.05)
+@serve.deployment(name="mmap-engine", max_ongoing_requests=256, health_check_period_s=10,
+                  health_check_timeout_s=30, graceful_shutdown_timeout_s=30)
+class MmapEngine:
+    """One engine replica: an InferenceCore, ready (loaded and warmed up) when the constructor returns."""
 
+    def __init__(self, settings: dict[str, Any] | None = None):
+        import torch  # the engine side alone imports the model stack
 
-@serve.deployment(
-    name="mmap-serve",
-    max_ongoing_requests=128,  # >= max_batch_size, or Serve caps the batch
-    health_check_period_s=10,
-    health_check_timeout_s=30,
-    graceful_shutdown_timeout_s=30,
-)
-@serve.ingress()
-class MmapServe:
-    """One replica: the service's FastAPI app with its own registry, batcher and backend."""
+        from service.backbone import load_configured_backbone
+        from service.core import InferenceCore
+        from service.engine import engine_threads
+        from service.metrics import Metrics
 
-    def __init__(self, settings: dict[str, Any] | None = None, ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S):
         self.settings = Settings(**(settings or {}))
-        self.ready_timeout_s = ready_timeout_s
+        torch.set_num_threads(engine_threads(self.settings))
+        self.core = InferenceCore(self.settings, load_configured_backbone(self.settings), Metrics())
+        self.core.registry.scan()
+        self.core.warm_up()
+        self.core.ready = True
+        self.infer.set_max_batch_size(self.settings.max_batch_size)
+        self.infer.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000)
+        self._generation, self._state = 0, None
+        if self.settings.watch_interval_s > 0:
+            threading.Thread(target=self._watch, name="watch-prompts", daemon=True).start()
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.settings.watch_interval_s)
+            try:
+                self.core.registry.poll(time.monotonic())
+            except Exception:  # a broken directory must not end the watch; the next poll retries
+                log.exception("prompt-directory poll failed")
+
+    async def engine_info(self) -> bytes:
+        return msgspec.json.encode(self.core.info("ray"))
+
+    async def catalog(self) -> bytes:
+        state = (id(self.core.registry.snapshot), self.core.ready, self.core.failure)
+        if state != self._state:
+            self._state, self._generation = state, self._generation + 1
+        return transport.encode(self.core.catalog(self._generation))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def infer(self, requests: list[tuple[np.ndarray, str, int]]) -> list[bytes]:
+        """One batch across ingress replicas and tasks: (pixels [H, W, 3] uint8, task, top_k) each."""
+        answers: list[Scored | Failed | None] = [None] * len(requests)
+        admitted = []
+        for i, (pixels, task, top_k) in enumerate(requests):
+            item = self.core.admit(i, task, pixels, top_k, 0)  # Serve bounds the queue (max_ongoing_requests)
+            if isinstance(item, Failed):
+                answers[i] = item
+            else:
+                admitted.append(item)
+        for item, answer in zip(admitted, self.core.score(admitted), strict=True):
+            answers[item.request] = answer
+        return [transport.encode(a) for a in answers]
+
+    async def call(self, op: str, args: dict[str, str]) -> bytes:
+        from service.core import CallRefused
+
+        try:
+            return transport.encode(Reply(0, 200, await asyncio.to_thread(self.core.call, op, args)))
+        except CallRefused as e:
+            return transport.encode(Reply(0, e.status, None, e.error, str(e)))
+
+    def check_health(self) -> None:
+        if self.core.failure:
+            raise RuntimeError(self.core.failure)
+
+
+class RayEngineClient:
+    """An ingress replica's engine: the same interface as service.engine_client.EngineClient."""
+
+    def __init__(self, engine: DeploymentHandle, replica: str):
+        self.engine = engine
+        self.worker = replica
+        self.info: EngineInfo | None = None
+        self.catalog = Catalog(generation=-1, ready=False, reason="connecting to the engine", tasks=[])
+        self.tasks: dict[str, TaskInfo] = {}
+        self.down = True
+        self._refresh: asyncio.Task | None = None
+
+    async def start(self) -> RayEngineClient:
+        self.info = msgspec.json.decode(await self.engine.engine_info.remote(), type=EngineInfo)
+        await self._fetch_catalog()
+        self._refresh = asyncio.create_task(self._follow(), name="catalog")
+        return self
+
+    async def _fetch_catalog(self) -> None:
+        catalog = transport.decode_to_worker(await self.engine.catalog.remote())
+        self.catalog, self.tasks, self.down = catalog, {t.task: t for t in catalog.tasks}, False
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(CATALOG_REFRESH_S)
+            try:
+                await self._fetch_catalog()
+            except Exception as e:  # the engine is being replaced: refuse requests until it is back
+                log.warning("engine unreachable: %s", e)
+                self.down = True
+
+    @contextlib.contextmanager
+    def incoming(self) -> Iterator[None]:
+        yield  # Serve's batching waits `max_wait_ms` by itself
+
+    async def infer(self, pixels: np.ndarray, task: str, top_k: int, timeout_s: float) -> Scored:
+        if self.down:
+            raise EngineUnavailable()
+        try:
+            answer = transport.decode_to_worker(await asyncio.wait_for(self.engine.infer.remote((pixels, task, top_k)), timeout_s))
+        except TimeoutError:
+            raise InferenceTimeout(timeout_s) from None
+        if isinstance(answer, Failed):
+            raise failure(answer)
+        return answer
+
+    async def call(self, op: str, timeout_s: float = 120.0, **args: str) -> Reply:
+        reply: Reply = transport.decode_to_worker(await asyncio.wait_for(self.engine.call.remote(op, args), timeout_s))
+        if reply.status >= 400:
+            raise failure(reply)
+        return reply
+
+    async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresh
+
+
+@serve.deployment(name="mmap-ingress", max_ongoing_requests=256, graceful_shutdown_timeout_s=30)
+@serve.ingress()
+class MmapIngress:
+    """One ingress replica: the service's HTTP app, its engine behind a DeploymentHandle."""
+
+    def __init__(self, engine: DeploymentHandle, settings: dict[str, Any] | None = None):
+        self.engine = engine
+        self.settings = Settings(**(settings or {}))
         self.replica = serve.get_replica_context().replica_id.unique_id
-        self.service_app: FastAPI | None = None  # not `app`: the ingress wrapper owns that name
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         """Called by Serve once per replica, after __init__; Serve then runs the app's lifespan."""
-        app = create_app(self.settings)
-        service_lifespan = app.router.lifespan_context
-        timeout_s = self.ready_timeout_s
-
-        @asynccontextmanager
-        async def lifespan(app_: FastAPI) -> AsyncIterator[None]:
-            async with service_lifespan(app_):
-                await wait_until_warm(app_, timeout_s)  # Serve routes to a replica once its start-up returns
-                yield
-
-        app.router.lifespan_context = lifespan
+        app = create_app(self.settings, RayEngineClient(self.engine, self.replica).start)
         app.add_middleware(ReplicaHeader, replica=self.replica)
-        self.service_app = app
         return app
-
-    async def check_health(self) -> None:
-        """Serve's health check: a replica whose start-up failed is unhealthy (and replaced)."""
-        service = None if self.service_app is None else self.service_app.state.service
-        if service is not None and service.failure:
-            raise RuntimeError(service.failure)
 
 
 def build(args: dict[str, Any]) -> Application:
-    """Application builder for a Serve config: `args: {settings: {...}, ready_timeout_s: ...}`."""
-    return MmapServe.bind(settings=args.get("settings"),
-                          ready_timeout_s=float(args.get("ready_timeout_s", DEFAULT_READY_TIMEOUT_S)))
+    """Application builder for a Serve config: `args: {settings: {...}}`."""
+    settings = args.get("settings")
+    return MmapIngress.bind(MmapEngine.bind(settings=settings), settings=settings)
 
 
-app = MmapServe.bind()
+app = build({})
