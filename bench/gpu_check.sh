@@ -8,8 +8,10 @@
 #    torch vs onnxruntime-gpu (bench/backends.py)
 # 4. torch eager vs torch.compile(reduce-overhead) = CUDA graphs, ViT-B-32 fp16
 # 5. upload decoding: the service's Pillow path on a thread pool vs nvjpeg + tensor resize (bench/decode.py)
-# 6. the service under load on the GPU (bench/load.py --device cuda): eager, with CUDA graphs
-#    (torch_compile=reduce-overhead), with onnxruntime-gpu when present, and with 1024-px uploads
+# 6. the service under wrk on the GPU (bench/wrk_load.py --device cuda, 224-px JPEG uploads, fp16): ViT-B-32 and
+#    ViT-B-16 eager, ViT-B-32 with CUDA graphs (torch_compile=reduce-overhead); goals (issue: engine process):
+#    ViT-B-32 >= 6,000 req/s and >= 0.5x its raw tower at the best batch (step 3), ViT-B-16 >= 0.85x, p50 at
+#    concurrency 1 <= raw single forward + 3 ms. wrk: Debian's, or WRK=path (with LD_LIBRARY_PATH for its luajit)
 # Steps 3-6 run only while the time budget (GPU_CHECK_BUDGET_S, default 460 s) lasts; about 900 s runs them all.
 # and writes REPORT_DIR/report.md (+ the logs and JSON it came from). REPORT_DIR defaults to $OUT
 # when set (the device runner's output folder), else runs/gpu-check-<time>.
@@ -85,15 +87,17 @@ bench_step compile 150 "$PY" bench/backends.py --model ViT-B-32 --device cuda --
   --batch-sizes 32 128 --backends torch torch-compile --repeats 3 --min-round-s 0.3 --json "$REPORT/bench-compile.json"
 bench_step decode 60 "$PY" bench/decode.py --sizes 224 1024 --images 128 --batch 32 128 --json "$REPORT/decode.json"
 
-# The service under load: eager, then with CUDA graphs (and onnxruntime-gpu when present), then large uploads.
-LOAD=("$PY" bench/load.py --model ViT-B-32 --device cuda --precision fp16 --batch 32 --concurrency 64 --clients 2
-      --decode-workers 4 --rounds 2 --warm-s 3 --window-s 8 --single 20)
-bench_step load-224-eager 100 "${LOAD[@]}" --image-size 224 --json "$REPORT/load-224-eager.json"
-bench_step load-224-cudagraphs 240 "${LOAD[@]}" --image-size 224 --torch-compile reduce-overhead \
-  --json "$REPORT/load-224-cudagraphs.json"
-[ "$HAS_ORT_CUDA" = 1 ] && bench_step load-224-onnx 150 "${LOAD[@]}" --image-size 224 --backend onnx \
-  --json "$REPORT/load-224-onnx.json"
-bench_step load-1024-eager 100 "${LOAD[@]}" --image-size 1024 --json "$REPORT/load-1024-eager.json"
+# The service under wrk: launcher + engine + HTTP workers; 12 workers and wrk on two cores of 16.
+if [ -z "${WRK:-}" ] && ! command -v wrk > /dev/null && [ -x .gpu/bin/wrk ]; then
+  export WRK=$PWD/.gpu/bin/wrk LD_LIBRARY_PATH=$PWD/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+LOAD=("$PY" bench/wrk_load.py --device cuda --precision fp16 --image-size 224 --batch 64 --connections 256
+      --workers 12 --wrk-cores 14,15 --rounds 2 --warm-s 3 --window-s 10 --single 100)
+for MODEL in ViT-B-32 ViT-B-16; do
+  bench_step "load-$MODEL" 100 "${LOAD[@]}" --model "$MODEL" --json "$REPORT/load-$MODEL.json"
+done
+bench_step load-ViT-B-32-cudagraphs 200 "${LOAD[@]}" --model ViT-B-32 --torch-compile reduce-overhead \
+  --json "$REPORT/load-ViT-B-32-cudagraphs.json"
 
 {
   echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ)"

@@ -17,7 +17,7 @@ One run does everything, so the ratios compare numbers taken on the same machine
    rather than a bias.
 Requests carry 224x224 JPEGs (what a client that resizes sends; `--image-size` for larger uploads) as
 raw image/jpeg bodies. On a GPU (`--device cuda`) the reference is the service's own image tower
-(`TorchImageTower`: pinned staging, autocast, the copy back) called directly, and `--clients` load
+(`TorchImageTower`: pinned staging, autocast) called directly, and `--clients` load
 generator processes share the concurrency, since one Python client cannot keep a GPU service busy.
 Throughput is measured inside a timed window that follows an untimed warm-up (see `drive`).
 Each ratio is the median of per-round (or per-pair) ratios: on a machine shared with other jobs
@@ -76,10 +76,19 @@ def make_prompt_sets(backbone, directory: Path, n_sets: int, tasks_per_set: int,
     return names
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc), all its threads."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def service_pids(pid: int) -> list[int]:
+    """The service's processes: the launcher and its children (the engine and the HTTP workers)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [pid, *(int(p) for p in children.read_text().split())] if children.exists() else [pid]
+
+
+def cpu_seconds(pids: int | list[int]) -> float:
+    """User + system CPU time of processes so far (Linux /proc), all their threads."""
+    total = 0.0
+    for pid in [pids] if isinstance(pids, int) else pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def service_sums(base: str) -> dict[str, float]:
@@ -127,15 +136,15 @@ def wait_ready(base: str, process: subprocess.Popen, expected_tasks: int, log: P
 
 @contextlib.contextmanager
 def frozen(process: subprocess.Popen | None):
-    """The service process stopped by the kernel for the duration: it takes no CPU at all."""
-    if process is None:
-        yield
-        return
-    process.send_signal(signal.SIGSTOP)
+    """The service's processes stopped by the kernel for the duration: they take no CPU at all."""
+    pids = [] if process is None else service_pids(process.pid)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
     try:
         yield
     finally:
-        process.send_signal(signal.SIGCONT)
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
 
 
 class RawForward:
@@ -306,7 +315,7 @@ def main() -> None:
         failures = 0
         for r in range(args.rounds):
             raw_img_s = args.batch / raw.seconds(args.batch, args.raw_repeats)
-            cpu, sums = (cpu_seconds(process.pid), time.perf_counter()), service_sums(base)
+            cpu, sums = (cpu_seconds(service_pids(process.pid)), time.perf_counter()), service_sums(base)
             mixed, latencies, failed_mixed, client_cores = drive_processes(
                 args.clients, base, tasks, images, args.concurrency, args.warm_s, args.window_s)
             wall = time.perf_counter() - cpu[1]
@@ -314,7 +323,7 @@ def main() -> None:
             busy = sums["mmap_inference_duration_seconds_sum"] / wall
             mean_batch = sums["mmap_batch_size_sum"] / max(sums["mmap_batch_size_count"], 1)
             in_forward = sums["mmap_batch_size_sum"] / sums["mmap_inference_duration_seconds_sum"]
-            service_cores = (cpu_seconds(process.pid) - cpu[0]) / wall
+            service_cores = (cpu_seconds(service_pids(process.pid)) - cpu[0]) / wall
             one, _, failed_one, _ = drive_processes(args.clients, base, tasks[:1], images, args.concurrency,
                                                     args.warm_s, args.window_s)
             rounds.append({"raw_img_s": raw_img_s, "mixed_req_s": mixed, "one_task_req_s": one,

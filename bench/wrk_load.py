@@ -35,16 +35,16 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from load import make_prompt_sets
+from load import cpu_seconds, make_prompt_sets, service_pids
 from prometheus_client.parser import text_string_to_metric_families
 from uploads import synthetic_jpegs
 
 from mmap_model import EMBEDDED_PROMPTS_DIR, PromptedCLIP, PromptSet, load_backbone
 from service.backends import PixelNormalizer, TorchImageTower
-from service.registry import Snapshot
 from service.uploads import Preprocessor
 
 REPO = Path(__file__).resolve().parents[1]
+WRK = os.environ.get("WRK", "wrk")  # Debian's wrk; a copied binary elsewhere (bench/gpu_check.sh)
 LUA = """
 local bodies, paths, n = {}, {}, 0
 function init(args)
@@ -69,19 +69,6 @@ function done(summary, latency, requests)
     + summary.errors.timeout, latency:percentile(50) / 1000, latency:percentile(99) / 1000))
 end
 """
-
-
-def children(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def scrape(base: str) -> dict[str, float]:
@@ -110,12 +97,12 @@ class Server:
 
     @property
     def pids(self) -> list[int]:
-        return [self.process.pid, *children(self.process.pid)]
+        return service_pids(self.process.pid)
 
     @property
     def http_pids(self) -> list[int]:
         """The processes that run HTTP and decoding: the workers, or the landed service's one process."""
-        kids = [p for p in children(self.process.pid) if b"service.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        kids = [p for p in self.pids[1:] if b"service.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
         return kids or [self.process.pid]
 
     @contextmanager
@@ -137,8 +124,9 @@ class Server:
             self.process.kill()
 
 
-def wrk(base: str, script: Path, targets: Path, connections: int, seconds: float, core: int) -> dict[str, float]:
-    command = ["taskset", "-c", str(core), "wrk", "-t1", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "30s",
+def wrk(base: str, script: Path, targets: Path, connections: int, seconds: float, cores: str) -> dict[str, float]:
+    threads = len(cores.split(","))
+    command = ["taskset", "-c", cores, WRK, f"-t{threads}", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "30s",
                "-s", str(script), base, "--", str(targets)]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     result = json.loads(re.search(r"^JSON (.*)$", out, re.M).group(1))
@@ -147,10 +135,10 @@ def wrk(base: str, script: Path, targets: Path, connections: int, seconds: float
 
 
 def measure(server: Server, script: Path, targets: Path, args: argparse.Namespace) -> dict[str, float]:
-    wrk(server.base, script, targets, args.connections, args.warm_s, args.wrk_core)  # untimed warm-up
+    wrk(server.base, script, targets, args.connections, args.warm_s, args.wrk_cores)  # untimed warm-up
     before, cpu_before = scrape(server.base), cpu_seconds(server.http_pids)
     all_before = cpu_seconds(server.pids)
-    result = wrk(server.base, script, targets, args.connections, args.window_s, args.wrk_core)
+    result = wrk(server.base, script, targets, args.connections, args.window_s, args.wrk_cores)
     cpu, all_cpu = cpu_seconds(server.http_pids) - cpu_before, cpu_seconds(server.pids) - all_before
     after = scrape(server.base)
     images = after["mmap_batch_size_sum"] - before["mmap_batch_size_sum"]
@@ -220,6 +208,7 @@ def main() -> None:
     parser.add_argument("--landed", type=Path, help="checkout of the single-process service to compare with")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
     parser.add_argument("--engine-threads", type=int, default=0, help="the service's engine_threads (0 = its default)")
+    parser.add_argument("--torch-compile", default="off", help="the service's torch_compile mode")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of both services")
     parser.add_argument("--rounds", type=int, default=3)
@@ -229,7 +218,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--image-size", type=int, default=None, help="side of the JPEG uploads (default: model input)")
-    parser.add_argument("--wrk-core", type=int, default=(os.cpu_count() or 1) - 1, help="the core wrk is pinned to")
+    parser.add_argument("--wrk-cores", default=str((os.cpu_count() or 1) - 1),
+                        help="cores wrk is pinned to, one wrk thread each (a taskset list: 14,15)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
@@ -262,7 +252,8 @@ def main() -> None:
                   "--precision", args.precision, "--max-batch-size", str(args.batch), "--watch-interval-s", "0",
                   "--log-level", "warning"]
         servers = [Server("engine", REPO, [*common, "--workers", str(args.workers), "--engine-threads",
-                                           str(args.engine_threads)], 18080, tmp / "engine.log", env)]
+                                           str(args.engine_threads), "--torch-compile", args.torch_compile],
+                          18080, tmp / "engine.log", env)]
         stack.callback(servers[0].stop)
         if args.landed:
             servers.append(Server("landed", args.landed, common, 18081, tmp / "landed.log", env))
@@ -312,6 +303,8 @@ def main() -> None:
                "image_size": size, "rounds": rounds, "engine": engine,
                "forward_in_service_over_alone": statistics.median(
                    row["engine"]["forward_per_image_ms"] / row["raw_per_image_ms"] for row in rounds),
+               "service_over_raw_at_mean_batch": statistics.median(
+                   row["engine"]["rps"] * row["raw_per_image_ms"] / 1000 for row in rounds),
                "p50_concurrency_1_ms": singles, "raw_single_forward_ms": raw_single_ms,
                "predicted_16_core_http_rps": 15 * 1000 / engine["http_cpu_ms_per_request"],
                "predicted_16_core_cpu_rps": 16 * 1000 / engine["all_cpu_ms_per_request"]}
