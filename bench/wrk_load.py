@@ -1,11 +1,13 @@
 """The service under `wrk`, against the landed single-process service, in one run.
 
-    python bench/wrk_load.py --landed /tmp/landed                      # mmap-tiny (the embedded default), CPU
+    python bench/wrk_load.py --landed /tmp/landed --engine-threads 1   # the CPU proxy of GPU serving: mmap-tiny
     python bench/wrk_load.py --model ViT-B-32 --landed /tmp/landed     # random weights, 224-px JPEGs
     python bench/wrk_load.py --model ViT-B-32 --device cuda --precision fp16   # a GPU host (no --landed needed)
 
 `--landed DIR` is a checkout of the single-process service to compare with (`git worktree add DIR
-<commit>`); it runs from DIR on this interpreter. Both services are started once and alternate,
+<commit>`); it runs from DIR on this interpreter. The embedded tiny model's operations are short, like
+GPU kernel launches, so with one engine thread (as the engine runs on a GPU) it is this machine's proxy
+for GPU serving. Both services are started once and alternate,
 round by round: the one not measured is frozen (SIGSTOP), so each window has the machine to itself.
 Per window: wrk (pinned to the last core, `--connections` keep-alive connections, raw image/jpeg
 bodies over all tasks) gives req/s; /metrics before and after gives the forward time per image inside
@@ -29,13 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
 import numpy as np
 import torch
-from load import cpu_seconds, make_prompt_sets, service_pids
+from load import cpu_seconds, frozen, make_prompt_sets, service_pids
 from prometheus_client.parser import text_string_to_metric_families
 from uploads import synthetic_jpegs
 
@@ -72,8 +74,13 @@ end
 
 
 def scrape(base: str) -> dict[str, float]:
-    text = httpx.get(f"{base}/metrics", timeout=30).text
-    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples if not s.labels}
+    """Every sample of /metrics but histogram buckets, summed over label values (all tasks, all statuses)."""
+    totals: dict[str, float] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if "le" not in sample.labels:
+                totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+    return totals
 
 
 class Server:
@@ -105,16 +112,9 @@ class Server:
         kids = [p for p in self.pids[1:] if b"service.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
         return kids or [self.process.pid]
 
-    @contextmanager
     def frozen(self):
-        pids = self.pids
-        for pid in pids:
-            os.kill(pid, signal.SIGSTOP)
-        try:
-            yield
-        finally:
-            for pid in pids:
-                os.kill(pid, signal.SIGCONT)
+        """All of its processes stopped for the length of a block (see load.frozen)."""
+        return frozen(self.process)
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -134,13 +134,29 @@ def wrk(base: str, script: Path, targets: Path, connections: int, seconds: float
     return result
 
 
+def settle(base: str, timeout_s: float = 300.0) -> None:
+    """Wait until the service has answered what the last wrk run left in flight (its slots are free again):
+    no request answered for three mean forwards."""
+    deadline, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < deadline:
+        metrics = scrape(base)
+        answered = metrics.get("mmap_request_duration_seconds_count", 0.0)
+        forward_s = metrics["mmap_inference_duration_seconds_sum"] / max(1.0, metrics["mmap_inference_duration_seconds_count"])
+        if answered == last:
+            return
+        last = answered
+        time.sleep(0.5 + 3 * forward_s)
+
+
 def measure(server: Server, script: Path, targets: Path, args: argparse.Namespace) -> dict[str, float]:
     wrk(server.base, script, targets, args.connections, args.warm_s, args.wrk_cores)  # untimed warm-up
+    settle(server.base)
     before, cpu_before = scrape(server.base), cpu_seconds(server.http_pids)
     all_before = cpu_seconds(server.pids)
     result = wrk(server.base, script, targets, args.connections, args.window_s, args.wrk_cores)
     cpu, all_cpu = cpu_seconds(server.http_pids) - cpu_before, cpu_seconds(server.pids) - all_before
     after = scrape(server.base)
+    settle(server.base)
     images = after["mmap_batch_size_sum"] - before["mmap_batch_size_sum"]
     batches = after["mmap_batch_size_count"] - before["mmap_batch_size_count"]
     seconds = after["mmap_inference_duration_seconds_sum"] - before["mmap_inference_duration_seconds_sum"]
@@ -258,7 +274,7 @@ def main() -> None:
         if args.landed:
             servers.append(Server("landed", args.landed, common, 18081, tmp / "landed.log", env))
             stack.callback(servers[1].stop)
-        engine_threads = args.engine_threads or (1 if args.device == "cuda" else max(1, (os.cpu_count() or 1) - args.workers))
+        engine_threads = args.engine_threads or (1 if args.device == "cuda" else os.cpu_count() or 1)
         raw = RawForward(backbone, prompts, bodies)
         rounds: list[dict] = []
         for r in range(args.rounds):

@@ -291,12 +291,14 @@ class Engine:
 
 
 def engine_threads(settings: Settings) -> int:
-    """Torch threads: the setting, else 1 on CUDA, else the cores the HTTP workers leave (at least 1)."""
+    """Torch threads: the setting, else 1 on CUDA (it only launches kernels), else every core: on the CPU the
+    forward is most of the work, and OMP_WAIT_POLICY=PASSIVE (set by the launcher) keeps idle threads off
+    the cores the HTTP workers need."""
     if settings.engine_threads:
         return settings.engine_threads
     if settings.device == "cuda" or (settings.device == "auto" and torch.cuda.is_available()):
         return 1
-    return max(1, (os.cpu_count() or 1) - settings.workers)
+    return os.cpu_count() or 1
 
 
 def main() -> None:

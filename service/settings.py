@@ -51,8 +51,8 @@ class Settings(BaseSettings):
     workers: int = Field(default_factory=lambda: default_workers(), ge=1,
                          description="HTTP worker processes (read, check, decode uploads); default: one per core but "
                                      "one, at least 1")
-    engine_threads: int = Field(0, ge=0, description="torch threads of the engine process; 0 = the cores the workers "
-                                                     "leave (at least 1) on CPU, 1 on CUDA")
+    engine_threads: int = Field(0, ge=0, description="torch threads of the engine process; 0 = 1 on CUDA, every "
+                                                     "core on CPU")
     worker_slots: int = Field(64, ge=1, description="images each HTTP worker may have in flight to the engine "
                                                     "(shared-memory slots); beyond it 503")
     decode_workers: int = Field(2, ge=1, description="threads decoding images in each HTTP worker")

@@ -14,7 +14,9 @@ import torch
 from PIL import Image
 from test_service_support import image_bytes, open_clip_preprocess
 
+from service.backends import PixelNormalizer
 from service.images import ImageRejected, decode_image
+from service.uploads import Preprocessor
 
 LIMIT = 4_000_000
 
@@ -146,3 +148,26 @@ def test_preprocessing_is_open_clips_own(tiny):
     theirs = open_clip_preprocess(tiny)(Image.open(io.BytesIO(data)))
     assert ours.shape == (3, tiny.image_size, tiny.image_size)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("model", ["tiny", "vitb32"])
+def test_worker_pixels_normalised_on_the_engine_are_open_clips_transform_bit_for_bit(model, request):
+    """The split pipeline (a worker's uint8 resize + crop, the engine's divide + normalise) against open_clip's
+    own eval transform, exactly: portrait, landscape, square, smaller than the input (upscaled), odd sizes."""
+    backbone = request.getfixturevalue(model)
+    cfg = backbone.preprocess_cfg
+    preprocess, normalize = Preprocessor(cfg, LIMIT), PixelNormalizer(torch.device("cpu"), cfg["mean"], cfg["std"])
+    reference = open_clip_preprocess(backbone)
+    sizes = [(123, 77), (77, 123), (300, 300), (31, 45), (225, 224), (640, 481), (9, 13)]
+    images = [image_bytes(k, size=size, fmt=("JPEG", "PNG")[k % 2]) for k, size in enumerate(sizes)]
+    pixels = np.stack([preprocess(data) for data in images])
+    assert pixels.dtype == np.uint8 and pixels.shape == (len(images), *cfg["size"], 3)
+    ours = normalize(torch.from_numpy(pixels))
+    theirs = torch.stack([reference(Image.open(io.BytesIO(data))) for data in images])
+    assert torch.equal(ours, theirs)
+
+
+def test_the_workers_refuse_a_preprocessing_they_cannot_reproduce(tiny):
+    for change in ({"resize_mode": "longest"}, {"interpolation": "random"}, {"size": [224, 192]}):
+        with pytest.raises(ValueError, match="cannot preprocess"):
+            Preprocessor({**tiny.preprocess_cfg, **change}, LIMIT)

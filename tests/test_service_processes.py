@@ -14,21 +14,17 @@ import os
 import signal
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
+import test_service_api
 from test_service_support import (
-    DOODLES,
-    OFFICE,
     classify,
     engine_pid,
     frozen,
     image_bytes,
     launcher,
-    make_set,
     metric,
-    publish,
     reference_scores,
     run,
     scores,
@@ -37,30 +33,13 @@ from test_service_support import (
     worker_pids,
 )
 
-from mmap_model import PromptConfig, PromptSet, TaskSpec
 from service.app import WORKER_HEADER
 from service.transport import SHM_DIR, SHM_PREFIX
 
 pytestmark = pytest.mark.slow  # each test starts a service of three processes
 
-SCENES = {"indoor": TaskSpec(["kitchen", "office", "garage"], "a photo of a {}.", "places"),
-          "outdoor": TaskSpec(["beach", "forest"], "a photo of a {}.", "places")}
+sets, prompts_dir = test_service_api.sets, test_service_api.prompts_dir  # three methods, three prompt banks
 FRESH = httpx.Limits(max_keepalive_connections=0)  # a new connection per request: the kernel picks the worker
-
-
-@pytest.fixture(scope="module")
-def sets(tiny) -> dict[str, PromptSet]:
-    return {"office": make_set(tiny, "office", OFFICE, 1),
-            "scenes": make_set(tiny, "scenes", SCENES, 2, PromptConfig(method="maple")),
-            "doodles": make_set(tiny, "doodles", DOODLES, 3, PromptConfig(method="coop"))}
-
-
-@pytest.fixture(scope="module")
-def prompts_dir(sets, tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("prompts")
-    for ps in sets.values():
-        publish(ps, directory)
-    return directory
 
 
 def test_two_workers_score_like_the_reference_share_the_load_and_add_up_their_metrics(prompts_dir, sets, tiny):
