@@ -72,10 +72,24 @@ def test_groups_none_gives_a_set_per_task_and_out_is_not_clobbered(root, tmp_pat
     sketch = PromptSet.load(out / "sketch", tiny)
     assert not sketch.prompts.group and list(sketch.prompts.task) == ["sketch"]
     with pytest.raises(SystemExit):
-        _fit(root, out, "--groups", "one", "--steps", "1")  # would mix stale sets with new ones
+        _fit(root, out, "--groups", "one", "--steps", "1")  # would write next to sets it does not know
+
+
+def test_overwrite_replaces_only_the_sets_the_run_writes(root, tmp_path, tiny):
+    """Training into the directory a service watches: --overwrite never removes another set (regression: it
+    deleted every set but the new ones)."""
+    out = tmp_path / "sets"
+    _fit(root, out, "--groups", "none", "--tasks", "sketch,photo", "--steps", "1")
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     _fit(root, out, "--groups", "one", "--tasks", "sketch,photo", "--steps", "1", "--overwrite")
-    assert [p.name for p in out.iterdir()] == ["all"]
+    assert sorted(p.name for p in out.iterdir()) == ["all", "photo", "sketch"]
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.relative_to(out).parts[0] != "all"} == before  # byte for byte
+    first = (out / "all" / WEIGHTS_FILE).read_bytes()
+    _fit(root, out, "--groups", "one", "--tasks", "sketch,photo", "--steps", "2", "--overwrite", "--seed", "3")
+    assert (out / "all" / WEIGHTS_FILE).read_bytes() != first  # the set of the same name is replaced
     assert PromptSet.load(out / "all", tiny).prompts.groups == {"all": ["sketch", "photo"]}
+    assert sorted(p.name for p in out.iterdir()) == ["all", "photo", "sketch"]
 
 
 def test_trained_prompts_differ_from_initialisation(root, tmp_path):

@@ -189,7 +189,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--out", type=Path, required=True, help="directory of prompt sets to write (what the service loads)")
     parser.add_argument("--run-dir", type=Path, default=None, help="checkpoints, metrics.jsonl, groups.json (default <out>.run)")
     parser.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from the newest (or this) checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace prompt sets already in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the prompt sets of the same names in --out (other sets there are never touched) "
+                             "and start afresh in a used --run-dir")
     parser.add_argument("--samples", type=int, default=0, help="copy this many test images per task into <set>/samples/<task>/")
     args = parser.parse_args(argv)
     if args.groups not in ("auto", "one", "none") and not Path(args.groups).is_file():
@@ -198,9 +200,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
         parser.error("--no-task-modules needs groups (auto, one or a file)")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a directory")
-    stale = existing_sets(args.out)
+    stale = existing_sets(args.out)  # only to ask for --overwrite: a run never removes a set it does not write
     if stale and not args.overwrite:
-        parser.error(f"{args.out} already holds prompt sets ({', '.join(p.name for p in stale)}); pass --overwrite")
+        parser.error(f"{args.out} already holds prompt sets ({', '.join(p.name for p in stale)}); pass --overwrite to "
+                     "replace those this run writes (the others stay as they are)")
     run_dir = args.run_dir or args.out.with_name(args.out.name + ".run")
     earlier = [] if args.resume else run_files(run_dir)
     if earlier and not args.overwrite:
@@ -240,10 +243,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                          "zero_shot": {t: scores["zero_shot"][t] for t in ps.tasks},
                          "test_images": {t: len(run.sets["test"][t]) for t in ps.tasks}}
         fill = (lambda d, tasks=list(ps.tasks): write_samples(d, run, tasks, args.samples)) if args.samples else None
-        written.append(save_atomically(ps, args.out, fill))
-    for old in stale:  # only after the new sets are in place: a watching service never sees an empty dir
-        if old.name not in {p.name for p in written}:
-            shutil.rmtree(old)
+        written.append(save_atomically(ps, args.out, fill))  # replaces a set of the same name; nothing else
     report = {p.name: json.loads((p / CONFIG_FILE).read_text())["evaluation"] for p in written}
     print(json.dumps({"out": str(args.out), "prompt_sets": report}, indent=2))
     return written
