@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
 from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 PLACEHOLDER = "X"
 
@@ -67,6 +68,24 @@ def _replace_slots(x: Tensor, prompts: Tensor, start: int) -> Tensor:
     return torch.cat([x[:, :start], _batched(prompts, x.shape[0]), x[:, start + m:]], dim=1)
 
 
+def _run_block(transformer: nn.Module, block: nn.Module, x: Tensor, mask: Tensor | None) -> Tensor:
+    """One residual block; recomputed in the backward pass when the tower's grad checkpointing is on
+    (`model.set_grad_checkpointing()`, as open_clip's own forward honours it)."""
+    if getattr(transformer, "grad_checkpointing", False) and torch.is_grad_enabled():
+        return checkpoint(block, x, attn_mask=mask, use_reentrant=False)
+    return block(x, attn_mask=mask)
+
+
+def _check_placeholders(tokens: Tensor, m: int, placeholder: int | None) -> None:
+    """Positions 1..m of every row hold the placeholder token (one comparison, on the tokens' device)."""
+    slots = tokens[:, 1:m + 1]
+    expected = int(slots[0, 0]) if placeholder is None else placeholder
+    if slots.shape[1] < m or not bool((slots == expected).all()):
+        raise ValueError(f"text prompts replace token positions 1..{m}, which must hold the placeholder token "
+                         f"{expected} in every row (a tokenizer with a start token that keeps {PLACEHOLDER!r} whole; "
+                         f"see prompt_texts); found {slots[:2].tolist()}")
+
+
 class PromptedCLIP(nn.Module):
     """A frozen open_clip CLIP whose towers take deep prompts.
 
@@ -77,7 +96,12 @@ class PromptedCLIP(nn.Module):
     def __init__(self, model: CLIP | CustomTextCLIP):
         super().__init__()
         self.model = model
-        self._text = _TextTower.of(model)
+
+    @property
+    def _text(self) -> _TextTower:
+        # Read at call time: `.to(dtype or device)` replaces the tower's buffers (attn_mask), so a copy taken at
+        # construction would go stale.
+        return _TextTower.of(self.model)
 
     @property
     def logit_scale(self) -> Tensor:
@@ -100,7 +124,7 @@ class PromptedCLIP(nn.Module):
         for j, block in enumerate(visual.transformer.resblocks):
             if 0 < j < depth:
                 x = _replace_slots(x, layer(j), 1)
-            x = block(x, attn_mask=None)
+            x = _run_block(visual.transformer, block, x, None)
         if depth:
             x = torch.cat([x[:, :1], x[:, 1 + m:]], dim=1)
         pooled, _ = visual._pool(x)
@@ -109,16 +133,19 @@ class PromptedCLIP(nn.Module):
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def encode_text(self, tokens: Tensor, prompts: Tensor | None = None, normalize: bool = False,
-                    truncate: bool = True) -> Tensor:
+                    truncate: bool = True, placeholder: int | None = None) -> Tensor:
         """Text features [N, D] for token ids [N, L].
 
-        prompts: None or [J, m, d_t], written at positions 1..m of every row (the tokens must
-        carry m placeholders there, see `prompt_texts`). `truncate` drops the positions after the
-        last EOT: with a causal mask they cannot influence the pooled EOT token.
+        prompts: None or [J, m, d_t], written at positions 1..m of every row. Those positions must hold
+        the placeholder token (see `prompt_texts`; `placeholder`: its id, else the one at [0, 1]): a
+        ValueError says so otherwise, instead of overwriting class-name tokens. `truncate` drops the
+        positions after the last EOT, which is exact only under a causal mask (without one, it is off).
         """
         t = self._text
+        if prompts is not None and prompts.shape[1]:
+            _check_placeholders(tokens, prompts.shape[1], placeholder)
         eot = self._eot_index(tokens)
-        if truncate and eot is not None:
+        if truncate and eot is not None and t.attn_mask is not None:
             tokens = tokens[:, : int(eot.max()) + 1]
         length = tokens.shape[1]
         cast_dtype = t.transformer.get_cast_dtype()
@@ -132,7 +159,7 @@ class PromptedCLIP(nn.Module):
         for j, block in enumerate(t.transformer.resblocks):
             if 0 < j < depth:
                 x = _replace_slots(x, prompts[j], 1)
-            x = block(x, attn_mask=mask)
+            x = _run_block(t.transformer, block, x, mask)
         x = t.ln_final(x)
         pooled = text_global_pool(x, tokens, t.pool_type, eos_token_id=t.eos_id)
         if isinstance(t.projection, nn.Linear):
@@ -161,4 +188,5 @@ def class_text_features(model: PromptedCLIP, tokenizer, classnames: list[str], t
     """Normalised class-text embeddings [C, D] of a task's classes under its text prompts."""
     m = 0 if text_prompts is None else text_prompts.shape[1]
     tokens = tokenizer(prompt_texts(classnames, template, m)).to(model.logit_scale.device)
-    return model.encode_text(tokens, text_prompts, normalize=True)
+    placeholder = int(tokenizer([PLACEHOLDER])[0, 1]) if m else None  # [SOS, X, EOT, ...] with a start token
+    return model.encode_text(tokens, text_prompts, normalize=True, placeholder=placeholder)

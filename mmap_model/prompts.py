@@ -13,8 +13,8 @@ Methods (METHOD.md):
 - `vpt`: deep visual prompts only.
 - `independent`: deep text and deep visual prompts, unrelated.
 
-Defaults (see `PromptConfig`): depth 9 (MaPLe's depth for 12-layer towers, clamped to shallower
-towers), 2 tokens per group module and 2 per task module (a grouped task sees 4), d_s = gcd(d_t, d_v)
+Defaults (see `PromptConfig`): depth 9 (MaPLe's depth for 12-layer towers, clamped to the shallower
+of the towers a method prompts), 2 tokens per group module and 2 per task module (a grouped task sees 4), d_s = gcd(d_t, d_v)
 (256 for ViT-B: the largest shared source, K^t is 1×2 and K^v 1×3). For ViT-B-16 with 4 tasks in
 2 groups this trains ~28k parameters, 0.019% of the backbone (`python -m mmap_model.params`).
 """
@@ -77,14 +77,23 @@ class PromptConfig:
         d_s = self.source_dim or math.gcd(widths.d_t, widths.d_v)
         if widths.d_t % d_s or widths.d_v % d_s:
             raise ValueError(f"source_dim {d_s} must divide d_t={widths.d_t} and d_v={widths.d_v}")
-        return replace(self, depth=min(self.depth, widths.layers_t, widths.layers_v), source_dim=d_s)
+        layers = {"text": widths.layers_t, "visual": widths.layers_v}
+        deepest = min(layers[m] for m in METHODS[self.method].modalities)  # a one-sided method: its own tower
+        return replace(self, depth=min(self.depth, deepest), source_dim=d_s)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 class PromptModule(nn.Module):
-    """Learnable prompts for n tokens at the prompted layers; `forward()` -> Prompts."""
+    """Learnable prompts for n tokens at the prompted layers; `forward()` -> Prompts.
+
+    `no_weight_decay`: names of tensors an optimiser must not decay (multiplicative factors that start at
+    one: decay would pull them, and with them the prompts they scale, toward zero).
+    """
+
+    no_weight_decay: frozenset[str] = frozenset()
+    modalities: tuple[str, ...] = ("text", "visual")  # the towers it prompts (its depth is clamped to theirs)
 
     def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
         super().__init__()
@@ -100,6 +109,8 @@ def _normal(std: float, *shape: int) -> nn.Parameter:
 
 class MmAPPrompt(PromptModule):
     """One source prompt per layer, projected to both modalities by Kronecker factors."""
+
+    no_weight_decay = frozenset({"kron_text", "kron_visual"})
 
     def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
         super().__init__(cfg, widths, n_tokens)
@@ -135,6 +146,8 @@ class MaPLePrompt(PromptModule):
 class CoOpPrompt(PromptModule):
     """Learnable text context at the input layer only."""
 
+    modalities = ("text",)
+
     def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
         super().__init__(cfg, widths, n_tokens)
         self.text = _normal(cfg.init_std, 1, n_tokens, widths.d_t)
@@ -145,6 +158,8 @@ class CoOpPrompt(PromptModule):
 
 class VPTPrompt(PromptModule):
     """Deep visual prompts only (VPT-deep)."""
+
+    modalities = ("visual",)
 
     def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
         super().__init__(cfg, widths, n_tokens)

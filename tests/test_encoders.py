@@ -44,10 +44,10 @@ def test_zero_prompts_reproduce_open_clip(request, name, train, grad):
 def test_eot_truncation_matches_full_context(request, name):
     backbone = request.getfixturevalue(name)
     prompted = PromptedCLIP(backbone.model)
-    tokens = backbone.tokenizer(TEXTS)
     prompts = torch.randn(3, 4, backbone.widths.d_t) * 0.02
+    placeholders = backbone.tokenizer(prompt_texts(["dog", "traffic light on a table", "cat"], "a photo of a {}.", 4))
     with torch.no_grad():
-        for p in (None, prompts):
+        for p, tokens in ((None, backbone.tokenizer(TEXTS)), (prompts, placeholders)):
             full = prompted.encode_text(tokens, p, truncate=False)
             short = prompted.encode_text(tokens, p, truncate=True)
             assert (full - short).abs().max() <= 1e-5
@@ -120,3 +120,65 @@ def test_bf16_backbone_with_fp32_prompts():
     assert torch.isfinite(img.float()).all() and torch.isfinite(txt.float()).all()
     (img.float().sum() + txt.float().sum()).backward()
     assert prompts.task["a"].source.grad is not None and prompts.task["a"].source.grad.dtype == torch.float32
+
+
+def test_the_text_tower_follows_the_model_to_another_dtype():
+    """Buffers are read at call time: after .to(float64) the causal mask is float64 too (it was a stale copy)."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(load_backbone("mmap-tiny", None).model)
+    prompted = PromptedCLIP(model).to(torch.float64)
+    tokens = load_backbone("mmap-tiny", None).tokenizer(TEXTS[:2])
+    ours = prompted.encode_text(tokens, truncate=False)
+    assert ours.dtype == torch.float64
+    assert (ours - model.encode_text(tokens)).abs().max() <= 1e-10
+
+
+def test_text_prompts_refuse_tokens_without_placeholders(tiny, tiny_prompted):
+    prompts = torch.zeros(2, 2, tiny.widths.d_t)
+    good = tiny.tokenizer(prompt_texts(["cat", "dog"], "a {}.", 2))
+    tiny_prompted.encode_text(good, prompts)  # placeholders at 1..2: fine
+    no_start = torch.cat([good[:, 1:], good[:, :1] * 0], dim=1)  # a tokenizer without a start token
+    with pytest.raises(ValueError, match="placeholder"):
+        tiny_prompted.encode_text(no_start, prompts)
+    too_few = tiny.tokenizer(prompt_texts(["cat", "dog"], "a {}.", 1))  # 2 prompt tokens, 1 placeholder
+    with pytest.raises(ValueError, match="placeholder"):
+        tiny_prompted.encode_text(too_few, prompts)
+    with pytest.raises(ValueError, match="placeholder"):  # the tokenizer's own placeholder id, not just agreement
+        tiny_prompted.encode_text(good, prompts, placeholder=int(good[0, 1]) + 1)
+
+
+def test_truncation_is_off_without_a_causal_mask():
+    """Positions after EOT influence EOT when nothing masks them: truncating then would change the result."""
+    torch.manual_seed(0)
+    backbone = load_backbone("mmap-tiny", None)
+    model = copy.deepcopy(backbone.model)
+    model.attn_mask = None  # a bidirectional text tower
+    tokens = backbone.tokenizer(TEXTS[:2])
+    prompted = PromptedCLIP(model)
+    assert (prompted.encode_text(tokens) - model.encode_text(tokens)).abs().max() <= 1e-6
+
+
+def test_grad_checkpointing_is_honoured(tiny):
+    """model.set_grad_checkpointing(): every block starts again in the backward pass (a pre-hook: the recompute
+    stops early, once it has what the backward needs); the gradients are the same."""
+    torch.manual_seed(0)
+    model = copy.deepcopy(tiny.model)
+    prompted = PromptedCLIP(model)
+    calls = []
+    for block in [*model.visual.transformer.resblocks, *model.transformer.resblocks]:
+        block.register_forward_pre_hook(lambda *_: calls.append(1))
+    images, tokens = _images(tiny, 2), tiny.tokenizer(prompt_texts(["cat", "dog"], "a {}.", 2))
+
+    def grads() -> tuple[torch.Tensor, torch.Tensor, int]:
+        calls.clear()
+        visual = torch.full((2, 2, tiny.widths.d_v), 0.01, requires_grad=True)
+        text = torch.full((2, 2, tiny.widths.d_t), 0.01, requires_grad=True)
+        loss = prompted.encode_image(images, visual).sum() + prompted.encode_text(tokens, text).sum()
+        loss.backward()
+        return visual.grad, text.grad, len(calls)
+
+    plain_v, plain_t, plain_calls = grads()
+    model.set_grad_checkpointing(True)
+    ckpt_v, ckpt_t, ckpt_calls = grads()
+    assert ckpt_calls == 2 * plain_calls
+    assert (plain_v - ckpt_v).abs().max() <= 1e-6 and (plain_t - ckpt_t).abs().max() <= 1e-6

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from mmap_model import METHODS, MultiTaskPrompts, PromptConfig, load_backbone
+from mmap_model import METHODS, MultiTaskPrompts, PromptConfig, Widths, load_backbone
 from mmap_model.prompts import MmAPPrompt, check_name
 
 
@@ -93,3 +93,13 @@ def test_params_cli_reports_paper_scale_ratio():
     assert result["backbone_params"] > 140_000_000  # ViT-B-16 is ~150M
     assert result["trainable_params"] > 0 and result["ratio"] == result["trainable_params"] / result["backbone_params"]
     assert result["ratio"] <= 0.001
+
+
+def test_one_sided_methods_are_clamped_to_their_own_tower_only():
+    """A 4-layer text tower must not cap VPT, which prompts only a 12-layer image tower (nor CoOp the other way)."""
+    widths = Widths(d_t=64, d_v=96, embed_dim=32, layers_t=4, layers_v=12)
+    assert PromptConfig(method="vpt", depth=9).resolve(widths).depth == 9
+    assert PromptConfig(method="vpt", depth=20).resolve(widths).depth == 12
+    assert PromptConfig(method="coop", depth=9).resolve(widths).depth == 4
+    for method in ("mmap", "maple", "independent"):
+        assert PromptConfig(method=method, depth=9).resolve(widths).depth == 4

@@ -80,3 +80,16 @@ def test_metrics_and_checkpoints_every_epoch(tiny, data, tmp_path):
     assert [r["step"] for r in epochs] == [5, 10] and set(epochs[-1]["val_acc"]) == set(texts)
     assert [r["step"] for r in rows if r["kind"] == "step"] == list(range(1, 11))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*.json")) == ["checkpoint-00000005.json", "checkpoint-00000010.json"]
+
+
+def test_weight_decay_spares_the_kronecker_factors(tiny, data):
+    """K^t and K^v start at one and scale both prompts: decay would shrink the prompts with them. With decay on,
+    the trainer decays every other tensor and none of the factors: after one step (same gradients in both runs)
+    the factors equal those of the same run without decay, and every source prompt is smaller."""
+    cfg = dict(steps=1, batch_size=4, lr=0.05, augment=False, warmup_fraction=0.0)
+    plain = _train(tiny, data, TrainConfig(**cfg))
+    decayed = _train(tiny, data, TrainConfig(**cfg, weight_decay=5.0))
+    factors = [k for k in plain if "kron_" in k]
+    assert factors and all(torch.equal(plain[k], decayed[k]) for k in factors)
+    sources = [k for k in plain if k.endswith("source")]
+    assert all(decayed[k].norm() < plain[k].norm() for k in sources)  # the others are decayed

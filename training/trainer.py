@@ -42,6 +42,8 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from mmap_model.prompts import PromptModule
+
 from .checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -161,7 +163,12 @@ class Trainer:
         self.step = 0
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
-        params = list(self.params.values())
+        params: list[Any] = list(self.params.values())
+        if self.cfg.weight_decay:  # factors that scale prompts (mmap's Kronecker factors) are never decayed
+            exempt = {f"{name}.{tensor}" for name, module in self.objective.named_modules()
+                      if isinstance(module, PromptModule) for tensor in module.no_weight_decay}
+            params = [{"params": [p for n, p in self.params.items() if n not in exempt]},
+                      {"params": [p for n, p in self.params.items() if n in exempt], "weight_decay": 0.0}]
         if self.cfg.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
