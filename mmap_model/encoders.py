@@ -1,7 +1,7 @@
 """The prompted image and text forward over open_clip's own sub-modules.
 
 No fork and no hooks: the blocks of each tower are called one by one, and prompt slots are
-written between them (MaPLe's deep-prompt semantics, METHOD.md):
+written between them (MaPLe's deep-prompt semantics, docs/method.md):
 
 - image: after `_embeds` (conv, class token, positional embedding, patch dropout, `ln_pre`) the
   m visual prompt tokens are inserted right after the class token. Inserting after `ln_pre`

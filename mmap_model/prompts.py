@@ -5,7 +5,7 @@ A prompt module owns the learnable tensors for n prompt tokens and, when called,
 None when the method prompts one modality only). The encoders only ever see these tensors, so
 no method needs a branch in the forward.
 
-Methods (METHOD.md):
+Methods (docs/method.md):
 - `mmap`: source prompt S_j [n, d_s] and Kronecker factors K^t_j [1, d_t/d_s], K^v_j [1, d_v/d_s];
   T_j = S_j ⊗ K^t_j, V_j = S_j ⊗ K^v_j. Both modalities are weight-tied projections of one source.
 - `maple`: deep text prompts; visual prompts = per-layer Linear(d_t -> d_v) of the text prompts.

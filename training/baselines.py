@@ -1,4 +1,4 @@
-"""The non-prompt baselines of METHOD.md, kept apart from the prompt trainer.
+"""The non-prompt baselines of docs/method.md, kept apart from the prompt trainer.
 
 - Linear probe: a logistic-regression head per task on frozen, L2-normalised image features
   (CLIP's protocol: no augmentation, full-batch L-BFGS, the L2 strength picked on the

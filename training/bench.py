@@ -1,4 +1,4 @@
-"""`python -m training.bench`: METHOD.md's method comparison on one data root, several seeds.
+"""`python -m training.bench`: docs/method.md's method comparison on one data root, several seeds.
 
     python -m training.bench [--data ROOT] [--tasks a,b] [--model NAME --pretrained TAG] [--shots K]
         [--steps N] [--seeds 0,1,2] [--methods ...] --out DIR
@@ -95,7 +95,7 @@ METHOD_SPECS: dict[str, MethodSpec] = {s.label: s for s in [
     MethodSpec("independent one group", "prompts", "independent", "one", True),
     MethodSpec("MmAP shared only", "prompts", "mmap", "one", False),
 ]}
-DEFAULT_METHODS = list(METHOD_SPECS)[:10]  # METHOD.md's comparison
+DEFAULT_METHODS = list(METHOD_SPECS)[:10]  # docs/method.md's comparison
 
 
 @dataclass
@@ -247,7 +247,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         help="the same for full fine-tuning ('' = use --finetune-lr)")
     parser.add_argument("--seeds", type=cli.comma_list, default=["0", "1", "2"])
     parser.add_argument("--methods", type=cli.comma_list, default=DEFAULT_METHODS,
-                        help=f"comma-separated labels (default: METHOD.md's ten); all: {', '.join(METHOD_SPECS)}")
+                        help=f"comma-separated labels (default: docs/method.md's ten); all: {', '.join(METHOD_SPECS)}")
     parser.add_argument("--synthetic-per-class", type=int, default=24, help="images per class when --data is omitted")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = parser.parse_args(argv)

@@ -4,7 +4,7 @@
         [--model NAME --pretrained TAG|PATH] [--shots K | --fraction F] [--epochs E] --out DIR
 
 Groups (`--groups`):
-- `auto`: METHOD.md's gradient-driven grouping runs first (`training.group`; its groups.json and
+- `auto`: docs/method.md's gradient-driven grouping runs first (`training.group`; its groups.json and
   heatmap go to the run directory); `--num-groups K` fixes the number of groups.
 - `one`: one group holding every task.
 - `none`: task modules only. Every task is then independent, so each task is saved as its own

@@ -1,4 +1,4 @@
-"""Gradient-driven task grouping (METHOD.md): affinity from a shared module, then a partition.
+"""Gradient-driven task grouping (docs/method.md): affinity from a shared module, then a partition.
 
 1. Warm-up: ONE prompt module shared by all tasks (the method's module with
    group_tokens + task_tokens tokens, so it has the capacity a grouped task will see) trains on
@@ -236,7 +236,7 @@ def _task_losses(classifier: PromptClassifier, batch: Mapping[str, tuple[torch.T
 def measure_affinity(backbone: Backbone, tasks: Mapping[str, TaskText], train_sets: Mapping[str, ImageSet],
                      prompt_cfg: PromptConfig, train_cfg: TrainConfig, cfg: GroupingConfig,
                      dist: DistInfo | None = None, progress: bool = True) -> np.ndarray:
-    """The T x T affinity matrix of METHOD.md's grouping step 1-2 (order of `tasks`)."""
+    """The T x T affinity matrix of docs/method.md's grouping step 1-2 (order of `tasks`)."""
     dist = dist or DistInfo()
     names = list(tasks)
     prompts = shared_module(backbone, names, prompt_cfg, train_cfg.seed)
@@ -335,7 +335,7 @@ def _lookahead(classifier: PromptClassifier, batch, params: list[torch.Tensor], 
 def group_tasks(backbone: Backbone, tasks: Mapping[str, TaskText], train_sets: Mapping[str, ImageSet],
                 prompt_cfg: PromptConfig, train_cfg: TrainConfig, cfg: GroupingConfig,
                 dist: DistInfo | None = None, progress: bool = True) -> Grouping:
-    """Measure affinity and choose the partition (METHOD.md's grouping, steps 1-3)."""
+    """Measure affinity and choose the partition (docs/method.md's grouping, steps 1-3)."""
     start = time.perf_counter()
     names = list(tasks)
     affinity = measure_affinity(backbone, tasks, train_sets, prompt_cfg, train_cfg, cfg, dist, progress)
