@@ -76,6 +76,14 @@ def _run_block(transformer: nn.Module, block: nn.Module, x: Tensor, mask: Tensor
     return block(x, attn_mask=mask)
 
 
+def _check_visual_shape(prompts: Tensor, batch: int, per_sample: bool, layers: int) -> None:
+    expected = "[B, J, m, d_v] (per_sample=True)" if per_sample else "[J, m, d_v] (shared; per_sample=True for [B, ...])"
+    if prompts.dim() != (4 if per_sample else 3) or (per_sample and prompts.shape[0] != batch):
+        raise ValueError(f"visual prompts of shape {tuple(prompts.shape)} for {batch} images: expected {expected}")
+    if prompts.shape[-3] > layers:
+        raise ValueError(f"visual prompts for {prompts.shape[-3]} layers; the image tower has {layers}")
+
+
 def _check_placeholders(tokens: Tensor, m: int, placeholder: int | None) -> None:
     """Positions 1..m of every row hold the placeholder token (one comparison, on the tokens' device)."""
     slots = tokens[:, 1:m + 1]
@@ -107,13 +115,17 @@ class PromptedCLIP(nn.Module):
     def logit_scale(self) -> Tensor:
         return self.model.logit_scale.exp()
 
-    def encode_image(self, images: Tensor, prompts: Tensor | None = None, normalize: bool = False) -> Tensor:
+    def encode_image(self, images: Tensor, prompts: Tensor | None = None, normalize: bool = False, *,
+                     per_sample: bool = False) -> Tensor:
         """Image features [B, D].
 
-        prompts: None, [J, m, d_v] (the same for every image) or [B, J, m, d_v] (per sample,
-        e.g. a batch that mixes tasks).
+        prompts: None; [J, m, d_v], the same for every image; or, with `per_sample=True`,
+        [B, J, m, d_v], one per image (a batch that mixes tasks). Said explicitly: a per-sample
+        tensor of one layer and a shared one of B layers would otherwise look alike.
         """
         visual = self.model.visual
+        if prompts is not None:
+            _check_visual_shape(prompts, images.shape[0], per_sample, len(visual.transformer.resblocks))
         x = visual._embeds(images)
         depth = 0 if prompts is None else prompts.shape[-3]
         if depth:

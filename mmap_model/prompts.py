@@ -246,6 +246,8 @@ def check_name(name: str) -> str:
 def _task_to_group(tasks: list[str], groups: dict[str, list[str]]) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for g, members in groups.items():
+        if not members:  # its module would count as trainable but never receive a gradient
+            raise ValueError(f"group {g!r} has no task")
         for t in members:
             if t not in tasks:
                 raise ValueError(f"group {g!r} names unknown task {t!r}")

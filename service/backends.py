@@ -52,7 +52,7 @@ class TorchImageTower:
         self._compiled: set[tuple[int, ...]] = set()  # prompt shapes whose buckets are compiled
 
     def _encode(self, images: Tensor, prompts: Tensor | None) -> Tensor:
-        return self.prompted.encode_image(images, prompts, normalize=True)
+        return self.prompted.encode_image(images, prompts, normalize=True, per_sample=True)
 
     def __call__(self, images: Tensor, prompts: Tensor | None) -> Tensor:
         batch = images.shape[0]

@@ -103,7 +103,7 @@ class PromptedImageTower(nn.Module):
         self.prompted = PromptedCLIP(backbone.model)
 
     def forward(self, images: Tensor, prompts: Tensor | None = None) -> Tensor:
-        return self.prompted.encode_image(images, prompts, normalize=True)
+        return self.prompted.encode_image(images, prompts, normalize=True, per_sample=True)
 
 
 def image_hw(backbone: Backbone) -> tuple[int, int]:

@@ -66,7 +66,7 @@ def test_per_sample_visual_prompts_equal_separate_forwards(request, name):
     images = _images(backbone, 3)
     prompts = torch.randn(3, 3, 4, backbone.widths.d_v) * 0.5  # [B, J, m, d_v], a different task per image
     with torch.no_grad():
-        batched = prompted.encode_image(images, prompts)
+        batched = prompted.encode_image(images, prompts, per_sample=True)
         single = torch.cat([prompted.encode_image(images[i:i + 1], prompts[i]) for i in range(3)])
     assert (batched - single).abs().max() <= 1e-5
     assert not torch.allclose(batched[0], prompted.encode_image(images[:1])[0], atol=1e-3)  # prompts matter
@@ -182,3 +182,17 @@ def test_grad_checkpointing_is_honoured(tiny):
     ckpt_v, ckpt_t, ckpt_calls = grads()
     assert ckpt_calls == 2 * plain_calls
     assert (plain_v - ckpt_v).abs().max() <= 1e-6 and (plain_t - ckpt_t).abs().max() <= 1e-6
+
+
+def test_visual_prompt_shapes_are_explicit(tiny, tiny_prompted):
+    """[B, m, d] meant per sample would read as B layers: per-sample prompts are 4-D and say so."""
+    images = _images(tiny, 3)
+    d_v = tiny.widths.d_v
+    tiny_prompted.encode_image(images, torch.zeros(2, 4, d_v))  # shared, 2 layers
+    tiny_prompted.encode_image(images, torch.zeros(3, 2, 4, d_v), per_sample=True)
+    for prompts, per_sample in [(torch.zeros(3, 2, 4, d_v), False),  # per-sample tensor, not said
+                                (torch.zeros(3, 4, d_v), True),  # one layer per sample, as 3-D
+                                (torch.zeros(2, 2, 4, d_v), True),  # 2 prompt rows for 3 images
+                                (torch.zeros(40, 4, d_v), False)]:  # more layers than the tower has
+        with pytest.raises(ValueError, match="visual prompts"):
+            tiny_prompted.encode_image(images, prompts, per_sample=per_sample)

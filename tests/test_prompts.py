@@ -103,3 +103,9 @@ def test_one_sided_methods_are_clamped_to_their_own_tower_only():
     assert PromptConfig(method="coop", depth=9).resolve(widths).depth == 4
     for method in ("mmap", "maple", "independent"):
         assert PromptConfig(method=method, depth=9).resolve(widths).depth == 4
+
+
+def test_a_group_without_tasks_is_refused(tiny):
+    """Its module would be counted as trainable and saved, but never trained."""
+    with pytest.raises(ValueError, match="group 'empty' has no task"):
+        MultiTaskPrompts(PromptConfig(), tiny.widths, ["a", "b"], {"ab": ["a", "b"], "empty": []})
