@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    backbone = load_backbone(args.model, None, args.device, args.precision)
+    backbone = load_backbone(args.model, None, args.device, args.precision, seed=0)
     depth = min(args.depth, backbone.widths.layers_v) if args.tokens else 0
     towers: dict[str, Tower] = {}
     for name in args.backends:

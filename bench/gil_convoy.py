@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backends", nargs="+", default=["eager", "compile", "onnx"])
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    backbone = load_backbone(args.model, None)
+    backbone = load_backbone(args.model, None, seed=0)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, backbone.image_size, backbone.image_size, generator=generator)
     prompts = torch.randn(args.batch, min(9, backbone.widths.layers_v), 4, backbone.widths.d_v, generator=generator) * 0.04

@@ -294,8 +294,7 @@ def main() -> None:
         args.batch, args.concurrency, args.warm_s, args.window_s, args.rounds, args.raw_repeats, args.single = (
             8, 16, 3.0, 8.0, 1, 1, 8)
 
-    torch.manual_seed(args.seed)  # the service's `random:<seed>` builds these same weights
-    backbone = load_backbone(args.model, None, args.device, args.precision)
+    backbone = load_backbone(args.model, None, args.device, args.precision, seed=args.seed)
     work = Path(tempfile.mkdtemp(prefix="mmap-load-"))
     prompts = work / "prompts"
     tasks = make_prompt_sets(backbone, prompts, args.sets, args.tasks_per_set, args.classes)

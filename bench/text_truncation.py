@@ -29,8 +29,7 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    torch.manual_seed(0)
-    backbone = load_backbone(args.model, None)
+    backbone = load_backbone(args.model, None, seed=0)
     prompted = PromptedCLIP(backbone.model)
     tokens = backbone.tokenizer(prompt_texts(CLASSES, "a photo of a {}.", 4))
     prompts = torch.randn(9, 4, backbone.widths.d_t) * 0.02

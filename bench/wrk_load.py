@@ -248,8 +248,7 @@ def main() -> None:
                            for t in json.loads((p / "promptset.json").read_text())["tasks"])
         else:
             pretrained, prompts = "random:0", tmp / "prompts"
-            torch.manual_seed(0)
-            backbone = load_backbone(args.model, None, args.device, args.precision)
+            backbone = load_backbone(args.model, None, args.device, args.precision, seed=0)
             tasks = make_prompt_sets(backbone, prompts, 4, 4, 10)
         size = args.image_size or backbone.image_size
         bodies = synthetic_jpegs(16, size)

@@ -74,18 +74,21 @@ class Backbone:
         return int(size[0] if isinstance(size, (tuple, list)) else size)
 
 
+def random_weights(pretrained: str | None) -> bool:
+    """`pretrained` asks for random weights (None, '' or 'none')."""
+    return pretrained in (None, "", "none")
+
+
 def resolve_model_name(model: str, pretrained: str | None) -> tuple[str, str | None, bool]:
     """Map the user's (model, pretrained) to open_clip's (name, pretrained, load_weights)."""
     if model == EMBEDDED_MODEL:
-        if pretrained not in (EMBEDDED_PRETRAINED, None, "", "none"):
+        if pretrained != EMBEDDED_PRETRAINED and not random_weights(pretrained):
             raise ValueError(f"model {EMBEDDED_MODEL!r} only knows pretrained={EMBEDDED_PRETRAINED!r} or none")
         load = pretrained == EMBEDDED_PRETRAINED
         if load and not (EMBEDDED_DIR / "open_clip_model.safetensors").is_file():
             raise FileNotFoundError(f"embedded weights missing in {EMBEDDED_DIR}; run `python -m training.pretrain`")
         return f"local-dir:{EMBEDDED_DIR}", None, load
-    if pretrained in ("", "none"):
-        pretrained = None
-    return model, pretrained, True
+    return model, None if random_weights(pretrained) else pretrained, True
 
 
 def check_promptable(model: nn.Module) -> None:
@@ -145,18 +148,27 @@ def load_backbone(
     pretrained: str | None = EMBEDDED_PRETRAINED,
     device: str = "cpu",
     precision: str = "fp32",
+    *,
+    seed: int | None = None,
 ) -> Backbone:
     """Create a frozen, promptable CLIP.
 
     `model`/`pretrained`: an open_clip built-in name with a tag or checkpoint file (`pretrained=None`
     gives random weights, never a download), `local-dir:<dir>` with open_clip's own format, or the
-    embedded default. `precision` casts the weights (fp32 / fp16 / bf16); the fingerprint is taken
-    before the cast.
+    embedded default. `seed`: random weights drawn from this seed (the same weights, and fingerprint,
+    in every process: what tests, benchmarks and `--pretrained none` runs share), without touching the
+    caller's random state; None draws from the current state. `precision` casts the weights (fp32 /
+    fp16 / bf16); the fingerprint is taken before the cast.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     name, tag, load = resolve_model_name(model, pretrained)
-    clip = open_clip.create_model(name, pretrained=tag, load_weights=load, device="cpu")
+    if seed is not None and not random_weights(pretrained):
+        raise ValueError("seed draws random weights: it goes with pretrained=None")
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        clip = open_clip.create_model(name, pretrained=tag, load_weights=load, device="cpu")
     check_promptable(clip)
     clip.eval().requires_grad_(False)
     digest = fingerprint(clip)

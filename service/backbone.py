@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from mmap_model import Backbone, load_backbone
 
 from .settings import Settings
@@ -22,9 +20,7 @@ def load_configured_backbone(settings: Settings) -> Backbone:
                 log.warning("serving RANDOM weights (pretrained=none): predictions are meaningless")
             return load_backbone(settings.model, settings.pretrained, settings.device, settings.precision)
         log.warning("serving RANDOM weights (seed %d): for tests and benchmarks only", seed)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return load_backbone(settings.model, None, settings.device, settings.precision)
+        return load_backbone(settings.model, None, settings.device, settings.precision, seed=seed)
     except FileNotFoundError as e:
         raise RuntimeError(f"cannot load the backbone: {e}. Or serve another one with --model/--pretrained "
                            "(MMAP_MODEL/MMAP_PRETRAINED); the service does not fall back to random weights") from e

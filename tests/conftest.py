@@ -14,8 +14,7 @@ logging.getLogger().setLevel(logging.ERROR)  # open_clip warns loudly about rand
 
 
 def _random_backbone(model: str) -> Backbone:
-    torch.manual_seed(0)
-    return load_backbone(model, None)
+    return load_backbone(model, None, seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -24,9 +24,7 @@ def inputs(backbone: Backbone, batch: int, depth: int = 9, tokens: int = 4, seed
 
 def cuda_backbone(model: str, precision: str) -> Backbone:
     """The same random weights as conftest's fixtures (seed 0), on CUDA at `precision`."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return load_backbone(model, None, "cuda", precision)
+    return load_backbone(model, None, "cuda", precision, seed=0)
 
 
 def test_padding_to_a_batch_bucket_leaves_every_row_unchanged(tiny):

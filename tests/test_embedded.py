@@ -66,3 +66,13 @@ def test_seen_domains_are_checked_before_any_training(capsys):
         with pytest.raises(SystemExit):
             pretrain.main(["--seen", seen, "--steps", "1"])
         assert "--seen needs domains of" in capsys.readouterr().err
+
+
+def test_seeded_random_weights_are_one_function_and_leave_the_callers_random_state_alone(tiny):
+    state = torch.random.get_rng_state()
+    again = load_backbone("mmap-tiny", None, seed=0)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert again.fingerprint == tiny.fingerprint  # conftest's `tiny`, the service's random:0, --pretrained none
+    assert load_backbone("mmap-tiny", "none", seed=1).fingerprint != tiny.fingerprint
+    with pytest.raises(ValueError, match="pretrained=None"):
+        load_backbone("mmap-tiny", "embedded", seed=0)

@@ -107,8 +107,7 @@ def test_only_prompt_parameters_train(tiny, method):
 
 
 def test_bf16_backbone_with_fp32_prompts():
-    torch.manual_seed(0)
-    backbone = load_backbone("mmap-tiny", None, precision="bf16")
+    backbone = load_backbone("mmap-tiny", None, precision="bf16", seed=0)
     prompted = PromptedCLIP(backbone.model)
     prompts = MultiTaskPrompts(PromptConfig(), backbone.widths, ["a"])
     p = prompts("a")
@@ -124,8 +123,7 @@ def test_bf16_backbone_with_fp32_prompts():
 
 def test_the_text_tower_follows_the_model_to_another_dtype():
     """Buffers are read at call time: after .to(float64) the causal mask is float64 too (it was a stale copy)."""
-    torch.manual_seed(0)
-    model = copy.deepcopy(load_backbone("mmap-tiny", None).model)
+    model = copy.deepcopy(load_backbone("mmap-tiny", None, seed=0).model)
     prompted = PromptedCLIP(model).to(torch.float64)
     tokens = load_backbone("mmap-tiny", None).tokenizer(TEXTS[:2])
     ours = prompted.encode_text(tokens, truncate=False)
@@ -149,8 +147,7 @@ def test_text_prompts_refuse_tokens_without_placeholders(tiny, tiny_prompted):
 
 def test_truncation_is_off_without_a_causal_mask():
     """Positions after EOT influence EOT when nothing masks them: truncating then would change the result."""
-    torch.manual_seed(0)
-    backbone = load_backbone("mmap-tiny", None)
+    backbone = load_backbone("mmap-tiny", None, seed=0)
     model = copy.deepcopy(backbone.model)
     model.attn_mask = None  # a bidirectional text tower
     tokens = backbone.tokenizer(TEXTS[:2])

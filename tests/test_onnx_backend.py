@@ -80,9 +80,7 @@ def test_graph_of_another_backbone_is_refused(tiny, tmp_path):
     meta = {p.key: p.value for p in onnx.load(graph).metadata_props}
     assert meta["mmap.fingerprint"] == tiny.fingerprint and (meta["mmap.depth"], meta["mmap.tokens"]) == ("3", "4")
     assert OnnxImageTower(tiny, model_path=graph).signatures == [(3, 4)]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        other = load_backbone("mmap-tiny", None)
+    other = load_backbone("mmap-tiny", None, seed=1)
     with pytest.raises(OnnxGraphError, match="exported from another backbone"):
         OnnxImageTower(other, model_path=graph)
     # a cache entry is checked the same way: a file put under the other backbone's cache name is refused

@@ -71,13 +71,10 @@ def test_a_graph_of_another_backbone_stops_the_service_with_the_reason(prompts_d
 @pytest.fixture
 def foreign_graph(tmp_path):
     """A tiny-architecture graph with other weights (seed 5) than the served `random:0`."""
-    import torch
 
     from mmap_model import load_backbone
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(5)
-        other = load_backbone("mmap-tiny", None)
+    other = load_backbone("mmap-tiny", None, seed=5)
     path = tmp_path / "other.onnx"
     export_image_tower(other, path, depth=3, tokens=4)
     return path

@@ -95,8 +95,7 @@ def test_corruption_is_refused_with_its_cause(saved, tiny, tmp_path, cause):
 
 
 def test_wrong_backbone_fingerprint_is_refused(saved):
-    torch.manual_seed(99)
-    other = load_backbone("mmap-tiny", None)  # same architecture, other weights
+    other = load_backbone("mmap-tiny", None, seed=99)  # same architecture, other weights
     with pytest.raises(PromptSetError, match="fingerprint mismatch"):
         PromptSet.load(saved, other)
 

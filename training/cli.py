@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mmap_model import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, METHODS, Backbone, PromptConfig, load_backbone
+from mmap_model.backbone import random_weights
 
 from .classifiers import TaskText
 from .data import ImageReadError, ImageSet, SplitConfig, Task, discover_tasks, load_splits
@@ -150,10 +151,9 @@ class Run:
 
 
 def backbone_from(model: str, pretrained: str | None, device: str) -> Backbone:
-    """load_backbone with the global RNG fixed first: a random-weight backbone (`--pretrained none`,
-    for development) is then the same in every command, so its prompt sets stay loadable."""
-    torch.manual_seed(0)
-    return load_backbone(model, pretrained, device=device)
+    """load_backbone; a random-weight backbone (`--pretrained none`, for development) is drawn from seed 0,
+    the same in every command, so its prompt sets stay loadable."""
+    return load_backbone(model, pretrained, device=device, seed=0 if random_weights(pretrained) else None)
 
 
 @contextmanager
