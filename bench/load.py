@@ -72,7 +72,7 @@ def make_prompt_sets(backbone, directory: Path, n_sets: int, tasks_per_set: int,
             classes = [WORDS[(s * 7 + t * 3 + c) % len(WORDS)] + f" {c}" for c in range(n_classes)]
             tasks[name] = TaskSpec(classes, f"a {name} photo of a {{}}.", f"group{s}")
             names.append(name)
-        PromptSet.create(f"set{s}", backbone, PromptConfig(), tasks).save(directory / f"set{s}")
+        PromptSet.create(f"set{s}", backbone, PromptConfig(), tasks).publish(directory)
     return names
 
 

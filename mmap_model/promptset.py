@@ -12,12 +12,14 @@ with a warning; a newer major format version is refused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,9 +103,34 @@ class PromptSet:
             "provenance": self.provenance,
             "evaluation": self.evaluation,
         }
-        (directory / WEIGHTS_FILE).write_bytes(blob)
-        (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=False))
+        # Weights first, config last, each complete before its name appears: a reader that sees a config sees the
+        # weights it names (the config carries their sha256, so a stale pair fails validation instead of loading).
+        _write_durably(directory / WEIGHTS_FILE, blob)
+        _write_durably(directory / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=False).encode())
         return directory
+
+    def publish(self, out: str | Path, name: str | None = None, fill: Callable[[Path], Any] | None = None) -> Path:
+        """Save as `<out>/<name>` (default: the set's name) in one rename: written to a hidden sibling first,
+        so a watching service sees no set or the whole set, never half of one. A set already there under that
+        name is replaced; nothing else in `out` is touched. `fill(directory)` may add files (sample images)
+        before the rename."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        final = out / check_name(name or self.name)
+        staging = out / f".{final.name}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        self.save(staging)
+        if fill is not None:
+            fill(staging)
+        if final.exists():
+            old = out / f".{final.name}.old-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+        _fsync_directory(out)
+        return final
 
     @classmethod
     def load(cls, directory: str | Path, backbone: Backbone | None = None, *, within: Path | None = None) -> PromptSet:
@@ -145,6 +172,25 @@ class PromptSet:
         prompts.load_state_dict(_parse_weights(directory, weights, meta["weights_sha256"], prompts))
         return cls(str(meta["name"]), prompts, tasks, bb, str(meta["version"]),
                    meta.get("provenance", {}), meta.get("evaluation", {}))
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, rename: `path` is absent, old, or whole."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a directory be opened for fsync
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def backbone_info(backbone: Backbone) -> dict[str, Any]:

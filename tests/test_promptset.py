@@ -200,3 +200,19 @@ def test_a_directory_swapped_mid_load_is_read_from_one_version(saved, tiny, tmp_
     assert PromptSet.load(saved, tiny).version == old_version
     monkeypatch.undo()
     assert PromptSet.load(saved, tiny).version != old_version  # the swap did happen
+
+
+def test_publish_replaces_its_own_set_in_one_rename_and_touches_nothing_else(tiny, tmp_path):
+    out = tmp_path / "served"
+    neighbour = PromptSet.create("other", tiny, PromptConfig(), {"b": TaskSpec(["x", "y"])}).publish(out)
+    before = {p.name: p.read_bytes() for p in neighbour.iterdir()}
+    torch.manual_seed(1)
+    first = PromptSet.create("mine", tiny, PromptConfig(), TASKS).publish(out, fill=lambda d: (d / "extra").write_text("x"))
+    torch.manual_seed(2)
+    second = PromptSet.create("mine", tiny, PromptConfig(), TASKS)
+    assert second.publish(out) == first and PromptSet.load(first, tiny).version == second.version
+    assert sorted(p.name for p in out.iterdir()) == ["mine", "other"]  # no staging or old copy left
+    assert sorted(p.name for p in first.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])  # the old set went whole
+    assert {p.name: p.read_bytes() for p in neighbour.iterdir()} == before
+    with pytest.raises(ValueError, match="invalid name"):
+        second.publish(out, name="../escape")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -58,16 +57,8 @@ def make_set(backbone: Backbone, name: str, tasks: dict[str, TaskSpec], seed: in
 
 
 def publish(ps: PromptSet, prompts_dir: Path, name: str | None = None) -> Path:
-    """The documented atomic publish: write `.<name>.tmp/`, then rename it into place
-    (an existing set is renamed away first and deleted after)."""
-    name = name or ps.name
-    staging, target, old = prompts_dir / f".{name}.tmp", prompts_dir / name, prompts_dir / f".{name}.old"
-    ps.save(staging)
-    if target.exists():
-        target.rename(old)
-    staging.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    """The documented atomic publish (`PromptSet.publish`): written aside, renamed into place."""
+    return ps.publish(prompts_dir, name)
 
 
 def image_bytes(seed: int, size: tuple[int, int] = (48, 40), fmt: str = "PNG") -> bytes:

@@ -26,12 +26,10 @@ import argparse
 import datetime
 import json
 import logging
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -146,24 +144,6 @@ def write_samples(directory: Path, run: cli.Run, tasks: Sequence[str], per_task:
                 shutil.copyfile(first, target)
 
 
-def save_atomically(ps: PromptSet, out: Path, fill: Any = None) -> Path:
-    """Write a prompt set beside its final place and rename it in (a watcher never sees half a set)."""
-    final = out / ps.name
-    tmp = out / f".{ps.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    ps.save(tmp)
-    if fill is not None:
-        fill(tmp)
-    if final.exists():
-        old = out / f".{ps.name}.old-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final
-
-
 def run_files(run_dir: Path) -> list[Path]:
     """What a training run leaves in its run directory (checkpoints, metrics, grouping)."""
     if not run_dir.is_dir():
@@ -243,7 +223,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                          "zero_shot": {t: scores["zero_shot"][t] for t in ps.tasks},
                          "test_images": {t: len(run.sets["test"][t]) for t in ps.tasks}}
         fill = (lambda d, tasks=list(ps.tasks): write_samples(d, run, tasks, args.samples)) if args.samples else None
-        written.append(save_atomically(ps, args.out, fill))  # replaces a set of the same name; nothing else
+        written.append(ps.publish(args.out, fill=fill))  # replaces a set of the same name; nothing else
     report = {p.name: json.loads((p / CONFIG_FILE).read_text())["evaluation"] for p in written}
     print(json.dumps({"out": str(args.out), "prompt_sets": report}, indent=2))
     return written
