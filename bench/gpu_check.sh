@@ -18,6 +18,9 @@
 #
 # Needs: the project installed with a CUDA torch, and onnxruntime-gpu for the onnx rows
 #   pip install torch==2.14.1 torchvision==0.29.1 && pip install -e '.[dev,onnx-gpu]'
+# On the lent device machine (no registry): the service's own dependencies travel as cp312 wheels
+# (pyzmq, msgspec, uvloop, httptools, besides the earlier ones), and wrk as a binary: copy /usr/bin/wrk to
+# .gpu/bin/ and libluajit-5.1.so.2 to .gpu/lib/ (the script finds them there; .gpu/ is git-ignored).
 # Every step has its own timeout, so a hang costs that step only. Exit status: that of the tests
 # (2 when torch sees no CUDA device).
 set -uo pipefail
