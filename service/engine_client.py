@@ -14,7 +14,6 @@ import itertools
 import logging
 import os
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import zmq
@@ -119,9 +118,6 @@ class EngineClient:
         finally:
             self.ring.add_incoming(-1)
 
-    def slot_free(self) -> bool:
-        return bool(self._free)
-
     async def infer(self, pixels: np.ndarray, task: str, top_k: int, timeout_s: float) -> Scored:
         """Scores of one image [H, W, 3] uint8 for one task; ServiceError with the engine's refusal."""
         if self.down:
@@ -218,7 +214,3 @@ class EngineClient:
             if answer is not None and not answer.done():
                 answer.set_exception(error)
 
-
-def ring_files(launcher_pid: int) -> list[Path]:
-    """Shared-memory files of one service instance still on disk (none, unless a worker died mid-start)."""
-    return sorted(SHM_DIR.glob(f"{ring_prefix(launcher_pid)}*"))
