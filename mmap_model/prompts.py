@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from .backbone import Widths
+from .backbone import Widths, count_parameters
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ class MultiTaskPrompts(nn.Module):
         return prompts
 
     def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return count_parameters(self, trainable_only=True)
 
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")

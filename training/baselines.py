@@ -70,9 +70,6 @@ class LinearProbeClassifier(TaskClassifier):
     def scorer(self, task: str) -> Scorer:
         return lambda images: self.heads[task](self.features(images).to(self.heads[task].weight.dtype))
 
-    def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.heads.parameters())
-
 
 @torch.no_grad()
 def _features(clf: LinearProbeClassifier, images: ImageSet, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmap_model import Backbone, MultiTaskPrompts, PromptedCLIP, prompt_texts
+from mmap_model import Backbone, MultiTaskPrompts, PromptedCLIP, count_parameters, prompt_texts
 
 from .data import ImageSet
 from .dist import DistInfo, all_reduce_sum
@@ -42,7 +42,7 @@ class TaskClassifier(nn.Module):
         raise NotImplementedError
 
     def trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return count_parameters(self, trainable_only=True)
 
 
 class PromptClassifier(TaskClassifier):
