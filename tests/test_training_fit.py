@@ -147,3 +147,16 @@ def test_evaluate_uses_the_class_names_the_set_was_trained_with(root, tmp_path):
     names.unlink()
     with pytest.raises(SystemExit, match="--classnames"):  # the recorded file is gone: say how to give it
         evaluate.main(["--data", str(root), "--promptsets", str(out), "--threads", "1"])
+
+
+def test_only_user_errors_become_one_line_exits():
+    """A mistake the user can fix ends in one `error:` line; an internal ValueError keeps its traceback."""
+    from training.cli import user_errors
+    from training.errors import DataError
+
+    with pytest.raises(SystemExit, match="^error: bad root$"), user_errors():
+        raise DataError("bad root")
+    with pytest.raises(ValueError, match="a bug"), user_errors():
+        raise ValueError("a bug")
+    with pytest.raises(SystemExit, match="^error: .*missing.json"), user_errors(OSError):
+        open("missing.json")  # a file the user named: the kinds a call site adds

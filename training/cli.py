@@ -7,6 +7,7 @@ object, so every command spells an option the same way and has the same default.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import shlex
@@ -20,12 +21,21 @@ from pathlib import Path
 
 import torch
 
-from mmap_model import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, METHODS, Backbone, PromptConfig, load_backbone
+from mmap_model import (
+    EMBEDDED_MODEL,
+    EMBEDDED_PRETRAINED,
+    METHODS,
+    Backbone,
+    PromptConfig,
+    PromptSetError,
+    load_backbone,
+)
 from mmap_model.backbone import random_weights
 
 from .classifiers import TaskText
-from .data import ImageReadError, ImageSet, SplitConfig, Task, discover_tasks, load_splits
+from .data import ImageSet, SplitConfig, Task, discover_tasks, load_splits
 from .dist import DistInfo, init_distributed, launched_by_torchrun
+from .errors import UserError
 from .group import GroupingConfig
 from .trainer import TrainConfig
 
@@ -158,11 +168,11 @@ def backbone_from(model: str, pretrained: str | None, device: str) -> Backbone:
 
 @contextmanager
 def user_errors(*kinds: type[Exception]) -> Iterator[None]:
-    """Inside, these exceptions are the user's mistakes (data, options, files): one line on stderr and
-    exit status 1, no traceback."""
+    """Inside, a UserError (and these `kinds`: reading a file the user named) is the user's mistake: one line
+    on stderr and exit status 1, no traceback. Any other exception is a bug and keeps its traceback."""
     try:
         yield
-    except kinds as e:
+    except (UserError, PromptSetError, *kinds) as e:
         raise SystemExit(f"error: {e}") from None
 
 
@@ -171,12 +181,12 @@ def prepare(args: argparse.Namespace, splits: tuple[str, ...] = ("train", "val",
     group, load the frozen backbone and the tasks' images."""
     if getattr(args, "threads", 0):
         torch.set_num_threads(args.threads)
-    with user_errors(ValueError, OSError):
+    with user_errors(OSError, json.JSONDecodeError):  # a class-names or templates file that cannot be read
         split = split_config(args)
         tasks = discover_tasks(args.data, args.tasks, split, getattr(args, "seed", 0), args.classnames, args.templates)
     dist = init_distributed(args.device)
     backbone = backbone_from(args.model, args.pretrained, str(dist.device))
-    with user_errors(ImageReadError):
+    with user_errors():
         sets = load_splits(tasks, backbone.preprocess, splits, int(args.cache_gb * (1 << 30)))
     return Run(dist, backbone, tasks, sets, split)
 

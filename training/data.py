@@ -52,6 +52,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
+from .errors import DataError, MissingData, UserError
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm"}
@@ -72,13 +74,13 @@ class SplitConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.test_fraction < 1 or not 0 <= self.val_fraction < 1 or self.test_fraction + self.val_fraction >= 1:
-            raise ValueError("need 0 < test_fraction < 1, 0 <= val_fraction < 1 and their sum < 1")
+            raise DataError("need 0 < test_fraction < 1, 0 <= val_fraction < 1 and their sum < 1")
         if self.shots is not None and self.fraction is not None:
-            raise ValueError("give --shots or --fraction, not both")
+            raise DataError("give --shots or --fraction, not both")
         if self.shots is not None and self.shots < 1:
-            raise ValueError("shots must be >= 1")
+            raise DataError("shots must be >= 1")
         if self.fraction is not None and not 0 < self.fraction <= 1:
-            raise ValueError("fraction must be in (0, 1]")
+            raise DataError("fraction must be in (0, 1]")
 
 
 @dataclass
@@ -117,11 +119,11 @@ def _images_in(folder: Path) -> list[Path]:
 def list_domains(root: Path) -> list[str]:
     """Domain folders of a root (folders that hold class folders), sorted."""
     if not root.is_dir():
-        raise FileNotFoundError(f"data root {root} is not a directory")
+        raise MissingData(f"data root {root} is not a directory")
     domains = [p.name for p in sorted(root.iterdir()) if p.is_dir() and not p.name.startswith(".")
                and any(c.is_dir() for c in p.iterdir())]
     if not domains:
-        raise ValueError(f"{root} holds no <domain>/<class>/ folders")
+        raise DataError(f"{root} holds no <domain>/<class>/ folders")
     return domains
 
 
@@ -129,12 +131,12 @@ def load_templates(root: Path, templates_file: Path | None) -> dict[str, str]:
     path = templates_file or root / TEMPLATES_FILE
     if not path.is_file():
         if templates_file is not None:
-            raise FileNotFoundError(f"templates file {templates_file} does not exist")
+            raise MissingData(f"templates file {templates_file} does not exist")
         return {}
     templates = json.loads(path.read_text())
     bad = {k: v for k, v in templates.items() if not isinstance(v, str) or "{}" not in v}
     if bad:
-        raise ValueError(f"{path}: every template needs a '{{}}' for the class name: {bad}")
+        raise DataError(f"{path}: every template needs a '{{}}' for the class name: {bad}")
     return templates
 
 
@@ -164,11 +166,11 @@ def _read_split_file(root: Path, path: Path, folders: list[str]) -> list[tuple[P
             continue
         rel = Path(line.split()[0])
         if rel.parent.name not in index:
-            raise ValueError(f"{path}: {rel} is not in a known class folder")
+            raise DataError(f"{path}: {rel} is not in a known class folder")
         items.append((root / rel, index[rel.parent.name]))
     missing = [str(f) for f, _ in items if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"{path}: {len(missing)} listed image(s) are not on disk, e.g. {', '.join(missing[:3])}")
+        raise MissingData(f"{path}: {len(missing)} listed image(s) are not on disk, e.g. {', '.join(missing[:3])}")
     return items
 
 
@@ -204,14 +206,14 @@ def discover_tasks(root: str | Path, tasks: Sequence[str] | None = None, split: 
     for f in folders:
         name = task_name(f)
         if name in by_name:
-            raise ValueError(f"domain folders {by_name[name]!r} and {f!r} in {root} both map to task {name!r}; rename one")
+            raise DataError(f"domain folders {by_name[name]!r} and {f!r} in {root} both map to task {name!r}; rename one")
         by_name[name] = f
     chosen = list(by_name) if not tasks else list(tasks)
     if len(set(chosen)) < len(chosen):
-        raise ValueError(f"tasks listed more than once: {sorted({t for t in chosen if chosen.count(t) > 1})}")
+        raise DataError(f"tasks listed more than once: {sorted({t for t in chosen if chosen.count(t) > 1})}")
     unknown = [t for t in chosen if t not in by_name]
     if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; {root} has {sorted(by_name)}")
+        raise DataError(f"unknown task(s) {unknown}; {root} has {sorted(by_name)}")
     names = json.loads(Path(classnames_file).read_text()) if classnames_file else {}
     templates = load_templates(root, templates_file)
     out = []
@@ -251,7 +253,7 @@ def discover_tasks(root: str | Path, tasks: Sequence[str] | None = None, split: 
         for s, by_class in zip(SPLITS, (train, val, test), strict=True):
             task.files[s], task.labels[s] = _flatten(by_class)
         if not task.files["train"] or not task.files["test"]:
-            raise ValueError(f"task {name}: empty train or test split ({task.summary()})")
+            raise DataError(f"task {name}: empty train or test split ({task.summary()})")
         out.append(task)
     return out
 
@@ -268,7 +270,7 @@ def data_summary(root: Path, tasks: list[Task], split: SplitConfig, seed: int, c
 # ---------------------------------------------------------------------------------------------
 
 
-class ImageReadError(ValueError):
+class ImageReadError(UserError, ValueError):
     """An image of the data root that cannot be decoded (named in the message)."""
 
 

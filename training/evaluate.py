@@ -28,6 +28,7 @@ from mmap_model.promptset import CONFIG_FILE
 from . import cli
 from .classifiers import PromptClassifier, TaskText, accuracy
 from .data import SplitConfig, discover_tasks, load_splits
+from .errors import DataError, MissingData
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def find_promptsets(paths: Sequence[Path]) -> list[Path]:
         else:
             found.extend(sorted(p.parent for p in path.glob(f"*/{CONFIG_FILE}")))
     if not found:
-        raise FileNotFoundError(f"no prompt sets in {', '.join(map(str, paths))}")
+        raise MissingData(f"no prompt sets in {', '.join(map(str, paths))}")
     return found
 
 
@@ -78,7 +79,7 @@ def evaluate(root: Path, set_dirs: Sequence[Path], model: str | None = None, pre
             log.warning("%s: tasks %s are not in %s", directory, missing, root)
         for task in present:
             if task.classnames != ps.tasks[task.name].classnames:
-                raise ValueError(f"{directory}: task {task.name!r} classes differ from the folders in {root} "
+                raise DataError(f"{directory}: task {task.name!r} classes differ from the folders in {root} "
                                  f"(class names from {names_file or 'the folder names'}; --classnames picks the file)")
         sets = load_splits(present, backbone.preprocess, ("test",))["test"]
         texts = {t.name: TaskText(ps.tasks[t.name].classnames, ps.tasks[t.name].template) for t in present}
@@ -122,7 +123,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     cli.setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
-    with cli.user_errors(ValueError, OSError):
+    with cli.user_errors(OSError, json.JSONDecodeError):
         rows = evaluate(args.data, find_promptsets(args.promptsets), args.model, args.pretrained, args.device,
                         SplitConfig(test_fraction=args.test_fraction, split_seed=args.split_seed), args.templates,
                         classnames=args.classnames)

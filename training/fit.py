@@ -39,9 +39,8 @@ from mmap_model.prompts import check_name
 from mmap_model.promptset import CONFIG_FILE
 
 from . import cli
-from .checkpoint import CheckpointError
 from .classifiers import MultiTaskObjective, PromptClassifier, accuracy
-from .data import ImageReadError, data_summary
+from .data import data_summary
 from .dist import shutdown
 from .group import Grouping, group_tasks, read_groups, write_grouping
 from .trainer import TrainConfig, Trainer, TrainResult, autocast_factory
@@ -83,7 +82,7 @@ def resolve_groups(mode: str, run: cli.Run, prompt_cfg: PromptConfig, train_cfg:
         if cached is not None and run.dist.main:
             write_grouping(grouping, cached)
         return named_groups(grouping.groups), grouping
-    with cli.user_errors(ValueError, OSError):  # the user's groups file
+    with cli.user_errors(OSError, json.JSONDecodeError):  # the user's groups file
         return named_groups(read_groups(Path(mode), names)), None
 
 
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
         run_dir.mkdir(parents=True, exist_ok=True)
     groups, grouping = resolve_groups(args.groups, run, prompt_cfg, train_cfg, args, run_dir, progress)
     prompts = build_prompts(run, prompt_cfg, groups, not args.no_task_modules, train_cfg.seed)
-    with cli.user_errors(CheckpointError, ImageReadError):
+    with cli.user_errors():
         classifier, result = train_prompts(run, prompts, train_cfg, run_dir, args.resume, progress)
     scores = score_test_split(run, classifier, train_cfg)
     shutdown(run.dist)  # the collectives are over; only rank 0 writes

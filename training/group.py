@@ -59,6 +59,7 @@ from mmap_model import Backbone, MultiTaskPrompts, PromptConfig
 from .classifiers import MultiTaskObjective, PromptClassifier, TaskText, task_metrics
 from .data import ImageSet
 from .dist import DistInfo, all_reduce_sum, shutdown
+from .errors import DataError
 from .trainer import TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
@@ -403,10 +404,10 @@ def read_groups(path: Path, tasks: Sequence[str]) -> list[list[str]]:
     data = json.loads(Path(path).read_text())
     groups = data.get("groups") if isinstance(data, dict) else None
     if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
-        raise ValueError(f"{path}: needs a 'groups' list of lists of task names")
+        raise DataError(f"{path}: needs a 'groups' list of lists of task names")
     seen = [t for g in groups for t in g]
     if len(seen) != len(set(seen)):
-        raise ValueError(f"{path}: a task appears in more than one group")
+        raise DataError(f"{path}: a task appears in more than one group")
     unknown = sorted(set(seen) - set(tasks))
     if unknown:
         log.warning("%s: ignoring tasks not being trained: %s", path, unknown)
