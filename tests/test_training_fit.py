@@ -159,4 +159,4 @@ def test_only_user_errors_become_one_line_exits():
     with pytest.raises(ValueError, match="a bug"), user_errors():
         raise ValueError("a bug")
     with pytest.raises(SystemExit, match="^error: .*missing.json"), user_errors(OSError):
-        open("missing.json")  # a file the user named: the kinds a call site adds
+        Path("missing.json").read_text()  # a file the user named: the kinds a call site adds
