@@ -33,15 +33,11 @@ from mmap_model import (
 from mmap_model.backbone import random_weights
 
 from .classifiers import TaskText
+from .configs import GroupingConfig, comma_list
 from .data import ImageSet, SplitConfig, Task, discover_tasks, load_splits
 from .dist import DistInfo, init_distributed, launched_by_torchrun
 from .errors import UserError
-from .group import GroupingConfig
 from .trainer import TrainConfig
-
-
-def comma_list(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from mmap_model import Backbone, MultiTaskPrompts, PromptConfig
 
 from .classifiers import MultiTaskObjective, PromptClassifier, TaskText, task_metrics
+from .configs import GroupingConfig
 from .data import ImageSet
 from .dist import DistInfo, all_reduce_sum, shutdown
 from .errors import DataError
@@ -65,29 +66,6 @@ from .trainer import TrainConfig, Trainer
 log = logging.getLogger(__name__)
 
 EXHAUSTIVE_MAX_TASKS = 10
-
-
-@dataclass(frozen=True)
-class GroupingConfig:
-    """Settings of the grouping (saved with the result)."""
-
-    affinity: str = "cosine"  # cosine | lookahead
-    groups: int | None = None  # None = choose the number automatically
-    threshold: float | str = "mean"  # τ: a number, "mean" or "median" of the off-diagonal affinities
-    warmup_steps: int = 20
-    probe_steps: int = 10
-    lookahead_scale: float = 1.0  # lookahead step as a multiple of the optimiser's own step
-    transfer_steps: int = 0  # > 0: also measure direct transfer (T trainings of this many steps) to check the affinity
-
-    def __post_init__(self) -> None:
-        if self.affinity not in ("cosine", "lookahead"):
-            raise ValueError(f"affinity must be cosine or lookahead, got {self.affinity!r}")
-        if self.groups is not None and self.groups < 1:
-            raise ValueError("groups must be >= 1 (or None for auto)")
-        if isinstance(self.threshold, str) and self.threshold not in ("mean", "median"):
-            raise ValueError("threshold must be a number, 'mean' or 'median'")
-        if self.warmup_steps < 0 or self.probe_steps < 1 or self.lookahead_scale <= 0 or self.transfer_steps < 0:
-            raise ValueError("need warmup_steps >= 0, probe_steps >= 1, lookahead_scale > 0 and transfer_steps >= 0")
 
 
 @dataclass

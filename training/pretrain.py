@@ -36,7 +36,7 @@ from mmap_model import EMBEDDED_MODEL, PromptedCLIP, class_text_features, load_b
 from mmap_model.backbone import EMBEDDED_DIR
 
 from . import synthetic
-from .cli import comma_list
+from .configs import comma_list
 
 SEEN_DOMAINS = ["photo", "clipart", "sketch", "product"]
 EVAL_SEED_OFFSET = 1000  # evaluation images come from another seed than the training pool
