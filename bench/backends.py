@@ -1,7 +1,7 @@
 """Image-tower throughput, torch vs onnxruntime, in one run: `python bench/backends.py [--model ViT-B-32]`.
 
 Both backends are the service's own (`service.backends.TorchImageTower`,
-`service.onnx_backend.OnnxImageTower`), called as the batcher calls them: CPU fp32 images and
+`service.onnx_backend.OnnxImageTower`), called as the engine calls them: CPU fp32 images and
 per-sample visual prompts [B, J, m, d_v] (default J=9, m=4: a grouped task under the default
 PromptConfig) in, normalised features out, so host-device copies are included. Random weights
 (seed 0): the cost does not depend on their values. For each batch size the two backends are

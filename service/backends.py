@@ -1,6 +1,6 @@
 """Inference backends: the prompted image tower behind one small interface.
 
-The batcher only ever calls an `ImageTower`; the class-text side is computed once per task at
+The engine only ever calls an `ImageTower`; the class-text side is computed once per task at
 load time with torch (see `registry.py`), so a backend needs the image tower alone. A second
 backend implements the same call and is registered in `BACKENDS`: `torch` (default) and `onnx`
 (onnxruntime running a graph exported by `service.export_onnx`, see `onnx_backend.py`).

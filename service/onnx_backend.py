@@ -10,7 +10,7 @@ exported by `export_onnx.py`:
 - every other signature, and all of them when no file is given, is exported on the fly into
   `cache_dir` (setting `onnx_cache`) under a name made of the fingerprint, J, m, input size and
   dtype, and reused from there on the next start (replicas may share the directory: writes are
-  atomic). The batcher's warm-up runs one forward per prompt bank, so the graphs the loaded
+  atomic). The engine's warm-up runs one forward per prompt bank, so the graphs the loaded
   prompt sets need are exported before /readyz turns 200; a prompt set with a new (J, m) loaded
   later pays its export (seconds for ViT-B) on its first batch.
 - prompts=None (coop, or any task without visual prompts) runs the unprompted graph (m = 0),
@@ -54,7 +54,7 @@ class OnnxImageTower:
         self.np_dtype = np.float16 if self.dtype == "fp16" else np.float32
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self._sessions: dict[tuple[int, int], ort.InferenceSession] = {}
-        self._lock = threading.Lock()  # the batcher calls from one thread; this guards direct callers too
+        self._lock = threading.Lock()  # the engine calls from one thread; this guards direct callers too
         if model_path is not None:
             session, info = self._open(Path(model_path))
             self._sessions[info.signature] = session
