@@ -267,6 +267,7 @@ class Engine:
 
     def _call(self, client: bytes, call: Call) -> None:
         def answer(result: Any, error: BaseException | None) -> None:
+            self._publish_catalog()  # before the reply, on the same socket: whoever asked sees its own change
             if error is None:
                 self._send(client, Reply(call.id, 200, result))
             elif isinstance(error, CallRefused):
