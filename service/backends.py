@@ -48,7 +48,7 @@ class TorchImageTower:
         self.buckets = None if compile == "off" else [1 << i for i in range((max_batch_size - 1).bit_length() + 1)]
         self.cudagraphs = compile in ("reduce-overhead", "max-autotune")
         self._forward = self._encode if compile == "off" else torch.compile(self._encode, mode=compile, dynamic=False)
-        self._staging: Tensor | None = None  # pinned host buffer, reused: the previous copy ended with .cpu()
+        self._staging: Tensor | None = None  # pinned host buffer, reused: callers read results back (a sync) between calls
         self._compiled: set[tuple[int, ...]] = set()  # prompt shapes whose buckets are compiled
 
     def _encode(self, images: Tensor, prompts: Tensor | None) -> Tensor:
