@@ -151,13 +151,16 @@ async def classify(request: Request,
         if not engine.catalog.ready:
             raise ServiceError(503, "not_ready", engine.catalog.reason or "", {"Retry-After": "1"})
         with engine.incoming():
-            pixels = await worker.pixels(await read_upload(request, settings.max_upload_bytes))
+            pixels = await worker.pixels(await read_upload(request, settings.max_upload_bytes, settings.body_timeout_s))
         result = await engine.infer(pixels, task, top_k, settings.request_timeout_s)
         status = 200
     except ServiceError as e:
         status = e.status
         if isinstance(e, ImageRejected):
             metrics.images_rejected.labels(e.error).inc()
+        raise
+    except asyncio.CancelledError:  # cut at the drain deadline: DrainDeadline answers 503
+        status = 503
         raise
     finally:
         metrics.requests.labels(label, str(status)).inc()

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     worker_slots: int = Field(64, ge=1, description="images each HTTP worker may have in flight to the engine "
                                                     "(shared-memory slots); beyond it 503")
     decode_workers: int = Field(2, ge=1, description="threads decoding images in each HTTP worker")
+    body_timeout_s: float = Field(30.0, gt=0, description="longest pause between two pieces of an upload's body; "
+                                                          "beyond it 408 and the connection is closed")
+    max_connections: int = Field(1000, ge=1, description="open connections each HTTP worker holds; beyond it a new "
+                                                         "connection gets 503 and is closed")
     max_upload_bytes: int = Field(20 << 20, ge=1, description="largest accepted image file (bytes); beyond it 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height; beyond it 413")
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin; unset = admin API off (404)")

@@ -10,6 +10,7 @@ open_clip's own transform while a quarter of the bytes cross to the engine and t
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,18 +18,23 @@ import numpy as np
 from PIL import Image
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
+from .errors import ServiceError
 from .images import ImageRejected, decode_image, load_image, open_image
 
+CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned
 MULTIPART_OVERHEAD = 64 << 10  # boundary and part headers around the file in a multipart body
 RAW_TYPES = ("image/", "application/octet-stream")
 PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                "nearest": Image.Resampling.NEAREST}
 
 
-async def read_upload(request: Request, max_bytes: int) -> bytes:
-    """The image bytes of a multipart field `file` or a raw image/* body (ImageRejected otherwise)."""
+async def read_upload(request: Request, max_bytes: int, body_timeout_s: float) -> bytes:
+    """The image bytes of a multipart field `file` or a raw image/* body (ImageRejected otherwise).
+
+    A body that pauses longer than `body_timeout_s` is cut with 408 (nginx's client_body_timeout); a client
+    that goes away mid-body is a 499 (nginx's code), which no one receives but the metrics count."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     is_form = media == "multipart/form-data"
     if not is_form and not media.startswith(RAW_TYPES):
@@ -40,7 +46,19 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
     if declared.isdigit() and int(declared) > allowed:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
+    chunks = request.stream()
+    while True:
+        try:
+            async with asyncio.timeout(body_timeout_s):
+                chunk = await anext(chunks, None)
+        except TimeoutError:
+            raise ServiceError(408, "body_timeout", f"no part of the upload's body arrived for {body_timeout_s:g} s",
+                               {"Connection": "close"}) from None
+        except ClientDisconnect:
+            raise ServiceError(CLIENT_CLOSED, "client_closed_request", "the client closed the connection before "
+                                                                       "the upload was complete") from None
+        if chunk is None:
+            break
         body += chunk
         if len(body) > allowed:
             raise too_large

@@ -3,7 +3,8 @@
 Started by the launcher, never by hand: the settings, the engine's address and input format, the
 worker's index and the inherited listening socket come in the environment. It imports no model
 (no torch): FastAPI, Pillow, numpy and ZeroMQ. SIGTERM is uvicorn's: stop accepting, let in-flight
-requests finish for at most `drain_timeout_s`, then exit 0.
+requests finish for at most `drain_timeout_s` (what is still running then gets 503), then exit 0.
+Connections are bounded per worker (http_edge.py).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import uvicorn
 
 from .app import create_app
 from .engine_client import EngineClient
+from .http_edge import DrainDeadline, bounded_protocol
 from .settings import settings_from_env
 from .transport import ENGINE_INFO_ENV, LAUNCHER_PID_ENV, LISTEN_FD_ENV, WORKER_INDEX_ENV, engine_info_from_json
 
@@ -36,7 +38,8 @@ def main() -> None:
         await client.start(CONNECT_TIMEOUT_S)
         return client
 
-    config = uvicorn.Config(create_app(settings, connect), log_level=settings.log_level, access_log=settings.access_log,
+    config = uvicorn.Config(DrainDeadline(create_app(settings, connect)), http=bounded_protocol(settings.max_connections),
+                            log_level=settings.log_level, access_log=settings.access_log,
                             timeout_graceful_shutdown=settings.drain_timeout_s, lifespan="on")
     server = uvicorn.Server(config)
     server.run(sockets=[listener])
