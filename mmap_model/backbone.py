@@ -138,9 +138,15 @@ def widths_of(model: CLIP | CustomTextCLIP) -> Widths:
 
 
 def resolve_device(device: str) -> torch.device:
+    """"auto" is cuda when torch sees a GPU, else cpu; "cuda" without one is refused in one clear line."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} ({build}) finds no CUDA GPU "
+                         "on this machine; use device 'cpu' or 'auto'")
+    return resolved
 
 
 def load_backbone(
@@ -162,6 +168,7 @@ def load_backbone(
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    torch_device = resolve_device(device)
     name, tag, load = resolve_model_name(model, pretrained)
     if seed is not None and not random_weights(pretrained):
         raise ValueError("seed draws random weights: it goes with pretrained=None")
@@ -172,7 +179,6 @@ def load_backbone(
     check_promptable(clip)
     clip.eval().requires_grad_(False)
     digest = fingerprint(clip)
-    torch_device = resolve_device(device)
     dtype = PRECISIONS[precision]
     clip.to(torch_device, dtype)
     preprocess = image_transform_v2(PreprocessCfg(**clip.visual.preprocess_cfg), is_train=False)

@@ -108,6 +108,9 @@ class Launcher:
         signal.signal(signal.SIGINT, self._stop)
         try:
             self.listener = bind(self.settings)
+            if not self.settings.prompts.is_dir():
+                raise LaunchFailed(f"the prompt directory {self.settings.prompts} does not exist or is not a "
+                                   "directory (--prompts / MMAP_PROMPTS)")
             self._start_engine()
             if self.stopping:
                 return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from test_service_support import classify, failed_start, image_bytes, reference_scores, run, scores, serve
 
 import mmap_model.backbone
@@ -56,3 +57,19 @@ def test_a_backbone_that_cannot_load_stops_the_service_with_the_reason(tmp_path)
                                       model="ViT-B-32", workers=1))
     assert code == 1, log
     assert "is not a known tag or valid file path" in log and "the engine did not start" in log, log[-2000:]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: device cuda starts")
+def test_device_cuda_without_a_gpu_stops_start_up_in_one_line(tmp_path):
+    code, log = failed_start(Settings(device="cuda", prompts=tmp_path, workers=1))
+    assert code == 1, log
+    errors = [line for line in log.splitlines() if " ERROR " in line]
+    assert "device 'cuda' asked for" in errors[0] and "finds no CUDA GPU" in errors[0] and "use device 'cpu'" in errors[0]
+    assert "Traceback" not in log, log[-2000:]
+
+
+def test_a_missing_prompt_directory_stops_start_up_before_the_model_loads(tmp_path):
+    code, log = failed_start(Settings(device="cpu", prompts=tmp_path / "missing", workers=1))
+    assert code == 1, log
+    assert f"the prompt directory {tmp_path / 'missing'} does not exist" in log, log
+    assert "engine" not in log, log  # refused before the engine started
