@@ -1,6 +1,7 @@
 """The prompt-set format: `promptset.json` + `prompts.safetensors` in a directory (no pickle).
 
-`promptset.json` holds the format version, name, version, the backbone it was trained on
+`promptset.json` holds the format version, name, version (a digest of everything that affects
+scores: `content_version`), the backbone it was trained on
 (model, pretrained, fingerprint, widths), the method's hyper-parameters, groups, tasks (class
 names, template, group), the sha256 of the weights file, provenance and evaluation results.
 `prompts.safetensors` holds only the trainable tensors (`group.<g>.…`, `task.<t>.…`).
@@ -82,27 +83,23 @@ class PromptSet:
         return self.prompts.cfg.method
 
     def save(self, directory: str | Path) -> Path:
-        """Write the two files; the version defaults to the weights' sha256 prefix."""
+        """Write the two files; `version` becomes the digest of what they hold (see content_version)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.prompts.state_dict().items()}
         blob = save_safetensors(tensors)
-        sha = hashlib.sha256(blob).hexdigest()
-        self.version = self.version or sha[:12]
-        meta = {
-            "format_version": FORMAT_VERSION,
-            "name": self.name,
-            "version": self.version,
+        scored = {
             "backbone": self.backbone,
             "method": self.prompts.cfg.to_dict(),
             "task_modules": bool(len(self.prompts.task)),
             "groups": self.prompts.groups,
             "tasks": {t: {"classnames": s.classnames, "template": s.template, "group": s.group}
                       for t, s in self.tasks.items()},
-            "weights_sha256": sha,
-            "provenance": self.provenance,
-            "evaluation": self.evaluation,
+            "weights_sha256": hashlib.sha256(blob).hexdigest(),
         }
+        self.version = content_version(scored)
+        meta = {"format_version": FORMAT_VERSION, "name": self.name, "version": self.version, **scored,
+                "provenance": self.provenance, "evaluation": self.evaluation}
         # Weights first, config last, each complete before its name appears: a reader that sees a config sees the
         # weights it names (the config carries their sha256, so a stale pair fails validation instead of loading).
         _write_durably(directory / WEIGHTS_FILE, blob)
@@ -170,8 +167,21 @@ class PromptSet:
             if not spec.classnames or "{}" not in spec.template:
                 raise PromptSetError(f"{directory}: task {t!r} needs class names and a template with '{{}}'")
         prompts.load_state_dict(_parse_weights(directory, weights, meta["weights_sha256"], prompts))
-        return cls(str(meta["name"]), prompts, tasks, bb, str(meta["version"]),
-                   meta.get("provenance", {}), meta.get("evaluation", {}))
+        version = content_version(meta)
+        if meta["version"] != version:  # edited by hand, or written before versions covered the whole content
+            log.info("%s: recorded version %s does not match its content: version %s", directory, meta["version"], version)
+        return cls(str(meta["name"]), prompts, tasks, bb, version, meta.get("provenance", {}), meta.get("evaluation", {}))
+
+
+SCORED_KEYS = ("backbone", "method", "task_modules", "groups", "tasks", "weights_sha256")
+
+
+def content_version(meta: dict[str, Any]) -> str:
+    """A set's version: the sha256 prefix of everything in its files that affects scores (the weights through
+    their sha256, the method, groups, class names, templates, the backbone), in canonical JSON. Republishing
+    with new class names or a new template changes it; a new name, provenance or evaluation does not."""
+    scored = {key: meta[key] for key in SCORED_KEYS}
+    return hashlib.sha256(json.dumps(scored, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 
 
 def _write_durably(path: Path, data: bytes) -> None:

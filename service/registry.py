@@ -1,12 +1,18 @@
 """The prompt-set registry: an immutable snapshot {task -> handle}, swapped atomically.
 
 Each sub-directory `<name>/` of the prompt directory is one prompt set, identified by that
-directory name. Loading one validates it against the served backbone (`PromptSet.load`), refuses
-tasks another loaded set already serves, and computes every task's class-text embeddings and
-visual prompts ONCE; then a new `Snapshot` is built and published by a single reference
-assignment. A request holds the snapshot it started with, so a swap never breaks it. A failed load
-publishes nothing (the old version keeps serving) and is reported: log, `status()` (the admin
-listing), and `mmap_prompt_set_loads_total{result="failure"}`.
+directory name. Loading one validates it against the served backbone (`PromptSet.load`) and
+computes every task's class-text embeddings and visual prompts ONCE; then a new `Snapshot` is built
+and published by a single reference assignment. A request holds the snapshot it started with, so a
+swap never breaks it. A failed load publishes nothing (the old version keeps serving) and is
+reported: log, `status()` (the admin listing), and `mmap_prompt_set_loads_total{result="failure"}`.
+
+A task defined by several loaded sets is served by the newest publication: the set whose
+promptset.json was written last (mtime; ties by name). So retraining one task into a new set, or
+regrouping tasks into new sets, moves each task in the one swap that publishes its new set, with no
+request failing and no manual step; the older set keeps serving what nobody newer claims, and takes
+its tasks back if the newer set goes. What is served is a function of the directory's contents,
+whatever order sets were loaded in.
 
 Publishing a prompt set atomically (what the directory watcher relies on):
 - Directories whose names start with '.' or '_' are ignored: write a new set as `.<name>.tmp/`
@@ -82,7 +88,12 @@ class LoadedSet:
     version: str
     method: str
     loaded_at: float  # unix time
-    handles: Mapping[str, TaskHandle]
+    published_ns: int  # mtime of its promptset.json: the newest publication of a task serves it
+    handles: Mapping[str, TaskHandle]  # every task it defines, served or shadowed by a newer set
+
+    @property
+    def precedence(self) -> tuple[int, str]:
+        return self.published_ns, self.name
 
 
 @dataclass(frozen=True)
@@ -103,8 +114,9 @@ class Snapshot:
 
     @classmethod
     def of(cls, sets: Mapping[str, LoadedSet]) -> Snapshot:
-        """Index the tasks and stack the visual prompts of equal signature into one bank each."""
-        tasks = {t: h for s in sets.values() for t, h in s.handles.items()}
+        """Give each task to its newest publication, and stack the visual prompts of equal signature into one
+        bank each."""
+        tasks = {t: h for s in sorted(sets.values(), key=lambda s: s.precedence) for t, h in s.handles.items()}
         by_signature: dict[tuple[int, int], list[str]] = {}
         for task in sorted(tasks):
             if tasks[task].signature is not None:
@@ -124,7 +136,8 @@ class SetStatus:
     state: str  # "loaded" | "failed" (never loaded, or not since its last failure) | "available" (on disk, not loaded)
     version: str | None
     method: str | None
-    tasks: list[str]
+    tasks: list[str]  # the tasks it serves
+    shadowed: list[str]  # the tasks it defines that a newer publication serves
     loaded_at: float | None
     last_error: str | None
     last_error_at: float | None
@@ -219,7 +232,7 @@ class Registry:
                 state = dir_state(path)
                 if state is not None:
                     self._applied[name] = state  # the watcher must not redo what this call reads
-                loaded = self._read(name, path)
+                loaded = self._read(name, path, state[1][0] if state and state[1] else time.time_ns())
             except Exception as e:  # any failure (validation, I/O, the text tower) leaves the old version
                 message = str(e) if isinstance(e, PromptSetError) else f"{type(e).__name__}: {e}"
                 self._errors[name] = (time.time(), message)
@@ -227,10 +240,15 @@ class Registry:
                 log.error("prompt set %r not loaded (%s): %s", name,
                           "old version keeps serving" if name in self._snapshot.sets else "not served", message)
                 raise PromptSetError(message) from e
+            before = self._snapshot.tasks
             self._publish({**self._snapshot.sets, name: loaded})
             self._errors.pop(name, None)
             self.metrics.prompt_set_loads.labels("success").inc()
-            log.info("prompt set %r version %s serving tasks %s", name, loaded.version, sorted(loaded.handles))
+            served = self._snapshot.tasks
+            log.info("prompt set %r version %s serving tasks %s%s", name, loaded.version,
+                     sorted(t for t in loaded.handles if served[t].prompt_set == name),
+                     "".join(f"; {t!r} taken over from {before[t].prompt_set!r}" for t in sorted(loaded.handles)
+                             if t in before and before[t].prompt_set != name and served[t].prompt_set == name))
             return loaded
 
     def unload(self, name: str) -> bool:
@@ -244,14 +262,16 @@ class Registry:
 
     def status(self) -> list[SetStatus]:
         """Every prompt set that is loaded, failed, or on disk."""
-        sets, errors = self._snapshot.sets, dict(self._errors)
+        snapshot, errors = self._snapshot, dict(self._errors)
         lines = []
-        for name in sorted(set(sets) | set(errors) | set(self.candidates())):
-            s = sets.get(name)
+        for name in sorted(set(snapshot.sets) | set(errors) | set(self.candidates())):
+            s = snapshot.sets.get(name)
             error_at, error = errors.get(name, (None, None))
             state = "loaded" if s else "failed" if error else "available"
-            lines.append(SetStatus(name, state, s and s.version, s and s.method, sorted(s.handles) if s else [],
-                                   s and s.loaded_at, error, error_at))
+            defined = sorted(s.handles) if s else []
+            served = [t for t in defined if snapshot.tasks[t].prompt_set == name]
+            lines.append(SetStatus(name, state, s and s.version, s and s.method, served,
+                                   [t for t in defined if t not in served], s and s.loaded_at, error, error_at))
         return lines
 
     def poll(self, now: float) -> None:
@@ -292,18 +312,13 @@ class Registry:
             with contextlib.suppress(PromptSetError):  # reported by load; retried when the directory changes again
                 self.load(name)
 
-    def _read(self, name: str, path: Path) -> LoadedSet:
+    def _read(self, name: str, path: Path, published_ns: int) -> LoadedSet:
         if not path.is_dir():
             raise PromptSetError(f"{path}: no such prompt-set directory")
         root = self.directory.resolve()
         ps = PromptSet.load(path, self.backbone, within=root)  # untrusted: no symlink may lead out of root
         if ps.name != name:
             log.warning("prompt set in %s calls itself %r; it is served as %r (its directory name)", path, ps.name, name)
-        taken = {t: s.name for s in self._snapshot.sets.values() if s.name != name for t in s.handles}
-        clashes = {t: taken[t] for t in ps.tasks if t in taken}
-        if clashes:
-            raise PromptSetError(f"{path}: tasks already served by other prompt sets: "
-                                 + ", ".join(f"{t!r} by {s!r}" for t, s in sorted(clashes.items())))
         handles = {}
         device = self.backbone.device
         with torch.inference_mode():
@@ -317,7 +332,7 @@ class Registry:
                                        and p.is_file() and inside(p, root))[:MAX_SAMPLES]) if sample_dir.is_dir() else ()
                 handles[task] = TaskHandle(task, name, ps.version, ps.method, spec.group, tuple(spec.classnames),
                                            text.float(), visual, sample_dir, samples)
-        return LoadedSet(name, ps.version, ps.method, time.time(), MappingProxyType(handles))
+        return LoadedSet(name, ps.version, ps.method, time.time(), published_ns, MappingProxyType(handles))
 
     def _publish(self, sets: Mapping[str, LoadedSet]) -> None:
         with torch.inference_mode():

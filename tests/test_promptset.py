@@ -37,7 +37,21 @@ def test_round_trip_is_exact(saved, tiny):
         assert torch.equal(v, original[k])
     assert set(original) == {k for k in original if k.startswith(("group.line.", "task."))}
     meta = json.loads((saved / CONFIG_FILE).read_text())
-    assert meta["version"] == meta["weights_sha256"][:12] == loaded.version
+    assert meta["version"] == loaded.version and len(loaded.version) == 12
+
+
+@pytest.mark.parametrize("change, scored", [
+    (lambda m: m["tasks"]["sketch"]["classnames"].reverse(), True),  # same weights, other class order
+    (lambda m: m["tasks"]["sketch"].update(template="a drawing of a {}."), True),
+    (lambda m: m["backbone"].update(fingerprint="f" * 64), True),
+    (lambda m: m.update(provenance={"command": "other"}, evaluation={"x": 1}), False),
+])
+def test_the_version_changes_with_anything_that_affects_scores(saved, change, scored):
+    """A set republished with new class names or a template but the same weights gets a new version."""
+    before = PromptSet.load(saved).version
+    _edit_config(saved, change)
+    after = PromptSet.load(saved).version
+    assert (after != before) == scored
 
 
 def _edit_config(directory: Path, change) -> None:
