@@ -25,24 +25,28 @@ ENV VIRTUAL_ENV=/opt/venv \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
-RUN python3.11 -m venv /opt/venv \
-    && pip install --no-cache-dir --upgrade "pip>=24"
-
 # The README's install steps (see the Makefile): torch first, then the project with its extras.
 # EXTRAS=onnx-gpu,ray builds the Ray Serve image (deploy/ray).
 ARG TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
 ARG EXTRAS=onnx-gpu
+# Hosts behind a package mirror or a TLS proxy pass pip's settings as build secrets, which no layer keeps:
+#   docker build --secret id=pipconf,src=pip.conf --secret id=pipcert,src=/etc/ssl/certs/ca-certificates.crt .
+# (pip reads the first as /etc/pip.conf; it names the second as `cert = /run/secrets/pipcert`). Both are optional.
 # DL3013: TORCH_SPEC pins both versions (hadolint cannot see inside the variable)
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ${TORCH_SPEC}
+RUN --mount=type=secret,id=pipconf,target=/etc/pip.conf --mount=type=secret,id=pipcert \
+    python3.11 -m venv /opt/venv \
+    && pip install --no-cache-dir --upgrade "pip>=24" \
+    && pip install --no-cache-dir ${TORCH_SPEC}
 
 WORKDIR /app
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY mmap_model ./mmap_model
 COPY service ./service
 # DL3013: this is the project itself; its dependencies are pinned in pyproject.toml
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[${EXTRAS}]"
+RUN --mount=type=secret,id=pipconf,target=/etc/pip.conf --mount=type=secret,id=pipcert \
+    pip install --no-cache-dir ".[${EXTRAS}]"
 COPY deploy/ray ./deploy/ray
 
 # Non-root; /cache (onnx graphs, the Hugging Face cache) is the only place the service writes.
