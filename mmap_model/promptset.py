@@ -82,6 +82,19 @@ class PromptSet:
     def method(self) -> str:
         return self.prompts.cfg.method
 
+    def card(self, task: str) -> dict[str, dict[str, Any]]:
+        """One task's model card from what the set recorded: `evaluation` (test accuracy, zero-shot accuracy,
+        test images, split: its values for this task) and `trained` (when, by which command and code, with
+        which settings, and this task's data: split sizes and the digest of its test images)."""
+        evaluation = {k: v[task] if isinstance(v, dict) else v for k, v in self.evaluation.items()
+                      if not isinstance(v, dict) or task in v}
+        trained = {k: self.provenance[k] for k in ("created", "command", "code_version", "seed", "world_size", "train")
+                   if k in self.provenance}
+        data = self.provenance.get("data")
+        if isinstance(data, dict):
+            trained["data"] = {"split": data.get("split"), **data.get("tasks", {}).get(task, {})}
+        return {"evaluation": evaluation, "trained": trained}
+
     def save(self, directory: str | Path) -> Path:
         """Write the two files; `version` becomes the digest of what they hold (see content_version)."""
         directory = Path(directory)

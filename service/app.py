@@ -17,19 +17,22 @@ from __future__ import annotations
 import asyncio
 import gc
 import hmac
+import importlib.metadata
 import importlib.resources
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Security
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from msgspec.json import encode as encode_json
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -39,16 +42,22 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .engine_client import EngineClient, EngineUnavailable
 from .errors import ServiceError
 from .images import ImageRejected, set_pillow_pixel_limit
+from .labels import parse_labels
 from .metrics import UNKNOWN_TASK, Metrics
 from .settings import Settings
-from .transport import TaskInfo
-from .uploads import Preprocessor, read_upload
+from .transport import Embedded, Scored, TaskInfo
+from .uploads import Preprocessor, Upload, read_upload
 
 STATIC_DIR = Path(__file__).parent / "static"
 # Swagger UI and ReDoc as files in an installed package: FastAPI's default pages load them from a CDN,
 # which leaves /docs blank on an air-gapped host.
 DOCS_ASSETS = Path(str(importlib.resources.files("fastapi_offline") / "static"))
 WORKER_HEADER = "x-mmap-worker"  # which HTTP worker answered a classify request (its index)
+try:
+    PACKAGE_VERSION = importlib.metadata.version("mmap-serve")
+except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
+    PACKAGE_VERSION = "0+unknown"
+EMBED_UNPROMPTED = "_unprompted"  # the metrics' task label of /embed without a task
 INLINE_DECODE_PIXELS = 256 * 256  # decoded on the event loop up to this size (about a millisecond at most)
 
 
@@ -97,18 +106,78 @@ class TaskInfoModel(BaseModel):
     group: str | None
     classes: list[str]
     samples: list[str]  # URLs of sample images for the web page
+    template: str
+    evaluation: dict[str, Any]  # the set's recorded test evaluation of this task: accuracy, zero_shot, test_images
+    trained: dict[str, Any]  # when and how: created, command, code_version, seed, train settings, data (+ digest)
+
+
+class BatchItem(BaseModel):
+    """One image's answer: `status` 200 with the classification, or its own error."""
+
+    status: int
+    task: str | None = None
+    version: str | None = None
+    prompt_set: str | None = None
+    method: str | None = None
+    predictions: list[Prediction] | None = None
+    error: str | None = None
+    detail: str | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem]  # one per image, in the order of the `file` parts
+
+
+class EmbedResponse(BaseModel):
+    task: str | None  # None: the unprompted image tower
+    version: str | None
+    prompt_set: str | None
+    dim: int
+    embedding: list[float]  # L2-normalised
+
+
+class VersionResponse(BaseModel):
+    version: str  # of the mmap-serve package
+    model: str
+    pretrained: str | None
+    fingerprint: str
+    device: str
+    precision: str
+    backend: str
 
 
 class TaskList(BaseModel):
     tasks: list[TaskInfoModel]
 
 
+ErrorCode = Literal[
+    "unknown_task", "unknown_sample", "not_found", "not_loaded", "unknown_parameter", "invalid_request",
+    "invalid_labels", "invalid_name", "missing_file", "empty", "corrupt", "unsupported_type", "upload_too_large",
+    "too_many_pixels", "too_many_images", "body_timeout", "client_closed_request", "load_failed", "unauthorized",
+    "forbidden", "not_ready", "not_running", "overloaded", "engine_unavailable", "shutting_down", "stopping",
+    "too_many_connections", "timeout", "inference_failed", "internal_error", "http_error"]
+
+
 class ErrorResponse(BaseModel):
-    error: str
-    detail: str
+    error: ErrorCode  # machine-readable: what went wrong
+    detail: str  # for people: why, and what to do
 
 
-ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorResponse} for code in (404, 413, 415, 422, 503, 504)}
+RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
+WHY = {401: "no bearer token", 403: "wrong token", 404: "unknown task (or sample, or set)",
+       408: "the body stalled for body_timeout_s (`body_timeout`)",
+       413: "upload, image or image count over its limit", 415: "not a supported image type",
+       422: "invalid parameters, labels, multipart body or image", 503: "not ready, overloaded, the engine is down, "
+       "or stopping; `Retry-After` when retrying helps", 504: "no result within request_timeout_s"}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI responses of the errors a route can return (`{"error", "detail"}` bodies)."""
+    return {code: {"model": ErrorResponse, "description": WHY[code], **({"headers": RETRY_AFTER} if code == 503 else {})}
+            for code in codes}
+
+
+UPLOAD_ERRORS = errors(404, 408, 413, 415, 422, 503, 504)
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                        "properties": {"file": {"type": "string", "format": "binary"}}}},
@@ -131,12 +200,52 @@ def unknown_task(task: str, tasks: dict[str, TaskInfo]) -> ServiceError:
     return ServiceError(404, "unknown_task", f"unknown task {task!r}; loaded tasks: {', '.join(sorted(tasks)) or 'none'}")
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=ERRORS, openapi_extra=UPLOAD_BODY,
+CLASSIFY_PARAMS = frozenset({"task", "top_k", "labels"})
+TaskParam = Annotated[str, Query(description="a loaded task (GET /tasks)")]
+TopKParam = Annotated[int, Query(ge=1, description="predictions to return per image (at most the task's classes)")]
+LABELS_QUERY = Query(description="score against these class names (comma-separated) with the task's prompts "
+                                       "and template; or the form field `labels`, a JSON array")
+
+
+def check_params(request: Request, allowed: frozenset[str]) -> None:
+    """A query parameter the route does not take is refused: a typo must not be silently ignored."""
+    unknown = sorted(set(request.query_params) - allowed)
+    if unknown:
+        raise ServiceError(422, "unknown_parameter", f"unknown query parameter {', '.join(map(repr, unknown))}; "
+                                                     f"this route takes {', '.join(sorted(allowed))}")
+
+
+def check_serving(engine: EngineClient, task: str) -> None:
+    """Refusals known before the body is read: the engine down, an unknown task, not ready."""
+    if engine.down:
+        raise EngineUnavailable()
+    if task and task not in engine.tasks:
+        raise unknown_task(task, engine.tasks)
+    if not engine.catalog.ready:
+        raise ServiceError(503, "not_ready", engine.catalog.reason or "", {"Retry-After": "1"})
+
+
+def labels_of(request: Request, upload: Upload | None, settings: Settings) -> list[str] | None:
+    """The caller's class names from the query (before the body is read) or, given `upload`, its form."""
+    query = request.query_params.get("labels")
+    form = upload.fields.get("labels") if upload is not None else None
+    if query is not None and form is not None:
+        raise ServiceError(422, "invalid_labels", "labels given both as a query parameter and as a form field")
+    if form is not None:
+        return parse_labels(form, settings.max_labels, settings.max_label_chars, json_array=True)
+    return None if query is None else parse_labels(query, settings.max_labels, settings.max_label_chars)
+
+
+def scored_body(result: Scored) -> dict[str, Any]:
+    return {"task": result.task, "version": result.version, "prompt_set": result.prompt_set, "method": result.method,
+            "predictions": [{"label": label, "score": score}
+                            for label, score in zip(result.labels, result.scores, strict=True)]}
+
+
+@router.post("/classify", response_model=ClassifyResponse, responses=UPLOAD_ERRORS, openapi_extra=UPLOAD_BODY,
              tags=["classify"])
-async def classify(request: Request,
-                   task: Annotated[str, Query(description="a loaded task (GET /tasks)")],
-                   top_k: Annotated[int, Query(ge=1, description="predictions to return (at most the task's classes)")] = 5,
-                   ) -> Response:
+async def classify(request: Request, task: TaskParam, top_k: TopKParam = 5,
+                   labels: Annotated[str | None, LABELS_QUERY] = None) -> Response:
     """Classify one image for one task: the image as multipart field `file` or as a raw image/* body."""
     start = time.perf_counter()
     worker = await _worker(request)  # not a dependency: resolving one costs more than this whole handler's own work
@@ -144,15 +253,14 @@ async def classify(request: Request,
     label = task if task in engine.tasks else UNKNOWN_TASK
     status = 500
     try:
-        if engine.down:
-            raise EngineUnavailable()
-        if task not in engine.tasks:
-            raise unknown_task(task, engine.tasks)
-        if not engine.catalog.ready:
-            raise ServiceError(503, "not_ready", engine.catalog.reason or "", {"Retry-After": "1"})
+        check_params(request, CLASSIFY_PARAMS)
+        check_serving(engine, task)
+        names = labels_of(request, None, settings)
         with engine.incoming():
-            pixels = await worker.pixels(await read_upload(request, settings.max_upload_bytes, settings.body_timeout_s))
-        result = await engine.infer(pixels, task, top_k, settings.request_timeout_s)
+            upload = await read_upload(request, settings.max_upload_bytes, settings.body_timeout_s)
+            names = labels_of(request, upload, settings) if upload.fields else names
+            pixels = await worker.pixels(upload.files[0])
+        result = await engine.infer(pixels, task, top_k, settings.request_timeout_s, names)
         status = 200
     except ServiceError as e:
         status = e.status
@@ -166,26 +274,98 @@ async def classify(request: Request,
         metrics.requests.labels(label, str(status)).inc()
         metrics.request_duration.labels(label).observe(time.perf_counter() - start)
     # Encoded here (ClassifyResponse documents it): FastAPI's validation of the model would cost more than the rest
-    return Response(encode_json({"task": task, "version": result.version, "prompt_set": result.prompt_set,
-                                 "method": result.method, "predictions": [
-                                     {"label": label, "score": score}
-                                     for label, score in zip(result.labels, result.scores, strict=True)]}),
-                    media_type="application/json", headers={WORKER_HEADER: str(engine.worker)})
+    return Response(encode_json(scored_body(result)), media_type="application/json",
+                    headers={WORKER_HEADER: str(engine.worker)})
+
+
+@router.post("/classify/batch", response_model=BatchResponse, responses=UPLOAD_ERRORS, openapi_extra=UPLOAD_BODY,
+             tags=["classify"])
+async def classify_batch(request: Request, task: TaskParam, top_k: TopKParam = 5,
+                         labels: Annotated[str | None, LABELS_QUERY] = None) -> Response:
+    """Classify several images (multipart fields `file`, at most `max_images`) for one task. One result per image,
+    in order: an image that cannot be used gets its own error (`status`, `error`, `detail`), the others their
+    predictions. Each image counts as one request in the metrics."""
+    worker = await _worker(request)
+    engine, settings, metrics = worker.engine, worker.settings, request.app.state.metrics
+    check_params(request, CLASSIFY_PARAMS)
+    check_serving(engine, task)
+    names = labels_of(request, None, settings)
+    with engine.incoming():
+        upload = await read_upload(request, settings.max_upload_bytes, settings.body_timeout_s, settings.max_images)
+    names = labels_of(request, upload, settings) if upload.fields else names
+
+    async def one(data: bytes) -> dict[str, Any]:
+        status = 500
+        try:
+            if len(data) > settings.max_upload_bytes:
+                raise ImageRejected(413, "upload_too_large", f"image larger than {settings.max_upload_bytes} bytes")
+            result = await engine.infer(await worker.pixels(data), task, top_k, settings.request_timeout_s, names)
+            status = 200
+            return {"status": 200, **scored_body(result)}
+        except ServiceError as e:
+            status = e.status
+            if isinstance(e, ImageRejected):
+                metrics.images_rejected.labels(e.error).inc()
+            return {"status": e.status, "error": e.error, "detail": e.detail}
+        finally:
+            metrics.requests.labels(task, str(status)).inc()
+
+    results = await asyncio.gather(*(one(data) for data in upload.files))
+    return Response(encode_json({"results": results}), media_type="application/json",
+                    headers={WORKER_HEADER: str(engine.worker)})
+
+
+@router.post("/embed", response_model=EmbedResponse, openapi_extra=UPLOAD_BODY, tags=["classify"],
+             responses={**UPLOAD_ERRORS, 200: {"content": {"application/octet-stream": {
+                 "schema": {"type": "string", "format": "binary",
+                            "description": "with Accept: application/octet-stream: float32 little-endian"}}}}})
+async def embed(request: Request,
+                task: Annotated[str | None, Query(description="a loaded task: its prompted image tower; "
+                                                               "omitted: the unprompted backbone")] = None,
+                ) -> Response:
+    """The L2-normalised image embedding (for retrieval, caching): JSON floats, or with
+    `Accept: application/octet-stream` the raw float32 little-endian vector (`x-embedding-dim` header)."""
+    worker = await _worker(request)
+    engine, settings, metrics = worker.engine, worker.settings, request.app.state.metrics
+    status = 500
+    try:
+        check_params(request, frozenset({"task"}))
+        check_serving(engine, task or "")
+        with engine.incoming():
+            upload = await read_upload(request, settings.max_upload_bytes, settings.body_timeout_s)
+            pixels = await worker.pixels(upload.files[0])
+        result: Embedded = await engine.infer(pixels, task or "", 0, settings.request_timeout_s, embed=True)
+        status = 200
+    except ServiceError as e:
+        status = e.status
+        raise
+    finally:
+        metrics.requests.labels(task if task in engine.tasks else EMBED_UNPROMPTED if not task else UNKNOWN_TASK,
+                                str(status)).inc()
+    dim = len(result.vector) // 4
+    if "application/octet-stream" in request.headers.get("accept", ""):
+        headers = {"x-embedding-dim": str(dim)} | ({"x-mmap-version": result.version} if result.version else {})
+        return Response(result.vector, media_type="application/octet-stream", headers=headers)
+    return Response(encode_json({"task": result.task or None, "version": result.version or None,
+                                 "prompt_set": result.prompt_set or None, "dim": dim,
+                                 "embedding": np.frombuffer(result.vector, "<f4").tolist()}),
+                    media_type="application/json")
 
 
 def _task_info(info: TaskInfo) -> TaskInfoModel:
     return TaskInfoModel(task=info.task, prompt_set=info.prompt_set, version=info.version, method=info.method,
                          group=info.group, classes=info.classes,
-                         samples=[f"/samples/{info.task}/{name}" for name in info.samples])
+                         samples=[f"/samples/{info.task}/{name}" for name in info.samples], template=info.template,
+                         evaluation=info.evaluation, trained=info.trained)
 
 
-@router.get("/tasks", response_model=TaskList, tags=["tasks"])
+@router.get("/tasks", response_model=TaskList, responses=errors(503), tags=["tasks"])
 async def list_tasks(worker: WorkerDep) -> TaskList:
     """Every served task: classes, group, prompt set, version, method."""
     return TaskList(tasks=[_task_info(t) for t in worker.engine.catalog.tasks])
 
 
-@router.get("/tasks/{task}", response_model=TaskInfoModel, responses=ERRORS, tags=["tasks"])
+@router.get("/tasks/{task}", response_model=TaskInfoModel, responses=errors(404, 503), tags=["tasks"])
 async def get_task(task: str, worker: WorkerDep) -> TaskInfoModel:
     tasks = worker.engine.tasks
     if task not in tasks:
@@ -193,7 +373,7 @@ async def get_task(task: str, worker: WorkerDep) -> TaskInfoModel:
     return _task_info(tasks[task])
 
 
-@router.get("/samples/{task}/{filename}", responses=ERRORS, tags=["tasks"], response_class=Response)
+@router.get("/samples/{task}/{filename}", responses=errors(404, 503, 504), tags=["tasks"], response_class=Response)
 async def get_sample(task: str, filename: str, worker: WorkerDep) -> Response:
     """A sample image shipped with the task's prompt set (`<set>/samples/<task>/`)."""
     if task not in worker.engine.tasks:
@@ -202,7 +382,18 @@ async def get_sample(task: str, filename: str, worker: WorkerDep) -> Response:
     return Response(reply.body["data"], media_type=reply.body["media_type"])
 
 
-@router.get("/healthz", tags=["ops"], responses={503: {"description": "the engine process is not running"}})
+@router.get("/version", response_model=VersionResponse, responses=errors(503), tags=["ops"])
+async def version(worker: WorkerDep) -> VersionResponse:
+    """What is served: the package version and the backbone (name, pretrained tag, fingerprint), device,
+    precision and image-tower backend."""
+    info = worker.engine.info
+    return VersionResponse(version=PACKAGE_VERSION, model=info.model, pretrained=info.pretrained,
+                           fingerprint=info.fingerprint, device=info.device, precision=info.precision,
+                           backend=info.backend)
+
+
+@router.api_route("/healthz", methods=["GET", "HEAD"], tags=["ops"],
+                  responses={503: {"description": "the engine process is not running"}})
 async def healthz(request: Request) -> JSONResponse:
     """The worker answers, and its engine is running."""
     worker: Worker | None = getattr(request.app.state, "worker", None)
@@ -211,7 +402,7 @@ async def healthz(request: Request) -> JSONResponse:
                         status_code=200 if engine_up else 503)
 
 
-@router.get("/readyz", tags=["ops"], responses={503: {"description": "not ready; `reason` says why"}})
+@router.api_route("/readyz", methods=["GET", "HEAD"], tags=["ops"], responses={503: {"description": "not ready; `reason` says why"}})
 async def readyz(request: Request) -> JSONResponse:
     """200 only when the engine runs, its prompt sets and warm-up are done, and a task is served."""
     worker: Worker | None = getattr(request.app.state, "worker", None)
@@ -231,14 +422,23 @@ async def metrics(request: Request) -> Response:
     return Response(request.app.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/", include_in_schema=False)
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
 async def index() -> FileResponse:
     return FileResponse(STATIC_DIR / "index.html")
 
 
+@router.api_route("/favicon.ico", methods=["GET", "HEAD"], include_in_schema=False)
+async def favicon() -> FileResponse:
+    return FileResponse(STATIC_DIR / "favicon.png", media_type="image/png")
+
+
 # ---- admin ----
 
-def _require_admin(request: Request) -> None:
+BEARER = HTTPBearer(auto_error=False, description="the admin token (MMAP_ADMIN_TOKEN)")
+
+
+def _require_admin(request: Request, _bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)]) -> None:
+    """The admin token's check (BEARER only puts the scheme into the OpenAPI, for Swagger's Authorize)."""
     token = request.app.state.settings.admin_token.get_secret_value()
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
@@ -249,7 +449,7 @@ def _require_admin(request: Request) -> None:
 
 
 admin = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(_require_admin)],
-                  responses={401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}})
+                  responses=errors(401, 403, 503))
 
 
 @admin.get("/promptsets")
@@ -258,13 +458,13 @@ async def list_prompt_sets(worker: WorkerDep) -> dict[str, Any]:
     return (await worker.engine.call("admin.list")).body
 
 
-@admin.post("/promptsets/{name}", responses={404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}})
+@admin.post("/promptsets/{name}", responses=errors(404, 422))
 async def load_prompt_set(name: str, worker: WorkerDep) -> dict[str, Any]:
     """Load `<prompts>/<name>`, or reload it if loaded; on failure the old version keeps serving (422)."""
     return (await worker.engine.call("admin.load", name=name)).body
 
 
-@admin.delete("/promptsets/{name}", responses={404: {"model": ErrorResponse}})
+@admin.delete("/promptsets/{name}", responses=errors(404))
 async def unload_prompt_set(name: str, worker: WorkerDep) -> dict[str, Any]:
     """Stop serving a prompt set (its directory stays; the watcher reloads it only if it changes)."""
     return (await worker.engine.call("admin.unload", name=name)).body
@@ -288,13 +488,19 @@ def create_app(settings: Settings, connect: Callable[[], Awaitable[EngineClient]
             await worker.close()
 
     app = FastAPI(title="mmap-serve", summary="MmAP-prompted CLIP: classify images for any loaded task",
-                  version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+                  version=PACKAGE_VERSION, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.worker = None
     app.include_router(router)
     if settings.admin_token is not None:
         app.include_router(admin)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "HEAD", "POST", "DELETE"],
+                           allow_headers=["authorization", "content-type", "x-request-id"], max_age=600,
+                           expose_headers=["x-request-id", WORKER_HEADER, "x-embedding-dim", "x-mmap-version",
+                                           "retry-after"])
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
 
@@ -310,6 +516,23 @@ def create_app(settings: Settings, connect: Callable[[], Awaitable[EngineClient]
         return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - API",
                               redoc_js_url="/docs-assets/redoc.standalone.js",
                               redoc_favicon_url="/docs-assets/favicon.png", with_google_fonts=False)
+
+    generate_openapi = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's schema less its generic 422 (`HTTPValidationError`): this service's errors have one shape,
+        and each route that can refuse a parameter lists that 422 itself."""
+        if app.openapi_schema is None:
+            schema = generate_openapi()
+            for operation in (op for path in schema["paths"].values() for op in path.values()):
+                answer = operation.get("responses", {}).get("422", {})
+                if "HTTPValidationError" in str(answer):
+                    del operation["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:

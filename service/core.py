@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
 
-from mmap_model import Backbone, PromptedCLIP, PromptSetError
+from mmap_model import Backbone, PromptedCLIP, PromptSetError, class_text_features
 from mmap_model.prompts import check_name
 from mmap_model.promptset import read_file_within
 
@@ -25,9 +27,12 @@ from .backends import PixelNormalizer, make_image_tower
 from .metrics import Metrics
 from .registry import MAX_SAMPLE_BYTES, SAMPLE_TYPES, PromptSlot, Registry, TaskHandle
 from .settings import Settings
-from .transport import Catalog, EngineInfo, Failed, Scored, TaskInfo
+from .transport import Catalog, Embedded, EngineInfo, Failed, Scored, TaskInfo
 
 log = logging.getLogger(__name__)
+
+
+UNPROMPTED = PromptSlot(None, 0)  # an embedding asked for without a task: the bare image tower
 
 
 @dataclass
@@ -36,9 +41,11 @@ class Pending:
 
     request: int  # the id its answer carries
     pixels: np.ndarray  # [H, W, 3] uint8 (a view of a worker's slot: copied when the batch is built)
-    handle: TaskHandle  # of the snapshot the request arrived in: a swap never breaks it
+    handle: TaskHandle | None  # of the snapshot the request arrived in: a swap never breaks it (None: no task)
     slot: PromptSlot
     top_k: int
+    classes: tuple[str, ...] = ()  # what it is scored against: the task's classes or the caller's labels
+    text: Tensor | None = None  # their text features [C, D]; None: answer the embedding instead
     arrived: float = 0.0  # time.monotonic()
     client: Any = None  # who to answer (the engine loop's business)
 
@@ -65,7 +72,9 @@ class InferenceCore:
         self.tower = make_image_tower(settings.backend, backbone, settings)
         cfg = backbone.preprocess_cfg
         self.normalize = PixelNormalizer(backbone.device, cfg["mean"], cfg["std"])
-        self.logit_scale = float(PromptedCLIP(backbone.model).logit_scale)
+        self.prompted = PromptedCLIP(backbone.model)
+        self.logit_scale = float(self.prompted.logit_scale)
+        self.label_cache: OrderedDict[tuple[str, str, str, tuple[str, ...]], Tensor] = OrderedDict()
         self.ready = False
         self.failure: str | None = None
         self.last_forward_s = 0.0
@@ -79,15 +88,20 @@ class InferenceCore:
     def info(self, address: str) -> EngineInfo:
         cfg = self.backbone.preprocess_cfg
         return EngineInfo(address=address, pid=os.getpid(), image_size=tuple(cfg["size"]), preprocess=cfg,
-                          model=self.backbone.model_name, pretrained=self.backbone.pretrained,
+                          model=self.backbone.model_name, pretrained=self.backbone.pretrained or self.settings.pretrained,
                           fingerprint=self.backbone.fingerprint, device=str(self.backbone.device),
                           precision=self.settings.precision, backend=self.settings.backend)
 
-    def admit(self, request: int, task: str, pixels: np.ndarray, top_k: int, queued: int) -> Pending | Failed:
-        """A request for the queue, or its refusal: unknown task, not ready, queue full (`queued` waiting)."""
+    def admit(self, request: int, task: str, pixels: np.ndarray, top_k: int, queued: int,
+              labels: list[str] | None = None, embed: bool = False) -> Pending | Failed:
+        """A request for the queue, or its refusal: unknown task, not ready, queue full (`queued` waiting).
+
+        `labels`: score against these class names (the worker checked them) with the task's prompts and
+        template; their text features are computed here on first use and kept in an LRU cache. `embed`:
+        answer the image embedding; with task "" the unprompted tower's."""
         snapshot = self.registry.snapshot
         handle = snapshot.tasks.get(task)
-        if handle is None:
+        if handle is None and not (embed and task == ""):
             loaded = ", ".join(sorted(snapshot.tasks)) or "none"
             return Failed(request, 404, "unknown_task", f"unknown task {task!r}; loaded tasks: {loaded}")
         if not self.ready:
@@ -95,7 +109,33 @@ class InferenceCore:
         if queued >= self.settings.queue_size:
             retry = max(1, int(np.ceil(queued / self.settings.max_batch_size * self.last_forward_s)))
             return Failed(request, 503, "overloaded", f"the request queue is full; retry in {retry} s", retry)
-        return Pending(request, pixels, handle, snapshot.slots[task], top_k, time.monotonic())
+        if handle is None:
+            return Pending(request, pixels, None, UNPROMPTED, 0, arrived=time.monotonic())
+        slot = snapshot.slots[task]
+        if embed:
+            return Pending(request, pixels, handle, slot, 0, arrived=time.monotonic())
+        if labels is None:
+            classes, text = handle.classnames, handle.text_features
+        else:
+            classes, text = tuple(labels), self.label_features(handle, classes=tuple(labels))
+        return Pending(request, pixels, handle, slot, top_k, classes, text, time.monotonic())
+
+    def label_features(self, handle: TaskHandle, classes: tuple[str, ...]) -> Tensor:
+        """Text features of the caller's class names under the task's template and text prompts (LRU-cached:
+        the first call runs the text tower, about as long as one image-tower forward of that many images)."""
+        key = (handle.prompt_set, handle.version, handle.task, classes)
+        cached = self.label_cache.get(key)
+        self.metrics.label_cache.labels("hit" if cached is not None else "miss").inc()
+        if cached is not None:
+            self.label_cache.move_to_end(key)
+            return cached
+        with torch.inference_mode():
+            text = class_text_features(self.prompted, self.backbone.tokenizer, list(classes), handle.template,
+                                       handle.text_prompts).float()
+        self.label_cache[key] = text
+        if len(self.label_cache) > self.settings.label_cache_size:
+            self.label_cache.popitem(last=False)
+        return text
 
     def score(self, items: list[Pending]) -> list[Scored | Failed]:
         """Answers in the order of `items`: one forward per prompt bank, each row scored over its own task."""
@@ -120,8 +160,9 @@ class InferenceCore:
             self.metrics.forward_per_image.observe(elapsed / len(group))
         return answers
 
-    def _forward(self, items: list[Pending]) -> list[Scored]:
-        """One forward for items of one prompt bank, then each row scored over its own task's classes."""
+    def _forward(self, items: list[Pending]) -> list[Scored | Embedded]:
+        """One forward for items of one prompt bank, then each row scored over its own class texts (a task's,
+        or a caller's label set), or answered with its embedding."""
         bank = items[0].slot.bank
         with torch.inference_mode():
             pixels = torch.from_numpy(np.stack([item.pixels for item in items]))  # copies out of the slots
@@ -129,18 +170,26 @@ class InferenceCore:
             features = self.tower(self.normalize(pixels), prompts).to(self.backbone.device)
             rows_of: dict[int, list[int]] = {}
             for row, item in enumerate(items):
-                rows_of.setdefault(id(item.handle), []).append(row)
-            answers: list[Scored] = [None] * len(items)  # type: ignore[list-item]
+                rows_of.setdefault(id(item.text), []).append(row)
+            answers: list[Scored | Embedded] = [None] * len(items)  # type: ignore[list-item]
             for rows in rows_of.values():
-                handle = items[rows[0]].handle
+                first = items[rows[0]]
                 index = torch.tensor(rows, device=features.device)
-                probs = (self.logit_scale * features[index] @ handle.text_features.T).softmax(dim=-1)
-                k = min(max(items[r].top_k for r in rows), len(handle.classnames))
+                if first.text is None:
+                    vectors = features[index].float().cpu().numpy().astype("<f4")
+                    for row, vector in zip(rows, vectors, strict=True):
+                        h = items[row].handle
+                        answers[row] = Embedded(items[row].request, h.task if h else "", h.version if h else "",
+                                                h.prompt_set if h else "", vector.tobytes())
+                    continue
+                probs = (self.logit_scale * features[index] @ first.text.T).softmax(dim=-1)
+                k = min(max(items[r].top_k for r in rows), len(first.classes))
                 scores, labels = (t.tolist() for t in probs.topk(k))
                 for row, row_scores, row_labels in zip(rows, scores, labels, strict=True):
-                    n = min(items[row].top_k, k)
-                    answers[row] = Scored(items[row].request, handle.task, handle.version, handle.prompt_set,
-                                          handle.method, [handle.classnames[i] for i in row_labels[:n]], row_scores[:n])
+                    item, n = items[row], min(items[row].top_k, k)
+                    h = item.handle
+                    answers[row] = Scored(item.request, h.task, h.version, h.prompt_set, h.method,
+                                          [item.classes[i] for i in row_labels[:n]], row_scores[:n])
         return answers
 
 
@@ -216,6 +265,7 @@ class InferenceCore:
     def catalog(self, generation: int) -> Catalog:
         snapshot = self.registry.snapshot
         reason = self.not_ready_reason()
-        tasks = [TaskInfo(h.task, h.prompt_set, h.version, h.method, h.group, list(h.classnames), list(h.samples))
+        tasks = [TaskInfo(h.task, h.prompt_set, h.version, h.method, h.group, list(h.classnames), list(h.samples),
+                          h.template, dict(h.card.get("evaluation", {})), dict(h.card.get("trained", {})))
                  for h in (snapshot.tasks[t] for t in sorted(snapshot.tasks))]
         return Catalog(generation, reason is None, reason, tasks)

@@ -37,12 +37,14 @@ import zmq
 
 from .backbone import load_configured_backbone
 from .core import CallRefused, InferenceCore, Pending
+from .logs import configure_logging
 from .metrics import Metrics
 from .settings import Settings, settings_from_env
 from .transport import (
     ENGINE_ADDRESS_ENV,
     ENGINE_READY_FD_ENV,
     Call,
+    Embedded,
     Failed,
     Hello,
     Infer,
@@ -177,7 +179,8 @@ class Engine:
         if worker is None or not 0 <= infer.slot < worker.ring.slots:
             self._send(client, Failed(infer.id, 500, "protocol_error", "request from an unknown worker or slot"))
             return
-        admitted = self.core.admit(infer.id, infer.task, worker.ring.pixels[infer.slot], infer.top_k, len(self.queue))
+        admitted = self.core.admit(infer.id, infer.task, worker.ring.pixels[infer.slot], infer.top_k, len(self.queue),
+                                   infer.labels, infer.embed)
         if isinstance(admitted, Failed):
             self._send(client, admitted)
         else:
@@ -203,7 +206,7 @@ class Engine:
                 continue
             items.append(item)
             self.core.metrics.queue_wait.observe(now - item.arrived)
-        replies: dict[bytes, list[Scored | Failed]] = {}
+        replies: dict[bytes, list[Scored | Embedded | Failed]] = {}
         for item, answer in zip(items, self.core.score(items), strict=True):
             replies.setdefault(item.client, []).append(answer)
         for client, answers in replies.items():
@@ -305,7 +308,7 @@ def engine_threads(settings: Settings) -> int:
 def main() -> None:
     """The engine process (started by the launcher, which passes the settings and a pipe in the environment)."""
     settings = settings_from_env()
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s engine: %(message)s")
+    configure_logging(settings.log_level, settings.log_format, "engine")
     torch.set_num_threads(engine_threads(settings))
     ready = os.fdopen(int(os.environ[ENGINE_READY_FD_ENV]), "wb")
     stop = threading.Event()

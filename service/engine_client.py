@@ -25,6 +25,7 @@ from .transport import (
     SHM_DIR,
     Call,
     Catalog,
+    Embedded,
     EngineInfo,
     Failed,
     Hello,
@@ -118,8 +119,10 @@ class EngineClient:
         finally:
             self.ring.add_incoming(-1)
 
-    async def infer(self, pixels: np.ndarray, task: str, top_k: int, timeout_s: float) -> Scored:
-        """Scores of one image [H, W, 3] uint8 for one task; ServiceError with the engine's refusal."""
+    async def infer(self, pixels: np.ndarray, task: str, top_k: int, timeout_s: float, labels: list[str] | None = None,
+                    embed: bool = False) -> Scored | Embedded:
+        """Scores of one image [H, W, 3] uint8 for one task (over `labels` if given), or with `embed` its
+        embedding; ServiceError with the engine's refusal."""
         if self.down:
             raise EngineUnavailable()
         if not self._free:
@@ -127,7 +130,7 @@ class EngineClient:
                                {"Retry-After": "1"})
         request = next(self._ids)
         slot = self._free[-1]
-        message = encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K)))
+        message = encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K), labels=labels, embed=embed))
         self._free.pop()
         self.ring.pixels[slot] = pixels
         answer: asyncio.Future = asyncio.get_running_loop().create_future()

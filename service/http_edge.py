@@ -7,6 +7,9 @@
   response), so a connection that never speaks does not hold its slot.
 - `DrainDeadline`: a request cut at the drain deadline (uvicorn cancels what is still running
   `drain_timeout_s` after SIGTERM) is answered 503 `shutting_down`, not 500 with a traceback.
+- `RequestId`: every request carries an id: the client's `X-Request-ID` if it is 1-128 of
+  `[A-Za-z0-9._:-]`, else a new one. It is echoed on the response and in every log line of the
+  request (logs.REQUEST_ID).
 The slow-body bound (408) is read_upload's, where the body is read.
 """
 
@@ -14,11 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .logs import REQUEST_ID
+
+REQUEST_ID_HEADER = b"x-request-id"
+VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 LINGER_S = 1.0  # a refused connection is half-closed, then closed after this: its request is not answered with a reset
 
 
@@ -54,20 +63,50 @@ def bounded_protocol(limit: int) -> type[HttpToolsProtocol]:
     return BoundedHttpToolsProtocol
 
 
-class DrainDeadline:
+class _HttpMiddleware:
+    """An ASGI middleware that acts on HTTP requests (`http`) and passes everything else through."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.http(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestId(_HttpMiddleware):
+    """ASGI middleware: the request's id in the log context and on the response (`X-Request-ID`)."""
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        given = next((value for name, value in scope["headers"] if name == REQUEST_ID_HEADER), b"").decode("latin-1")
+        request_id = given if VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        header = (REQUEST_ID_HEADER, request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        token = REQUEST_ID.set(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            REQUEST_ID.reset(token)
+
+
+class DrainDeadline(_HttpMiddleware):
     """ASGI middleware: a request cancelled before its response started gets 503 `shutting_down`.
 
     uvicorn cancels a request only when the drain deadline passes (a client that goes away is not
     cancelled; the app sees a disconnect), so a cancellation here means the service is stopping.
     The cancellation is answered, not propagated: uvicorn would log it as an application error."""
 
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def tracking_send(message: Message) -> None:

@@ -32,6 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .logs import configure_logging
 from .metrics import MULTIPROC_ENV
 from .settings import SETTINGS_ENV, Settings, settings_to_env
 from .transport import (
@@ -233,7 +234,7 @@ class Launcher:
 
 
 def main(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format, "launcher")
     code = Launcher(settings).run()
     logging.shutdown()
     sys.exit(code)

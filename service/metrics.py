@@ -47,6 +47,8 @@ class Metrics:
         self.prompt_set_loads = Counter("mmap_prompt_set_loads", "prompt-set (re)load attempts by result",
                                         ["result"], registry=r)
         self.images_rejected = Counter("mmap_images_rejected", "uploads refused by reason", ["reason"], registry=r)
+        self.label_cache = Counter("mmap_label_cache", "caller label sets (labels=): text features cached or computed",
+                                   ["result"], registry=r)
 
     def render(self) -> bytes:
         """The text exposition format: every process of the service, or this one alone."""

@@ -42,6 +42,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,10 +72,13 @@ class TaskHandle:
     method: str
     group: str | None
     classnames: tuple[str, ...]
+    template: str
+    text_prompts: Tensor | None  # the task's learned text prompts on the model's device (for caller labels)
     text_features: Tensor  # [C, D], normalised, fp32 on the model's device (scores are computed there)
     visual_prompts: Tensor | None  # [J, m, d_v] on the model's device; None = image tower unprompted
     sample_dir: Path
     samples: tuple[str, ...]  # file names in sample_dir
+    card: Mapping[str, Any]  # `evaluation` and `trained`: PromptSet.card
 
     @property
     def signature(self) -> tuple[int, int] | None:
@@ -324,14 +328,16 @@ class Registry:
         with torch.inference_mode():
             for task, spec in ps.tasks.items():
                 prompts = ps.prompts(task)
+                text_prompts = None if prompts.text is None else prompts.text.to(device)
                 text = class_text_features(self._prompted, self.backbone.tokenizer, spec.classnames, spec.template,
-                                           None if prompts.text is None else prompts.text.to(device))
+                                           text_prompts)
                 visual = None if prompts.visual is None else prompts.visual.to(device, torch.float32)
                 sample_dir = path / "samples" / task
                 samples = tuple(sorted(p.name for p in sample_dir.glob("*") if p.suffix.lower() in SAMPLE_TYPES
                                        and p.is_file() and inside(p, root))[:MAX_SAMPLES]) if sample_dir.is_dir() else ()
                 handles[task] = TaskHandle(task, name, ps.version, ps.method, spec.group, tuple(spec.classnames),
-                                           text.float(), visual, sample_dir, samples)
+                                           spec.template, text_prompts, text.float(), visual, sample_dir, samples,
+                                           MappingProxyType(ps.card(task)))
         return LoadedSet(name, ps.version, ps.method, time.time(), published_ns, MappingProxyType(handles))
 
     def _publish(self, sets: Mapping[str, LoadedSet]) -> None:

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
                                                           "beyond it 408 and the connection is closed")
     max_connections: int = Field(1000, ge=1, description="open connections each HTTP worker holds; beyond it a new "
                                                          "connection gets 503 and is closed")
+    max_labels: int = Field(256, ge=1, description="class names a request may bring (labels=); beyond it 422")
+    max_label_chars: int = Field(100, ge=1, description="characters of one caller class name; beyond it 422")
+    label_cache_size: int = Field(256, ge=1, description="caller label sets whose text features the engine keeps "
+                                                         "(least recently used go first)")
+    max_images: int = Field(16, ge=1, description="images in one /classify/batch request; beyond it 413")
     max_upload_bytes: int = Field(20 << 20, ge=1, description="largest accepted image file (bytes); beyond it 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height; beyond it 413")
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin; unset = admin API off (404)")
@@ -67,6 +72,9 @@ class Settings(BaseSettings):
     watch_debounce_s: float = Field(1.0, ge=0, description="a change is applied once it has been stable this long")
     access_log: bool = Field(False, description="log every request (uvicorn's access log)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field("text", description="log lines as text or as JSON objects")
+    cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser "
+                                              "(CORS); empty = CORS off, '*' = any origin")
 
     @field_validator("pretrained")
     @classmethod

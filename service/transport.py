@@ -10,10 +10,10 @@ killed with -9 leaves nothing in /dev/shm (the launcher also removes any file of
 Messages (docs/architecture.md, "Engine protocol"): a worker's DEALER socket talks to the engine's
 ROUTER socket. Worker -> engine: `Hello` (once, with the ring), `Infer` (one image), `Call` (admin
 operations, sample files). Engine -> worker: `Welcome` (answers Hello), `Catalog` (what is served;
-pushed to every worker after each change), `Scored` / `Failed` (answer an Infer; those of one batch travel
-together as `Results`), `Reply` (answers a
-Call). One `Infer` carries one image, so requests with several images or their own label sets add
-fields and messages, not another protocol.
+pushed to every worker after each change), `Scored` / `Embedded` / `Failed` (answer an Infer; those of
+one batch travel together as `Results`), `Reply` (answers a Call). One `Infer` carries one image: a
+request with several images sends several, and one with its own class names (`labels`) or asking
+for the embedding says so in fields of its Infer.
 """
 
 from __future__ import annotations
@@ -108,8 +108,10 @@ class Hello(msgspec.Struct, tag=True):
 class Infer(msgspec.Struct, tag=True):
     id: int
     slot: int
-    task: str
+    task: str  # "" only with embed: the unprompted image tower
     top_k: int
+    labels: list[str] | None = None  # score against these class names, with the task's prompts and template
+    embed: bool = False  # answer the image embedding (`Embedded`), not scores
 
 
 class Call(msgspec.Struct, tag=True):
@@ -128,6 +130,9 @@ class TaskInfo(msgspec.Struct):
     group: str | None
     classes: list[str]
     samples: list[str]
+    template: str = ""
+    evaluation: dict[str, Any] = {}  # the set's recorded evaluation of this task (promptset.json)
+    trained: dict[str, Any] = {}  # how and when the set was trained (its provenance)
 
 
 class Catalog(msgspec.Struct, tag=True):
@@ -152,6 +157,14 @@ class Scored(msgspec.Struct, tag=True):
     scores: list[float]
 
 
+class Embedded(msgspec.Struct, tag=True):
+    id: int
+    task: str  # "" = the unprompted image tower
+    version: str
+    prompt_set: str
+    vector: bytes  # float32, little-endian, L2-normalised
+
+
 class Failed(msgspec.Struct, tag=True):
     id: int
     status: int
@@ -163,7 +176,7 @@ class Failed(msgspec.Struct, tag=True):
 class Results(msgspec.Struct, tag=True):
     """The answers of one batch for one worker: one message instead of one per image."""
 
-    items: list[Scored | Failed]
+    items: list[Scored | Embedded | Failed]
 
 
 class Reply(msgspec.Struct, tag=True):
@@ -175,7 +188,7 @@ class Reply(msgspec.Struct, tag=True):
 
 
 ToEngine = Hello | Infer | Call
-ToWorker = Welcome | Catalog | Results | Scored | Failed | Reply
+ToWorker = Welcome | Catalog | Results | Scored | Embedded | Failed | Reply
 
 encode = msgspec.msgpack.Encoder().encode
 decode_to_engine = msgspec.msgpack.Decoder(ToEngine).decode

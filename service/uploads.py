@@ -1,8 +1,8 @@
 """Uploads, in an HTTP worker: read and check the body, decode it, and preprocess it to uint8 pixels.
 
-`read_upload` takes the image bytes of a multipart field `file` or of a raw image/* body, refusing
-more than the limit before reading where the client declares its length, and as soon as it is
-exceeded otherwise. `Preprocessor` is open_clip's eval transform up to, not including, ToTensor and
+`read_upload` takes the image bytes of multipart fields `file` or of a raw image/* body (and the
+other form fields), refusing more than the limit before reading where the client declares its
+length, and as soon as it is exceeded otherwise. `Preprocessor` is open_clip's eval transform up to, not including, ToTensor and
 Normalize: resize (PIL, the same call torchvision makes) and center crop, giving [H, W, 3] uint8.
 The engine divides by 255 and normalises on its device, so the whole pipeline is bit-identical to
 open_clip's own transform while a quarter of the bytes cross to the engine and the device.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,8 +31,17 @@ PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling
                "nearest": Image.Resampling.NEAREST}
 
 
-async def read_upload(request: Request, max_bytes: int, body_timeout_s: float) -> bytes:
-    """The image bytes of a multipart field `file` or a raw image/* body (ImageRejected otherwise).
+@dataclass
+class Upload:
+    """What a request body brought: its images (in order) and its other form fields."""
+
+    files: list[bytes]
+    fields: dict[str, str]
+
+
+async def read_upload(request: Request, max_bytes: int, body_timeout_s: float, max_files: int = 1) -> Upload:
+    """The images of a raw image/* body or of multipart fields `file` (at most `max_files`), and the body's other
+    form fields (ImageRejected otherwise). Each image may have `max_bytes`; the body, that many per image.
 
     A body that pauses longer than `body_timeout_s` is cut with 408 (nginx's client_body_timeout); a client
     that goes away mid-body is a 499 (nginx's code), which no one receives but the metrics count."""
@@ -40,8 +50,9 @@ async def read_upload(request: Request, max_bytes: int, body_timeout_s: float) -
     if not is_form and not media.startswith(RAW_TYPES):
         raise ImageRejected(415, "unsupported_type", "send the image as multipart/form-data field 'file' or as a raw "
                                                      f"image/* body (content-type was {media or 'missing'!r})")
-    allowed = max_bytes + (MULTIPART_OVERHEAD if is_form else 0)
-    too_large = ImageRejected(413, "upload_too_large", f"upload larger than the limit of {max_bytes} bytes")
+    allowed = max_bytes * max_files + (MULTIPART_OVERHEAD if is_form else 0)
+    too_large = ImageRejected(413, "upload_too_large", f"upload larger than the limit of {max_bytes} bytes"
+                                                       + (f" an image ({max_files} images)" if max_files > 1 else ""))
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > allowed:
         raise too_large
@@ -62,25 +73,29 @@ async def read_upload(request: Request, max_bytes: int, body_timeout_s: float) -
         body += chunk
         if len(body) > allowed:
             raise too_large
-    data = await _form_file(request, bytes(body)) if is_form else bytes(body)
-    if len(data) > max_bytes:
+    upload = await _parse_form(request, bytes(body), max_files) if is_form else Upload([bytes(body)], {})
+    if max_files == 1 and len(upload.files[0]) > max_bytes:
         raise too_large
-    return data
+    return upload
 
 
-async def _form_file(request: Request, body: bytes) -> bytes:
+async def _parse_form(request: Request, body: bytes, max_files: int) -> Upload:
     async def chunks() -> AsyncIterator[bytes]:
         yield body
 
-    try:
-        form = await MultiPartParser(request.headers, chunks(), max_files=1, max_fields=16).parse()
+    try:  # one file more than allowed, so that "too many" is told apart from a malformed body
+        form = await MultiPartParser(request.headers, chunks(), max_files=max_files + 1, max_fields=16).parse()
     except MultiPartException as e:
         raise ImageRejected(422, "corrupt", f"malformed multipart body: {e}") from e
     try:
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
+        files = [f for f in form.getlist("file") if isinstance(f, UploadFile)]
+        if not files:
             raise ImageRejected(422, "missing_file", "the multipart body has no file field named 'file'")
-        return await upload.read()
+        if len(files) > max_files:
+            raise ImageRejected(413 if max_files > 1 else 422, "too_many_images",
+                                f"at most {max_files} images a request" if max_files > 1 else
+                                "/classify and /embed take one image: send several to /classify/batch")
+        return Upload([await f.read() for f in files], {k: v for k, v in form.multi_items() if isinstance(v, str)})
     finally:
         await form.close()
 

@@ -18,7 +18,8 @@ import uvicorn
 
 from .app import create_app
 from .engine_client import EngineClient
-from .http_edge import DrainDeadline, bounded_protocol
+from .http_edge import DrainDeadline, RequestId, bounded_protocol
+from .logs import configure_logging
 from .settings import settings_from_env
 from .transport import ENGINE_INFO_ENV, LAUNCHER_PID_ENV, LISTEN_FD_ENV, WORKER_INDEX_ENV, engine_info_from_json
 
@@ -28,8 +29,7 @@ CONNECT_TIMEOUT_S = 60.0
 def main() -> None:
     settings = settings_from_env()
     index = int(os.environ[WORKER_INDEX_ENV])
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s worker {index}: %(message)s")
+    configure_logging(settings.log_level, settings.log_format, f"worker {index}")
     info = engine_info_from_json(os.environ[ENGINE_INFO_ENV])
     listener = socket.socket(fileno=int(os.environ[LISTEN_FD_ENV]))
 
@@ -38,8 +38,8 @@ def main() -> None:
         await client.start(CONNECT_TIMEOUT_S)
         return client
 
-    config = uvicorn.Config(DrainDeadline(create_app(settings, connect)), http=bounded_protocol(settings.max_connections),
-                            log_level=settings.log_level, access_log=settings.access_log,
+    config = uvicorn.Config(RequestId(DrainDeadline(create_app(settings, connect))), http=bounded_protocol(settings.max_connections),
+                            log_config=None, log_level=settings.log_level, access_log=settings.access_log,
                             timeout_graceful_shutdown=settings.drain_timeout_s, lifespan="on")
     server = uvicorn.Server(config)
     server.run(sockets=[listener])

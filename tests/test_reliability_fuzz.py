@@ -21,9 +21,10 @@ from schemathesis import GenerationMode
 from test_reliability_support import ADMIN, ADMIN_TOKEN
 from test_service_support import DOODLES, OFFICE, image_bytes, make_set, metric, publish, served, settings
 
-OPERATIONS = ["POST /classify", "GET /tasks", "GET /tasks/{task}", "GET /samples/{task}/{filename}", "GET /healthz",
-              "GET /readyz", "GET /metrics", "GET /admin/promptsets", "POST /admin/promptsets/{name}",
-              "DELETE /admin/promptsets/{name}"]
+UPLOADS = ["POST /classify", "POST /classify/batch", "POST /embed"]
+OPERATIONS = [*UPLOADS, "GET /tasks", "GET /tasks/{task}", "GET /samples/{task}/{filename}", "GET /healthz",
+              "HEAD /healthz", "GET /readyz", "HEAD /readyz", "GET /metrics", "GET /version", "GET /admin/promptsets",
+              "POST /admin/promptsets/{name}", "DELETE /admin/promptsets/{name}"]
 EXAMPLES = 30
 FUZZ = hypothesis_settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
                            suppress_health_check=list(HealthCheck))
@@ -46,7 +47,7 @@ def _strategies(operation, png: bytes) -> list:
     """Random inputs, plus inputs that reach past the first refusal (a served task, a real image, a real set)."""
     key = f"{operation.method.upper()} {operation.path}"
     plain = operation.as_strategy()
-    if key == "POST /classify":
+    if key in UPLOADS:
         return [plain, operation.as_strategy(query={"task": "clipart"}),
                 operation.as_strategy(query={"task": "sketch"}, body=png, media_type="image/png")]
     if key == "GET /tasks/{task}":
@@ -60,9 +61,9 @@ def _strategies(operation, png: bytes) -> list:
 
 
 def _check(key: str, response) -> None:
-    assert response.status_code < 500 or (key == "GET /readyz" and response.status_code == 503), (
+    assert response.status_code < 500 or (key.endswith(" /readyz") and response.status_code == 503), (
         f"{key}: {response.status_code} {response.text[:500]}")
-    if response.status_code >= 400 and key != "GET /readyz":
+    if response.status_code >= 400 and not key.endswith(" /readyz") and not key.startswith("HEAD "):
         content_type = response.headers.get("content-type") or [""]  # schemathesis: header -> list of values
         assert content_type[0] == "application/json", (key, response.headers)
         body = response.json()
@@ -95,9 +96,9 @@ def test_fuzzed_operation_never_answers_5xx(fuzzed, key):
     with contextlib.suppress(Unsatisfiable):
         seed(zlib.crc32(key.encode()) + 1)(FUZZ(negative))()
     print(key, dict(sorted(statuses.items())))  # shown with -s: what the fuzzing got back
-    has_inputs = "{" in key or key == "POST /classify"  # the others have exactly one possible request
+    has_inputs = "{" in key or key in UPLOADS  # the others have exactly one possible request
     assert sum(statuses.values()) >= (EXAMPLES if has_inputs else 1), statuses
-    if key == "POST /classify":  # the fuzzing reached the model, not only the first refusal
+    if key in UPLOADS:  # the fuzzing reached the model, not only the first refusal
         assert statuses[200] >= 1 and statuses[404] >= 1 and statuses[422] >= 1, statuses
     if key == "GET /samples/{task}/{filename}":
         assert statuses[200] >= 1, statuses

@@ -316,13 +316,15 @@ def test_tasks_samples_page_and_docs(prompts_dir, sets, tmp_path, tiny):
             clipart = (await client.get("/tasks/clipart")).json()
             assert clipart == {"task": "clipart", "prompt_set": "office", "version": sets["office"].version,
                                "method": "mmap", "group": "office", "classes": ["dog", "cat", "car", "tree"],
-                               "samples": ["/samples/clipart/dog.png"]}
+                               "samples": ["/samples/clipart/dog.png"], "template": "a clipart of a {}.",
+                               "evaluation": {}, "trained": {}}
             served = await client.get("/samples/clipart/dog.png")
             assert served.status_code == 200 and served.content == sample
             assert (await client.get("/samples/clipart/notes.txt")).status_code == 404
             assert (await client.get("/samples/clipart/..%2F..%2Fpromptset.json")).status_code == 404
-            page = await client.get("/")
+            page = await client.get("/", headers={"origin": "https://elsewhere.example"})
             assert page.status_code == 200 and "<title>" in page.text
+            assert "access-control-allow-origin" not in page.headers  # CORS is off unless origins are configured
             for page, asset in (("/docs", "/docs-assets/swagger-ui-bundle.js"),
                                 ("/redoc", "/docs-assets/redoc.standalone.js")):
                 html = (await client.get(page)).text

@@ -31,6 +31,8 @@ def test_page_classifies_an_upload_and_a_sample(tiny, tmp_path):
     upload.write_bytes(image_bytes(7, size=(320, 240), fmt="JPEG"))
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("not an image")
+    a_text_file = tmp_path / "notes.txt"
+    a_text_file.write_text("plain text")
     screenshot = tmp_path / "page.png"
     env = {**SERVED_ENV, "MMAP_PROMPTS": str(prompts)}
 
@@ -64,9 +66,19 @@ def test_page_classifies_an_upload_and_a_sample(tiny, tmp_path):
             page.wait_for_function("document.querySelector('#status').textContent.startsWith('clipart')")
             assert bars.count() == 4
 
-            page.set_input_files("#file", str(not_an_image))
+            page.fill("#labels", "kettle, dog")  # the caller's own class names, with the task's prompts
+            page.dispatch_event("#labels", "change")
+            page.wait_for_function("document.querySelectorAll('#results .bar').length === 2")
+            own = {page.locator("#results .bar .label").nth(i).inner_text() for i in range(2)}
+            assert own == {"kettle", "dog"}
+            page.fill("#labels", "")
+
+            page.set_input_files("#file", str(not_an_image))  # claims to be a PNG: the service says why not
             page.wait_for_selector("#status.error")
             assert "415" in page.inner_text("#status") and bars.count() == 0
+            page.wait_for_function("document.querySelector('#preview').hidden")  # no broken preview
+            page.set_input_files("#file", str(a_text_file))  # not even claimed to be an image: said before sending
+            page.wait_for_function("document.querySelector('#status').textContent.includes('is not an image')")
 
             # /docs renders the API with every request to anything but the service refused (air-gapped host).
             docs = browser.new_page()

@@ -37,6 +37,7 @@ validation and test accuracy (docs/benchmarks.md); real photos at 224 px may wel
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import zlib
@@ -97,7 +98,13 @@ class Task:
 
     def summary(self) -> dict:
         return {"classes": len(self.classnames), "template": self.template, "split_source": self.split_source,
-                **{s: len(self.files.get(s, [])) for s in SPLITS}}
+                **{s: len(self.files.get(s, [])) for s in SPLITS}, "test_digest": self.digest("test")}
+
+    def digest(self, split: str) -> str:
+        """sha256 prefix of a split's images as (class folder/file name, label, size) lines: which images they were."""
+        lines = sorted(f"{f.parent.name}/{f.name}\t{label}\t{f.stat().st_size}"
+                       for f, label in zip(self.files.get(split, []), self.labels.get(split, []), strict=True))
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 def task_name(folder: str) -> str:

@@ -44,7 +44,7 @@ from service import (
 )
 from service.app import create_app
 from service.engine_client import EngineUnavailable, InferenceTimeout, failure
-from service.transport import Catalog, EngineInfo, Failed, Reply, Scored, TaskInfo
+from service.transport import Catalog, Embedded, EngineInfo, Failed, Reply, Scored, TaskInfo
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +115,12 @@ class MmapEngine:
         return transport.encode(self.core.catalog(self._generation))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def infer(self, requests: list[tuple[np.ndarray, str, int]]) -> list[bytes]:
-        """One batch across ingress replicas and tasks: (pixels [H, W, 3] uint8, task, top_k) each."""
-        answers: list[Scored | Failed | None] = [None] * len(requests)
+    async def infer(self, requests: list[tuple[np.ndarray, str, int, list[str] | None, bool]]) -> list[bytes]:
+        """One batch across ingress replicas and tasks: (pixels [H, W, 3] uint8, task, top_k, labels, embed) each."""
+        answers: list[Scored | Embedded | Failed | None] = [None] * len(requests)
         admitted = []
-        for i, (pixels, task, top_k) in enumerate(requests):
-            item = self.core.admit(i, task, pixels, top_k, 0)  # Serve bounds the queue (max_ongoing_requests)
+        for i, (pixels, task, top_k, labels, embed) in enumerate(requests):
+            item = self.core.admit(i, task, pixels, top_k, 0, labels, embed)  # Serve bounds the queue (max_ongoing_requests)
             if isinstance(item, Failed):
                 answers[i] = item
             else:
@@ -177,11 +177,13 @@ class RayEngineClient:
     def incoming(self) -> Iterator[None]:
         yield  # Serve's batching waits `max_wait_ms` by itself
 
-    async def infer(self, pixels: np.ndarray, task: str, top_k: int, timeout_s: float) -> Scored:
+    async def infer(self, pixels: np.ndarray, task: str, top_k: int, timeout_s: float, labels: list[str] | None = None,
+                    embed: bool = False) -> Scored | Embedded:
         if self.down:
             raise EngineUnavailable()
         try:
-            answer = transport.decode_to_worker(await asyncio.wait_for(self.engine.infer.remote((pixels, task, top_k)), timeout_s))
+            request = (pixels, task, top_k, labels, embed)
+            answer = transport.decode_to_worker(await asyncio.wait_for(self.engine.infer.remote(request), timeout_s))
         except TimeoutError:
             raise InferenceTimeout(timeout_s) from None
         if isinstance(answer, Failed):

@@ -1,4 +1,5 @@
 // The try-it page: plain DOM, no build step. Talks to /tasks and /classify only.
+// Own labels (comma- or line-separated) go as the form field `labels`, a JSON array.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -38,6 +39,7 @@ function showTask() {
                                       : t.classes.join(", ");
   $("task-info").textContent = `${t.prompt_set} v${t.version} · ${t.method}${group} · classes: ${shown}`;
   $("task-info").title = t.classes.join(", ");
+  $("task-card").textContent = cardText(t);
   const samples = $("samples");
   samples.replaceChildren(...t.samples.map((url) => {
     const button = document.createElement("button");
@@ -53,17 +55,44 @@ function showTask() {
   $("samples-box").hidden = t.samples.length === 0;
 }
 
-async function classify(blob) {
-  lastImage = blob;
+function cardText(t) {
+  const e = t.evaluation || {};
+  const percent = (x) => (typeof x === "number" ? `${(100 * x).toFixed(1)}%` : "n/a");
+  const parts = [];
+  if (e.accuracy !== undefined) parts.push(`test accuracy ${percent(e.accuracy)} (zero-shot ${percent(e.zero_shot)})`);
+  if (e.test_images !== undefined) parts.push(`${e.test_images} test images`);
+  if (t.trained && t.trained.created) parts.push(`trained ${t.trained.created.slice(0, 10)}`);
+  return parts.join(" · ");
+}
+
+function ownLabels() {
+  return $("labels").value.split(/[,\n]/).map((s) => s.trim()).filter((s) => s);
+}
+
+function showImage(blob) {
   const preview = $("preview");
   if (preview.src) URL.revokeObjectURL(preview.src);
+  preview.onerror = () => { preview.hidden = true; $("drop-hint").hidden = false; }; // no broken preview
   preview.src = URL.createObjectURL(blob);
   preview.hidden = false;
   $("drop-hint").hidden = true;
+}
+
+function notAnImage(file) {
+  $("results").replaceChildren();
+  setStatus(`"${file.name}" is not an image (${file.type || "unknown type"}): choose a JPEG, PNG, WebP, BMP, GIF ` +
+            "or TIFF file.", true);
+}
+
+async function classify(blob) {
+  lastImage = blob;
+  showImage(blob);
   const task = $("task").value;
   if (!task) return;
   const form = new FormData();
   form.append("file", blob, blob.name || "image");
+  const labels = ownLabels();
+  if (labels.length) form.append("labels", JSON.stringify(labels));
   setStatus("Classifying…");
   const started = performance.now();
   let response;
@@ -102,11 +131,15 @@ function showPredictions(body, ms) {
 }
 
 function firstImage(files) {
-  return [...(files || [])].find((f) => f.type.startsWith("image/") || f.type === "");
+  const list = [...(files || [])];
+  const image = list.find((f) => f.type.startsWith("image/") || f.type === "");
+  if (!image && list.length) notAnImage(list[0]);
+  return image;
 }
 
 $("task").addEventListener("change", () => { showTask(); if (lastImage) classify(lastImage); });
 $("topk").addEventListener("change", () => { if (lastImage) classify(lastImage); });
+$("labels").addEventListener("change", () => { if (lastImage) classify(lastImage); });
 $("file").addEventListener("change", (e) => { const f = firstImage(e.target.files); if (f) classify(f); });
 const drop = $("drop");
 drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") $("file").click(); });

@@ -1,0 +1,259 @@
+"""What users expect beyond one image and one task, through one real `python -m service` (module-scoped):
+open-vocabulary `labels=`, several images per request, embeddings, the model card and /version, unknown query
+parameters refused, request ids, JSON logs, CORS, HEAD and the favicon."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_reliability_support import assert_json_error
+from test_service_support import (
+    DOODLES,
+    OFFICE,
+    image_bytes,
+    make_set,
+    metric,
+    open_clip_preprocess,
+    publish,
+    reference_scores,
+    service_process,
+    settings,
+    settings_env,
+)
+
+from mmap_model import PromptedCLIP, PromptSet
+
+pytestmark = pytest.mark.slow  # one process start (imports torch)
+
+MAX_LABELS, MAX_IMAGES = 8, 3
+ORIGIN = "https://app.example"
+
+
+@pytest.fixture(scope="module")
+def office(tiny) -> PromptSet:
+    ps = make_set(tiny, "office", OFFICE, 1)
+    ps.evaluation = {"split": "test", "accuracy": {"clipart": 0.75, "product": 0.5}, "zero_shot": {"clipart": 0.25},
+                     "test_images": {"clipart": 40, "product": 30}}
+    ps.provenance = {"created": "2026-11-30T10:00:00+00:00", "command": "python -m training.fit ...", "seed": 3,
+                     "data": {"split": {"test_fraction": 0.3}, "tasks": {"clipart": {"test": 40, "test_digest": "ab12"}}}}
+    return ps
+
+
+@pytest.fixture(scope="module")
+def server(tiny, office, tmp_path_factory) -> Iterator[tuple[str, Path]]:
+    root: Path = tmp_path_factory.mktemp("features")
+    publish(office, root / "prompts")
+    publish(make_set(tiny, "doodles", DOODLES, 2), root / "prompts")
+    config = settings(root / "prompts", max_labels=MAX_LABELS, max_label_chars=20, max_images=MAX_IMAGES,
+                      cors_origins=ORIGIN, log_format="json", access_log=True, admin_token="features-t0ken")
+    with service_process(root / "service.log", [], settings_env(config)) as (base, _):
+        yield base, root / "service.log"
+
+
+@pytest.fixture
+def client(server) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server[0], timeout=60) as c:
+        yield c
+
+
+def _post(client: httpx.Client, path: str, data: bytes, **params: object) -> httpx.Response:
+    return client.post(path, params=params, files={"file": ("image.png", data, "image/png")})
+
+
+def _scores(response: httpx.Response) -> dict[str, float]:
+    assert response.status_code == 200, response.text
+    return {p["label"]: p["score"] for p in response.json()["predictions"]}
+
+
+# ---- labels= ----
+
+def test_the_tasks_own_classes_as_labels_give_the_tasks_own_scores(client, office, tiny):
+    data = image_bytes(4)
+    classes = OFFICE["clipart"].classnames
+    own = _scores(_post(client, "/classify", data, task="clipart", top_k=100))
+    by_query = _scores(_post(client, "/classify", data, task="clipart", top_k=100, labels=",".join(classes)))
+    by_form = _scores(client.post("/classify", params={"task": "clipart", "top_k": 100},
+                                  files={"file": ("i.png", data, "image/png")},
+                                  data={"labels": json.dumps(list(reversed(classes)))}))
+    reference = reference_scores(tiny, office, "clipart", data)
+    for got in (by_query, by_form):
+        assert got.keys() == own.keys() and max(abs(got[c] - own[c]) for c in classes) <= 1e-5
+    assert max(abs(own[c] - reference[c]) for c in classes) <= 1e-5
+    # Other names: scored over those, with the task's prompts (a name with a comma comes through the form).
+    other = _scores(client.post("/classify", params={"task": "clipart"}, files={"file": ("i.png", data, "image/png")},
+                                data={"labels": json.dumps(["dog", "hot dog, spicy"])}))
+    assert set(other) == {"dog", "hot dog, spicy"} and abs(sum(other.values()) - 1) < 1e-5
+
+
+def test_label_sets_are_cached_on_the_engine(client):
+    before = client.get("/metrics").text
+    for _ in range(3):
+        assert _post(client, "/classify", image_bytes(1), task="product", labels="kettle,toaster").status_code == 200
+    after = client.get("/metrics").text
+    assert metric(after, "mmap_label_cache_total", result="miss") - metric(before, "mmap_label_cache_total", result="miss") == 1
+    assert metric(after, "mmap_label_cache_total", result="hit") - metric(before, "mmap_label_cache_total", result="hit") == 2
+
+
+@pytest.mark.parametrize("labels, why", [
+    (",".join(f"c{i}" for i in range(MAX_LABELS + 1)), "give 1 to 8 labels"),
+    ("cat,x" + "y" * 20, "longer than 20"),
+    ("cat,dog\x07", "control character"),
+    ("cat,cat", "distinct"),
+    ("cat,,dog", "empty"),
+])
+def test_bad_label_lists_are_refused(client, labels, why):
+    response = _post(client, "/classify", image_bytes(1), task="clipart", labels=labels)
+    assert_json_error(response, 422, "invalid_labels")
+    assert why in response.json()["detail"]
+
+
+def test_labels_given_twice_or_malformed_are_refused(client):
+    both = client.post("/classify", params={"task": "clipart", "labels": "a,b"},
+                       files={"file": ("i.png", image_bytes(1), "image/png")}, data={"labels": '["c"]'})
+    assert_json_error(both, 422, "invalid_labels")
+    not_json = client.post("/classify", params={"task": "clipart"}, files={"file": ("i.png", image_bytes(1), "image/png")},
+                           data={"labels": "a,b"})
+    assert_json_error(not_json, 422, "invalid_labels")
+
+
+def test_unknown_query_parameters_are_refused(client):
+    for path, params in [("/classify", {"task": "clipart", "topk": 3}), ("/classify/batch", {"task": "clipart", "lables": "a"}),
+                         ("/embed", {"task": "clipart", "normalize": 0})]:
+        response = _post(client, path, image_bytes(1), **params)
+        assert_json_error(response, 422, "unknown_parameter")
+        assert list(params)[1] in response.json()["detail"]
+
+
+# ---- several images ----
+
+def test_a_batch_answers_each_image_in_order_with_its_own_errors(client):
+    good = [image_bytes(k) for k in (1, 2)]
+    files = [("file", ("a.png", good[0], "image/png")), ("file", ("b.txt", b"not an image", "text/plain")),
+             ("file", ("c.png", good[1], "image/png"))]
+    response = client.post("/classify/batch", params={"task": "clipart", "top_k": 2}, files=files)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert [r["status"] for r in results] == [200, 415, 200]
+    assert results[1]["error"] == "unsupported_type" and results[1]["detail"]
+    for result, data in zip((results[0], results[2]), good, strict=True):
+        single = _post(client, "/classify", data, task="clipart", top_k=2).json()
+        assert [p["label"] for p in result["predictions"]] == [p["label"] for p in single["predictions"]]
+        assert np.allclose([p["score"] for p in result["predictions"]], [p["score"] for p in single["predictions"]],
+                           atol=1e-5)
+    too_many = client.post("/classify/batch", params={"task": "clipart"},
+                           files=[("file", ("x.png", good[0], "image/png"))] * (MAX_IMAGES + 1))
+    assert_json_error(too_many, 413, "too_many_images")
+    raw = client.post("/classify/batch", params={"task": "clipart"}, content=good[0],
+                      headers={"content-type": "image/png"})
+    assert [r["status"] for r in raw.json()["results"]] == [200]
+
+
+def test_two_images_on_classify_are_refused_clearly(client):
+    response = client.post("/classify", params={"task": "clipart"},
+                           files=[("file", ("a.png", image_bytes(1), "image/png"))] * 2)
+    assert_json_error(response, 422, "too_many_images")
+    assert "/classify/batch" in response.json()["detail"]
+
+
+# ---- embeddings ----
+
+def _reference_embedding(tiny, ps: PromptSet | None, task: str | None, data: bytes) -> np.ndarray:
+    image = open_clip_preprocess(tiny)(Image.open(io.BytesIO(data)))
+    visual = ps.prompts(task).visual if ps is not None else None
+    with torch.inference_mode():
+        return PromptedCLIP(tiny.model).encode_image(image[None], visual, normalize=True)[0].numpy()
+
+
+def test_embeddings_are_the_prompted_normalised_image_features(client, office, tiny):
+    data = image_bytes(5)
+    prompted = client.post("/embed", params={"task": "clipart"}, files={"file": ("i.png", data, "image/png")})
+    assert prompted.status_code == 200, prompted.text
+    body = prompted.json()
+    vector = np.array(body["embedding"], dtype=np.float32)
+    assert body["task"] == "clipart" and body["version"] == office.version and body["dim"] == vector.size
+    assert abs(np.linalg.norm(vector) - 1) < 1e-5
+    assert np.abs(vector - _reference_embedding(tiny, office, "clipart", data)).max() < 1e-5
+    binary = client.post("/embed", params={"task": "clipart"}, files={"file": ("i.png", data, "image/png")},
+                         headers={"accept": "application/octet-stream"})
+    assert binary.headers["content-type"] == "application/octet-stream"
+    assert int(binary.headers["x-embedding-dim"]) == vector.size
+    assert np.array_equal(np.frombuffer(binary.content, "<f4"), vector)
+    bare = client.post("/embed", files={"file": ("i.png", data, "image/png")}).json()
+    assert bare["task"] is None and bare["version"] is None
+    assert np.abs(np.array(bare["embedding"]) - _reference_embedding(tiny, None, None, data)).max() < 1e-5
+    assert_json_error(client.post("/embed", params={"task": "nope"}, files={"file": ("i.png", data, "image/png")}),
+                      404, "unknown_task")
+
+
+# ---- model card, version ----
+
+def test_the_task_card_shows_the_recorded_evaluation_and_training(client, office):
+    card = client.get("/tasks/clipart").json()
+    assert card["template"] == OFFICE["clipart"].template
+    assert card["evaluation"] == {"split": "test", "accuracy": 0.75, "zero_shot": 0.25, "test_images": 40}
+    assert card["trained"]["created"] == "2026-11-30T10:00:00+00:00" and card["trained"]["seed"] == 3
+    assert card["trained"]["data"] == {"split": {"test_fraction": 0.3}, "test": 40, "test_digest": "ab12"}
+    assert client.get("/tasks/product").json()["evaluation"] == {"split": "test", "accuracy": 0.5, "test_images": 30}
+
+
+def test_version_names_what_is_served(client, tiny):
+    body = client.get("/version").json()
+    assert body["model"] == "mmap-tiny" and body["pretrained"] == "random:0" and body["fingerprint"] == tiny.fingerprint
+    assert (body["device"], body["precision"], body["backend"]) == ("cpu", "fp32", "torch")
+    assert body["version"]
+
+
+# ---- integration ----
+
+def test_request_ids_are_echoed_or_made_and_logged(client, server):
+    given = client.get("/healthz", headers={"x-request-id": "trace-42.a"})
+    assert given.headers["x-request-id"] == "trace-42.a"
+    made = client.get("/healthz", headers={"x-request-id": "no spaces allowed"}).headers["x-request-id"]
+    assert made != "no spaces allowed" and len(made) == 32
+    response = _post(client, "/classify", image_bytes(1), task="clipart")
+    request_id = response.headers["x-request-id"]
+    lines = [json.loads(line) for line in server[1].read_text().splitlines() if line.strip()]  # every line is JSON
+    assert {"time", "level", "process", "logger", "message", "request_id"} <= set(lines[-1])
+    assert any(line["request_id"] == request_id and "/classify" in line["message"] for line in lines), lines[-3:]
+
+
+def test_cors_answers_the_configured_origin_only(client):
+    allowed = client.options("/classify", headers={"origin": ORIGIN, "access-control-request-method": "POST"})
+    assert allowed.status_code == 200 and allowed.headers["access-control-allow-origin"] == ORIGIN
+    other = client.get("/tasks", headers={"origin": "https://elsewhere.example"})
+    assert "access-control-allow-origin" not in other.headers
+    assert client.get("/tasks", headers={"origin": ORIGIN}).headers["access-control-allow-origin"] == ORIGIN
+
+
+def test_head_and_favicon(client):
+    for path in ("/", "/healthz", "/readyz"):
+        response = client.head(path)
+        assert response.status_code == 200 and response.content == b"", path
+    icon = client.get("/favicon.ico")
+    assert icon.status_code == 200 and icon.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(icon.content)).size == (32, 32)
+
+
+
+def test_the_openapi_lists_each_routes_own_errors_and_the_admin_scheme(client):
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    assert {"/classify", "/classify/batch", "/embed", "/version"} <= set(paths)
+    upload_errors = {"404", "408", "413", "415", "422", "503", "504"}
+    for path in ("/classify", "/classify/batch", "/embed"):
+        assert set(paths[path]["post"]["responses"]) == {"200"} | upload_errors, path
+    assert set(paths["/tasks/{task}"]["get"]["responses"]) == {"200", "404", "503"}
+    assert "Retry-After" in paths["/classify"]["post"]["responses"]["503"]["headers"]
+    codes = spec["components"]["schemas"]["ErrorResponse"]["properties"]["error"]["enum"]
+    assert {"unknown_task", "invalid_labels", "too_many_images", "body_timeout", "shutting_down"} <= set(codes)
+    assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert paths["/admin/promptsets"]["get"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in paths["/classify"]["post"]
