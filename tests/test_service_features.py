@@ -4,6 +4,7 @@ parameters refused, request ids, JSON logs, CORS, HEAD and the favicon."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from test_service_support import (
     settings_env,
 )
 
+from mmap_client import AsyncClient, Classification, Client, MmapError
 from mmap_model import PromptedCLIP, PromptSet
 
 pytestmark = pytest.mark.slow  # one process start (imports torch)
@@ -257,3 +259,40 @@ def test_the_openapi_lists_each_routes_own_errors_and_the_admin_scheme(client):
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert paths["/admin/promptsets"]["get"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in paths["/classify"]["post"]
+
+
+# ---- the Python client ----
+
+def test_the_python_client_covers_the_api(server, tmp_path):
+    path = tmp_path / "image.png"
+    path.write_bytes(image_bytes(6))
+    with Client(server[0]) as mmap:
+        assert mmap.ready()
+        result = mmap.classify("clipart", path, top_k=2)
+        assert isinstance(result, Classification) and len(result.predictions) == 2
+        assert result.label == result.predictions[0].label and result.version
+        own = mmap.classify("clipart", path.read_bytes(), labels=["kettle", "dog, brown"])
+        assert {p.label for p in own.predictions} == {"kettle", "dog, brown"}
+        with path.open("rb") as f:
+            batch = mmap.classify_batch("clipart", [path, b"not an image", f])
+        assert isinstance(batch[0], Classification) and isinstance(batch[2], Classification)
+        assert isinstance(batch[1], MmapError) and batch[1].status == 415
+        binary, as_json = mmap.embed(path, task="clipart"), mmap.embed(path, task="clipart", binary=False)
+        assert np.allclose(np.asarray(binary.vector), as_json.vector, atol=1e-7) and as_json.task == "clipart"
+        assert [t["task"] for t in mmap.tasks()] == sorted([*OFFICE, *DOODLES])
+        assert mmap.task("sketch")["classes"] == DOODLES["sketch"].classnames
+        assert mmap.version()["model"] == "mmap-tiny"
+        with pytest.raises(MmapError) as refused:
+            mmap.classify("nope", path)
+        assert (refused.value.status, refused.value.error) == (404, "unknown_task")
+
+
+def test_the_async_client_is_the_same_api(server):
+    async def scenario() -> None:
+        async with AsyncClient(server[0]) as mmap:
+            results = await asyncio.gather(*(mmap.classify("sketch", image_bytes(k)) for k in range(4)))
+            assert all(r.task == "sketch" for r in results)
+            binary, as_json = await mmap.embed(image_bytes(1)), await mmap.embed(image_bytes(1), binary=False)
+            assert len(binary.vector) == len(as_json.vector) > 0 and as_json.task is None
+
+    asyncio.run(scenario())
