@@ -186,6 +186,30 @@ class PromptSet:
         return cls(str(meta["name"]), prompts, tasks, bb, version, meta.get("provenance", {}), meta.get("evaluation", {}))
 
 
+def publication_key(published_ns: int, name: str) -> tuple[int, str]:
+    """The order of publications: a task defined by several sets of a prompt directory is served by the greatest
+    (the set whose promptset.json was written last; ties by name). The service and `serving` both use it."""
+    return published_ns, name
+
+
+def serving(directory: str | Path) -> dict[str, Path]:
+    """Which set of a prompt directory serves each task (by `publication_key`), as the service would; sets
+    that cannot be read are left out. Hidden ('.', '_') directories are work in progress, not served."""
+    best: dict[str, tuple[tuple[int, str], Path]] = {}
+    for config in sorted(Path(directory).glob(f"*/{CONFIG_FILE}")):
+        if config.parent.name.startswith((".", "_")):
+            continue
+        try:
+            key = publication_key(config.stat().st_mtime_ns, config.parent.name)
+            tasks = json.loads(config.read_text())["tasks"]
+        except (OSError, ValueError, KeyError):
+            continue
+        for task in tasks:
+            if task not in best or best[task][0] < key:
+                best[task] = (key, config.parent)
+    return {task: path for task, (_, path) in sorted(best.items())}
+
+
 SCORED_KEYS = ("backbone", "method", "task_modules", "groups", "tasks", "weights_sha256")
 
 

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from mmap_model import Backbone, PromptedCLIP, PromptSet, PromptSetError, class_text_features
 from mmap_model.prompts import NAME_PATTERN, check_name
-from mmap_model.promptset import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE
+from mmap_model.promptset import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, publication_key
 
 from .metrics import Metrics
 
@@ -97,7 +97,7 @@ class LoadedSet:
 
     @property
     def precedence(self) -> tuple[int, str]:
-        return self.published_ns, self.name
+        return publication_key(self.published_ns, self.name)
 
 
 @dataclass(frozen=True)

@@ -61,8 +61,10 @@ def recorded_classnames(meta: dict[str, Any]) -> Path | None:
 
 def evaluate(root: Path, set_dirs: Sequence[Path], model: str | None = None, pretrained: str | None = None,
              device: str = "cpu", fallback_split: SplitConfig | None = None, templates: Path | None = None,
-             batch_size: int = 256, classnames: Path | None = None) -> list[dict[str, Any]]:
-    """One row per (prompt set, task found in the root): accuracy with prompts and zero-shot."""
+             batch_size: int = 256, classnames: Path | None = None, split: SplitConfig | None = None
+             ) -> list[dict[str, Any]]:
+    """One row per (prompt set, task found in the root): accuracy with prompts and zero-shot. `split`: this one
+    for every set (comparing sets on the same images), instead of each set's recorded split."""
     metas = [json.loads((d / CONFIG_FILE).read_text()) for d in set_dirs]
     if model is None:
         model, pretrained = metas[0]["backbone"]["model"], metas[0]["backbone"]["pretrained"]
@@ -70,9 +72,9 @@ def evaluate(root: Path, set_dirs: Sequence[Path], model: str | None = None, pre
     rows = []
     for directory, meta in zip(set_dirs, metas, strict=True):
         ps = PromptSet.load(directory, backbone)
-        split = recorded_split(meta, fallback_split or SplitConfig())
         names_file = classnames or recorded_classnames(meta)
-        tasks = discover_tasks(root, None, split, classnames_file=names_file, templates_file=templates)
+        tasks = discover_tasks(root, None, split or recorded_split(meta, fallback_split or SplitConfig()),
+                               classnames_file=names_file, templates_file=templates)
         present = [t for t in tasks if t.name in ps.tasks]
         missing = sorted(set(ps.tasks) - {t.name for t in present})
         if missing:

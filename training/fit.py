@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
                         help="replace the prompt sets of the same names in --out (other sets there are never touched) "
                              "and start afresh in a used --run-dir")
     parser.add_argument("--samples", type=int, default=0, help="copy this many test images per task into <set>/samples/<task>/")
+    parser.add_argument("--name", default=None, type=check_name,
+                        help="name of the prompt set written (with several sets, their prefix: <name>-<group>); "
+                             "default: the group's name, 'all' for --groups one")
     args = parser.parse_args(argv)
     if args.groups not in ("auto", "one", "none") and not Path(args.groups).is_file():
         parser.error(f"--groups: {args.groups!r} is neither auto, one, none nor an existing groups.json")
@@ -216,7 +219,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     }
     written = []
     args.out.mkdir(parents=True, exist_ok=True)
-    for ps in split_into_sets(run, prompts, groups).values():
+    sets = split_into_sets(run, prompts, groups)
+    for key, ps in sets.items():
+        if args.name:
+            ps.name = check_name(args.name if len(sets) == 1 else f"{args.name}-{key}")
         ps.provenance = provenance
         ps.evaluation = {"split": "test", "accuracy": {t: scores["prompted"][t] for t in ps.tasks},
                          "zero_shot": {t: scores["zero_shot"][t] for t in ps.tasks},

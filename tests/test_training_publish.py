@@ -1,0 +1,85 @@
+"""`training.fit --name` and `python -m training.publish`: a candidate is compared with the live set of each of its
+tasks on the same test images, refused when worse by more than the tolerance (unless --force), and published
+atomically, samples included, without touching any other set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mmap_model import PromptSet
+from mmap_model.promptset import serving
+from training import fit
+from training import publish as publish_cli
+from training.data import prepare_synthetic
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+DOMAINS = ["sketch", "quickdraw"]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return prepare_synthetic(tmp_path_factory.mktemp("syn"), 4, domains=DOMAINS)
+
+
+@pytest.fixture(scope="module")
+def candidate(root, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("candidates")
+    (written,) = _fit(root, out, "--groups", "one", "--name", "doodles", "--samples", "2")
+    return written
+
+
+def _fit(root: Path, out: Path, *extra: str) -> list[Path]:
+    return fit.main(["--data", str(root), "--pretrained", "none", "--threads", "1", "--shots", "1", "--batch-size", "8",
+                     "--epochs", "1", "--quiet", "--out", str(out), *extra])
+
+
+def _publish(*args: str | Path) -> dict:
+    return publish_cli.main([str(a) for a in args] + ["--threads", "1"])
+
+
+def test_fit_names_the_set_it_writes(candidate, root, tmp_path):
+    assert candidate.name == "doodles" and PromptSet.load(candidate).name == "doodles"  # not "all"
+    groups_file = tmp_path / "groups.json"
+    groups_file.write_text(json.dumps({"groups": [["sketch"], ["quickdraw"]]}))
+    written = _fit(root, tmp_path / "sets", "--groups", str(groups_file), "--name", "v2")
+    assert sorted(p.name for p in written) == ["v2-quickdraw", "v2-sketch"]
+
+
+def test_publish_into_an_empty_directory_then_refuse_a_worse_candidate(candidate, root, tmp_path, capsys):
+    live = tmp_path / "live"
+    first = _publish(candidate, "--to", live, "--data", root)
+    assert first["published"] and first["replaces"] == [] and (live / "doodles" / "samples" / "sketch").is_dir()
+    assert PromptSet.load(live / "doodles").version == PromptSet.load(candidate).version
+    assert serving(live) == {"sketch": live / "doodles", "quickdraw": live / "doodles"}
+    stamp = (live / "doodles" / "promptset.json").stat().st_mtime_ns
+
+    # The same set again, demanding an improvement of 1 point (a negative tolerance): it is not better, so refused.
+    with pytest.raises(SystemExit) as refused:
+        _publish(candidate, "--to", live, "--data", root, "--tolerance", "-0.01")
+    assert refused.value.code == 1
+    decision = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert decision["published"] is False and len(decision["worse"]) == 2
+    assert (live / "doodles" / "promptset.json").stat().st_mtime_ns == stamp  # nothing was written
+
+    forced = _publish(candidate, "--to", live, "--data", root, "--tolerance", "-0.01", "--force")
+    assert forced["published"] and forced["forced"] and forced["replaces"] == ["doodles"]
+
+
+def test_publish_under_another_name_takes_over_the_tasks(candidate, root, tmp_path):
+    live = tmp_path / "live"
+    _publish(candidate, "--to", live, "--data", root)
+    (live / "unrelated").mkdir()
+    (live / "unrelated" / "notes.txt").write_text("not a prompt set: left alone")
+    moved = _publish(candidate, "--to", live, "--data", root, "--name", "doodles-v2")
+    assert moved["published"] and moved["replaces"] == ["doodles"]
+    assert serving(live) == {"sketch": live / "doodles-v2", "quickdraw": live / "doodles-v2"}  # the newest publication
+    assert (live / "doodles").is_dir() and (live / "unrelated" / "notes.txt").is_file()  # nothing else touched
+
+
+def test_publish_refuses_what_is_not_a_prompt_set(root, tmp_path):
+    with pytest.raises(SystemExit, match="is not a prompt set"):
+        _publish(tmp_path, "--to", tmp_path / "live", "--data", root)
