@@ -38,6 +38,7 @@ cleanup() {
     [[ -n $SERVICE_PID ]] && kill "$SERVICE_PID" 2>/dev/null && wait "$SERVICE_PID" 2>/dev/null
     "${PODMAN[@]}" system reset -f >/dev/null 2>&1
   fi
+  pkill -f -- "$WORK/" 2>/dev/null  # conmon of exec sessions (docker exec, healthcheck run) outlives its container
   if [[ -s $WORK/packages.added ]]; then
     DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq $(cat "$WORK/packages.added") >/dev/null 2>&1
     echo "purged what this check installed: $(tr '\n' ' ' <"$WORK/packages.added")"
@@ -188,11 +189,15 @@ load() {  # until the port refuses: "<end time> <HTTP status> <curl exit code>" 
   done
   echo "$(date +%s.%N) $out"
 }
-for i in 1 2 3 4; do load >"$WORK/load.$i" & done
+loads=()
+for i in 1 2 3 4; do
+  load >"$WORK/load.$i" &
+  loads+=($!)
+done
 sleep 1
 stopped_at=$(date +%s.%N)
 "${DOCKER[@]}" stop -t 30 "$NAME" >/dev/null
-wait
+wait "${loads[@]}"  # not a bare `wait`: podman's API service runs in the background too
 code=$("${DOCKER[@]}" inspect --format '{{.State.ExitCode}}' "$NAME")
 cat "$WORK"/load.* | awk -v t="$stopped_at" '{n[$2 " " $3 ($1 > t ? " after stop" : "")]++} END {for (k in n) printf "    %5d x %s\n", n[k], k}'
 ((code == 0)) || { "${DOCKER[@]}" logs "$NAME" | tail -20; fail "exit code $code after stop -t 30"; }
