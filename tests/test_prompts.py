@@ -6,10 +6,11 @@ import json
 import subprocess
 import sys
 
+import open_clip
 import pytest
 import torch
 
-from mmap_model import METHODS, MultiTaskPrompts, PromptConfig, Widths, load_backbone
+from mmap_model import METHODS, MultiTaskPrompts, PromptConfig, Widths
 from mmap_model.prompts import MmAPPrompt, check_name
 
 
@@ -38,10 +39,18 @@ def _shape(t):
     return None if t is None else tuple(t.shape)
 
 
+def _config_widths(model: str) -> Widths:
+    """A model's widths from open_clip's own config: nothing is built (ViT-B-16 would cost ~150 M parameters)."""
+    cfg = open_clip.get_model_config(model)
+    vision, text = cfg["vision_cfg"], cfg["text_cfg"]
+    return Widths(d_t=text["width"], d_v=vision["width"], embed_dim=cfg["embed_dim"], layers_t=text["layers"],
+                  layers_v=vision["layers"])
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 @pytest.mark.parametrize("model", ["mmap-tiny", "ViT-B-16"])
 def test_documented_shapes(method, model, tiny):
-    widths = tiny.widths if model == "mmap-tiny" else load_backbone(model, None).widths
+    widths = tiny.widths if model == "mmap-tiny" else _config_widths(model)
     cfg = PromptConfig(method=method)
     prompts = MultiTaskPrompts(cfg, widths, ["a", "b", "c"], {"g": ["a", "b"]})
     J = min(cfg.depth, widths.layers_t, widths.layers_v)
