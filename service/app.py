@@ -20,7 +20,7 @@ import hmac
 import importlib.metadata
 import importlib.resources
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -200,16 +200,36 @@ def unknown_task(task: str, tasks: dict[str, TaskInfo]) -> ServiceError:
     return ServiceError(404, "unknown_task", f"unknown task {task!r}; loaded tasks: {', '.join(sorted(tasks)) or 'none'}")
 
 
+def _query_doc(name: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
+
+
+TASK_DOC = _query_doc("task", {"type": "string"}, "a loaded task (GET /tasks)", required=True)
+TOP_K_DOC = _query_doc("top_k", {"type": "integer", "minimum": 1, "default": 5},
+                       "predictions to return per image (at most the task's classes)")
+LABELS_DOC = _query_doc("labels", {"type": "string"}, "score against these class names (comma-separated) with the "
+                                                      "task's prompts and template; or the form field `labels`, a JSON array")
+CLASSIFY_QUERY = {"parameters": [TASK_DOC, TOP_K_DOC, LABELS_DOC], **UPLOAD_BODY}
 CLASSIFY_PARAMS = frozenset({"task", "top_k", "labels"})
-TaskParam = Annotated[str, Query(description="a loaded task (GET /tasks)")]
-TopKParam = Annotated[int, Query(ge=1, description="predictions to return per image (at most the task's classes)")]
-LABELS_QUERY = Query(description="score against these class names (comma-separated) with the task's prompts "
-                                       "and template; or the form field `labels`, a JSON array")
 
 
-def check_params(request: Request, allowed: frozenset[str]) -> None:
-    """A query parameter the route does not take is refused: a typo must not be silently ignored."""
-    unknown = sorted(set(request.query_params) - allowed)
+def classify_query(request: Request) -> tuple[str, int]:
+    """`task` and `top_k` of an upload route, parsed here, not by FastAPI (its parameter machinery cost a
+    tenth of a request's CPU); an unknown parameter is refused, so that a typo is not silently ignored."""
+    params = request.query_params
+    check_params(params, CLASSIFY_PARAMS)
+    task = params.get("task")
+    if task is None:
+        raise ServiceError(422, "invalid_request", "query.task: Field required")
+    text = params.get("top_k", "5")
+    top_k = int(text) if text.strip().isdigit() else 0
+    if top_k < 1:
+        raise ServiceError(422, "invalid_request", f"query.top_k: must be an integer of at least 1, not {text[:20]!r}")
+    return task, top_k
+
+
+def check_params(params: Mapping[str, str], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(params) - allowed)
     if unknown:
         raise ServiceError(422, "unknown_parameter", f"unknown query parameter {', '.join(map(repr, unknown))}; "
                                                      f"this route takes {', '.join(sorted(allowed))}")
@@ -242,18 +262,18 @@ def scored_body(result: Scored) -> dict[str, Any]:
                             for label, score in zip(result.labels, result.scores, strict=True)]}
 
 
-@router.post("/classify", response_model=ClassifyResponse, responses=UPLOAD_ERRORS, openapi_extra=UPLOAD_BODY,
+@router.post("/classify", response_model=ClassifyResponse, responses=UPLOAD_ERRORS, openapi_extra=CLASSIFY_QUERY,
              tags=["classify"])
-async def classify(request: Request, task: TaskParam, top_k: TopKParam = 5,
-                   labels: Annotated[str | None, LABELS_QUERY] = None) -> Response:
+async def classify(request: Request) -> Response:
     """Classify one image for one task: the image as multipart field `file` or as a raw image/* body."""
     start = time.perf_counter()
     worker = await _worker(request)  # not a dependency: resolving one costs more than this whole handler's own work
     engine, settings, metrics = worker.engine, worker.settings, request.app.state.metrics
+    task = request.query_params.get("task", "")
     label = task if task in engine.tasks else UNKNOWN_TASK
     status = 500
     try:
-        check_params(request, CLASSIFY_PARAMS)
+        task, top_k = classify_query(request)
         check_serving(engine, task)
         names = labels_of(request, None, settings)
         with engine.incoming():
@@ -267,7 +287,7 @@ async def classify(request: Request, task: TaskParam, top_k: TopKParam = 5,
         if isinstance(e, ImageRejected):
             metrics.images_rejected.labels(e.error).inc()
         raise
-    except asyncio.CancelledError:  # cut at the drain deadline: DrainDeadline answers 503
+    except asyncio.CancelledError:  # cut at the drain deadline: RequestEdge answers 503
         status = 503
         raise
     finally:
@@ -278,16 +298,15 @@ async def classify(request: Request, task: TaskParam, top_k: TopKParam = 5,
                     headers={WORKER_HEADER: str(engine.worker)})
 
 
-@router.post("/classify/batch", response_model=BatchResponse, responses=UPLOAD_ERRORS, openapi_extra=UPLOAD_BODY,
+@router.post("/classify/batch", response_model=BatchResponse, responses=UPLOAD_ERRORS, openapi_extra=CLASSIFY_QUERY,
              tags=["classify"])
-async def classify_batch(request: Request, task: TaskParam, top_k: TopKParam = 5,
-                         labels: Annotated[str | None, LABELS_QUERY] = None) -> Response:
+async def classify_batch(request: Request) -> Response:
     """Classify several images (multipart fields `file`, at most `max_images`) for one task. One result per image,
     in order: an image that cannot be used gets its own error (`status`, `error`, `detail`), the others their
     predictions. Each image counts as one request in the metrics."""
     worker = await _worker(request)
     engine, settings, metrics = worker.engine, worker.settings, request.app.state.metrics
-    check_params(request, CLASSIFY_PARAMS)
+    task, top_k = classify_query(request)
     check_serving(engine, task)
     names = labels_of(request, None, settings)
     with engine.incoming():
@@ -329,7 +348,7 @@ async def embed(request: Request,
     engine, settings, metrics = worker.engine, worker.settings, request.app.state.metrics
     status = 500
     try:
-        check_params(request, frozenset({"task"}))
+        check_params(request.query_params, frozenset({"task"}))
         check_serving(engine, task or "")
         with engine.incoming():
             upload = await read_upload(request, settings.max_upload_bytes, settings.body_timeout_s)
@@ -541,11 +560,6 @@ def create_app(settings: Settings, connect: Callable[[], Awaitable[EngineClient]
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        if request.scope.get("endpoint") is classify:  # refused before the handler ran; still a classify request
-            worker: Worker | None = app.state.worker
-            tasks = worker.engine.tasks if worker is not None else {}
-            task = request.query_params.get("task", "")
-            app.state.metrics.requests.labels(task if task in tasks else UNKNOWN_TASK, "422").inc()
         return JSONResponse({"error": "invalid_request", "detail": detail}, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)

@@ -5,11 +5,10 @@
   slow or idle clients cannot exhaust the worker's file descriptors. A new connection must also send
   its first bytes within uvicorn's keep-alive timeout (uvicorn arms that timer only after a
   response), so a connection that never speaks does not hold its slot.
-- `DrainDeadline`: a request cut at the drain deadline (uvicorn cancels what is still running
-  `drain_timeout_s` after SIGTERM) is answered 503 `shutting_down`, not 500 with a traceback.
-- `RequestId`: every request carries an id: the client's `X-Request-ID` if it is 1-128 of
-  `[A-Za-z0-9._:-]`, else a new one. It is echoed on the response and in every log line of the
-  request (logs.REQUEST_ID).
+- `RequestEdge`: every request carries an id: the client's `X-Request-ID` if it is 1-128 of
+  `[A-Za-z0-9._:-]`, else a new one; it is echoed on the response and in every log line of the
+  request (logs.REQUEST_ID). A request cut at the drain deadline (uvicorn cancels what is still
+  running `drain_timeout_s` after SIGTERM) is answered 503 `shutting_down`, not 500 with a traceback.
 The slow-body bound (408) is read_upload's, where the body is read.
 """
 
@@ -17,8 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
-import uuid
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,7 +26,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from .logs import REQUEST_ID
 
 REQUEST_ID_HEADER = b"x-request-id"
-VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 LINGER_S = 1.0  # a refused connection is half-closed, then closed after this: its request is not answered with a reset
 
 
@@ -63,64 +62,48 @@ def bounded_protocol(limit: int) -> type[HttpToolsProtocol]:
     return BoundedHttpToolsProtocol
 
 
-class _HttpMiddleware:
-    """An ASGI middleware that acts on HTTP requests (`http`) and passes everything else through."""
+class RequestEdge:
+    """ASGI middleware around every HTTP request (one layer: each costs every request):
+
+    - its id (`X-Request-ID`: the client's if valid, else a new one) in the log context and on the response;
+    - a request cancelled before its response started gets 503 `shutting_down`. uvicorn cancels a request
+      only when the drain deadline passes (a client that goes away is not cancelled; the app sees a
+      disconnect), so a cancellation here means the service is stopping. It is answered, not propagated:
+      uvicorn would log it as an application error."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            await self.http(scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
-
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raise NotImplementedError
-
-
-class RequestId(_HttpMiddleware):
-    """ASGI middleware: the request's id in the log context and on the response (`X-Request-ID`)."""
-
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        given = next((value for name, value in scope["headers"] if name == REQUEST_ID_HEADER), b"").decode("latin-1")
-        request_id = given if VALID_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+            return
+        given = next((value for name, value in scope["headers"] if name == REQUEST_ID_HEADER), b"")
+        request_id = given.decode("latin-1") if VALID_REQUEST_ID.fullmatch(given) else os.urandom(8).hex()
         header = (REQUEST_ID_HEADER, request_id.encode())
+        started = False
 
-        async def send_with_id(message: Message) -> None:
+        async def edge_send(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", ()), header]}
+                started = True
+                headers = message.get("headers")
+                if isinstance(headers, list):  # Starlette's, made for this response: appended to in place
+                    headers.append(header)
+                else:
+                    message = {**message, "headers": [*(headers or ()), header]}
             await send(message)
 
         token = REQUEST_ID.set(request_id)
         try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            REQUEST_ID.reset(token)
-
-
-class DrainDeadline(_HttpMiddleware):
-    """ASGI middleware: a request cancelled before its response started gets 503 `shutting_down`.
-
-    uvicorn cancels a request only when the drain deadline passes (a client that goes away is not
-    cancelled; the app sees a disconnect), so a cancellation here means the service is stopping.
-    The cancellation is answered, not propagated: uvicorn would log it as an application error."""
-
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = False
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, edge_send)
         except asyncio.CancelledError:
             if started:
                 raise
-            await _send_json(send, 503, {"error": "shutting_down",
-                                         "detail": "the service stopped before this request finished; retry"})
+            await _send_json(edge_send, 503, {"error": "shutting_down",
+                                              "detail": "the service stopped before this request finished; retry"})
+        finally:
+            REQUEST_ID.reset(token)
 
 
 async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:

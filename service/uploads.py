@@ -57,22 +57,20 @@ async def read_upload(request: Request, max_bytes: int, body_timeout_s: float, m
     if declared.isdigit() and int(declared) > allowed:
         raise too_large
     body = bytearray()
-    chunks = request.stream()
-    while True:
-        try:
-            async with asyncio.timeout(body_timeout_s):
-                chunk = await anext(chunks, None)
-        except TimeoutError:
-            raise ServiceError(408, "body_timeout", f"no part of the upload's body arrived for {body_timeout_s:g} s",
-                               {"Connection": "close"}) from None
-        except ClientDisconnect:
-            raise ServiceError(CLIENT_CLOSED, "client_closed_request", "the client closed the connection before "
-                                                                       "the upload was complete") from None
-        if chunk is None:
-            break
-        body += chunk
-        if len(body) > allowed:
-            raise too_large
+    loop = asyncio.get_running_loop()
+    try:
+        async with asyncio.timeout(body_timeout_s) as pause:  # one deadline, moved on with every piece
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > allowed:
+                    raise too_large
+                pause.reschedule(loop.time() + body_timeout_s)
+    except TimeoutError:
+        raise ServiceError(408, "body_timeout", f"no part of the upload's body arrived for {body_timeout_s:g} s",
+                           {"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ServiceError(CLIENT_CLOSED, "client_closed_request", "the client closed the connection before "
+                                                                   "the upload was complete") from None
     upload = await _parse_form(request, bytes(body), max_files) if is_form else Upload([bytes(body)], {})
     if max_files == 1 and len(upload.files[0]) > max_bytes:
         raise too_large

@@ -18,7 +18,7 @@ import uvicorn
 
 from .app import create_app
 from .engine_client import EngineClient
-from .http_edge import DrainDeadline, RequestId, bounded_protocol
+from .http_edge import RequestEdge, bounded_protocol
 from .logs import configure_logging
 from .settings import settings_from_env
 from .transport import ENGINE_INFO_ENV, LAUNCHER_PID_ENV, LISTEN_FD_ENV, WORKER_INDEX_ENV, engine_info_from_json
@@ -38,7 +38,7 @@ def main() -> None:
         await client.start(CONNECT_TIMEOUT_S)
         return client
 
-    config = uvicorn.Config(RequestId(DrainDeadline(create_app(settings, connect))), http=bounded_protocol(settings.max_connections),
+    config = uvicorn.Config(RequestEdge(create_app(settings, connect)), http=bounded_protocol(settings.max_connections),
                             log_config=None, log_level=settings.log_level, access_log=settings.access_log,
                             timeout_graceful_shutdown=settings.drain_timeout_s, lifespan="on")
     server = uvicorn.Server(config)
