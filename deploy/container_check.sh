@@ -80,7 +80,8 @@ debootstrap --variant=minbase bookworm "$WORK/rootfs" "$mirror" >"$WORK/debootst
   { tail -20 "$WORK/debootstrap.log"; fail "debootstrap"; }
 tar -C "$WORK/rootfs" -c . | "${PODMAN[@]}" import -q - "$BASE" >/dev/null
 rm -rf "$WORK/rootfs"
-echo "base image in $((SECONDS - t0)) s"
+BASE_S=$((SECONDS - t0))
+echo "base image in ${BASE_S} s"
 
 # --- the project image ------------------------------------------------------------------------------------
 # pip inside the build sees what pip on this host sees: the CA of the registries' TLS proxy, and the local
@@ -100,15 +101,17 @@ BUILD_S=$((SECONDS - t0))
 SIZE=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE")
 echo "build time: ${BUILD_S} s; image size: $((SIZE / 1000000)) MB"
 echo "layers over 1 MB (MB, created by):"
-"${PODMAN[@]}" history --format json "$IMAGE" | python3 -c '
+"${PODMAN[@]}" history --format json "$IMAGE" >"$WORK/history.json"
+python3 -c '
 import json, re, sys
-for layer in reversed(json.load(sys.stdin)):
+for layer in reversed(json.load(open(sys.argv[1]))):
     if layer["size"] > 1e6:
         step = re.sub(r"^\|\d+ (\S+=\S+ )*|/bin/sh -c |--mount=\S+ ", "", layer["CreatedBy"])
-        print("  %6.0f  %s" % (layer["size"] / 1e6, step[:100]))'
+        print("  %6.0f  %s" % (layer["size"] / 1e6, step[:100]))' "$WORK/history.json"
 echo "the largest parts of /opt/venv (MB):"
 "${PODMAN[@]}" run --rm --no-healthcheck --entrypoint sh "$IMAGE" -c \
-  'cd /opt/venv/lib/python3.11/site-packages && du -sm nvidia torch triton onnxruntime cv2 2>/dev/null | sort -n -r'
+  'cd /opt/venv/lib/python3.11/site-packages && du -sm nvidia torch triton onnxruntime cv2 2>/dev/null | sort -n -r' |
+  tee "$WORK/venv.txt"
 
 # --- run it the README's way ------------------------------------------------------------------------------
 if command -v docker >/dev/null; then
@@ -138,7 +141,8 @@ until [[ $(curl -s -m 10 -o /dev/null -w '%{http_code}' "$URL/readyz") == 200 ]]
   ((SECONDS - t0 < READY_WITHIN_S)) || { "${DOCKER[@]}" logs "$NAME" | tail -30; fail "/readyz not 200 within ${READY_WITHIN_S} s"; }
   sleep 0.5
 done
-echo "ok  /readyz 200 after $((SECONDS - t0)) s (limit ${READY_WITHIN_S} s)"
+READY_S=$((SECONDS - t0))
+echo "ok  /readyz 200 after ${READY_S} s (limit ${READY_WITHIN_S} s)"
 
 classify() {  # task sample -> prints the label the service gave
   curl -sf -m 10 "$URL/samples/$1/$2" -o "$WORK/sample.png" || fail "GET /samples/$1/$2"
@@ -179,7 +183,8 @@ until [[ $(curl -sf -m 10 "$URL/tasks") == *'"task":"quickdraw"'* ]]; do
   sleep 0.5
 done
 label=$(classify quickdraw apple.png) || fail "classify quickdraw"
-echo "ok  a set published on the host is served after $((SECONDS - t0)) s, no restart: quickdraw apple.png -> $label"
+SWAP_S=$((SECONDS - t0))
+echo "ok  a set published on the host is served after ${SWAP_S} s, no restart: quickdraw apple.png -> $label"
 
 log "stop -t 30 under load"
 load() {  # until the port refuses: "<end time> <HTTP status> <curl exit code>" per request
@@ -207,7 +212,20 @@ awk '$2 != 200 && !($2 == "000" && ($3 == 7 || $3 == 52 || $3 == 56)) {bad = 1} 
   fail "a request got an error or hung during the stop"
 awk -v t="$stopped_at" '$1 > t && $2 == 200 {late = 1} END {exit !late}' "$WORK"/load.* ||
   fail "no request completed during the stop"
-echo "ok  stop -t 30: exit code 0 after $(awk -v a="$stopped_at" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}') s; requests in flight completed"
+STOP_S=$(awk -v a="$stopped_at" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}')
+echo "ok  stop -t 30: exit code 0 after ${STOP_S} s; requests in flight completed"
 "${DOCKER[@]}" logs "$NAME" 2>&1 | tail -4 | sed 's/^/    /'
 
 log "container check passed: build ${BUILD_S} s, image $((SIZE / 1000000)) MB"
+if [[ -n ${RESULT_JSON:-} ]]; then  # the numbers, for docs/results/
+  python3 - "$WORK" "$BASE_S" "$BUILD_S" "$SIZE" "$READY_S" "$SWAP_S" "$STOP_S" >"$RESULT_JSON" <<'PY'
+import json, re, sys
+work, base_s, build_s, size, ready_s, swap_s, stop_s = sys.argv[1:]
+layers = [{"mb": round(l["size"] / 1e6), "step": re.sub(r"\s+", " ", l["CreatedBy"])[:200]}
+          for l in reversed(json.load(open(f"{work}/history.json"))) if l["size"] > 1e6]
+venv = {name: int(mb) for mb, name in (line.split() for line in open(f"{work}/venv.txt"))}
+print(json.dumps({"base_image_s": int(base_s), "build_s": int(build_s), "image_mb": round(int(size) / 1e6),
+                  "layers": layers, "site_packages_mb": venv, "ready_s": int(ready_s), "hot_swap_s": int(swap_s),
+                  "stop_s": float(stop_s)}, indent=2))
+PY
+fi
