@@ -134,7 +134,7 @@ def pyproject_extras() -> set[str]:
 def test_the_healthcheck_command_passes_against_a_running_service_and_fails_without_one(tiny, tmp_path):
     import json
 
-    from test_service_support import OFFICE, SERVED_ENV, make_set, publish, service_process
+    from helpers.service import OFFICE, SERVED_ENV, make_set, publish, service_process
 
     (healthcheck,) = args_of("HEALTHCHECK")
     command = json.loads(healthcheck[healthcheck.index("CMD") + 3:].strip())

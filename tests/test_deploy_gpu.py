@@ -87,7 +87,7 @@ def test_onnxruntime_cuda_provider_matches_torch(tmp_path, precision, tolerance)
 @pytest.mark.gpu
 @needs_cuda
 def test_service_on_cuda_fp16_scores_like_the_cpu_reference(tiny, tmp_path):
-    from test_service_support import (
+    from helpers.service import (
         OFFICE,
         classify,
         image_bytes,
@@ -98,7 +98,7 @@ def test_service_on_cuda_fp16_scores_like_the_cpu_reference(tiny, tmp_path):
         scores,
         serve,
     )
-    from test_service_support import settings as service_settings
+    from helpers.service import settings as service_settings
 
     office = make_set(tiny, "office", OFFICE, 1)
     publish(office, tmp_path)

@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip install -e '.[onnx]'")
 
-from test_service_support import (  # noqa: E402
+from helpers.service import (  # noqa: E402
     DOODLES,
     OFFICE,
     classify,
@@ -83,7 +83,7 @@ def foreign_graph(tmp_path):
 @pytest.mark.slow  # a real `python -m service` process (imports torch)
 def test_python_m_service_backend_onnx_flag(prompts_dir, sets, tiny, tmp_path):
     import httpx
-    from test_service_support import SERVED_ENV, service_process
+    from helpers.service import SERVED_ENV, service_process
 
     cache = tmp_path / "cache"
     env = {**SERVED_ENV, "MMAP_PROMPTS": str(prompts_dir), "MMAP_WATCH_INTERVAL_S": "0"}

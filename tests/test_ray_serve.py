@@ -16,8 +16,8 @@ import pytest
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install -e '.[ray]'")
 import ray  # noqa: E402
+from helpers.service import OFFICE, SERVED, free_port, image_bytes, make_set, publish, reference_scores  # noqa: E402
 from ray import serve  # noqa: E402
-from test_service_support import OFFICE, SERVED, free_port, image_bytes, make_set, publish, reference_scores  # noqa: E402
 
 DEPLOY_RAY = Path(__file__).resolve().parents[1] / "deploy" / "ray"
 BUDGET_S = 150  # hard stop: a hung Ray start fails the test instead of hanging CI

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_reliability_support import ADMIN, ADMIN_TOKEN, GoodTraffic, assert_json_error
-from test_service_support import (
+from helpers.reliability import ADMIN, ADMIN_TOKEN, GoodTraffic, assert_json_error
+from helpers.service import (
     DOODLES,
     OFFICE,
     classify,

@@ -13,13 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 import schemathesis
+from helpers.reliability import ADMIN, ADMIN_TOKEN
+from helpers.service import DOODLES, OFFICE, image_bytes, make_set, metric, publish, served, settings
 from hypothesis import HealthCheck, given, seed
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from test_reliability_support import ADMIN, ADMIN_TOKEN
-from test_service_support import DOODLES, OFFICE, image_bytes, make_set, metric, publish, served, settings
 
 UPLOADS = ["POST /classify", "POST /classify/batch", "POST /embed"]
 OPERATIONS = [*UPLOADS, "GET /tasks", "GET /tasks/{task}", "GET /samples/{task}/{filename}", "GET /healthz",

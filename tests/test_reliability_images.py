@@ -22,10 +22,10 @@ from dataclasses import dataclass
 import httpx
 import numpy as np
 import pytest
+from helpers.images import gif_claiming, png_claiming
+from helpers.reliability import GoodTraffic, assert_json_error
+from helpers.service import OFFICE, image_bytes, make_set, publish, run, scores, serve, served, settings
 from PIL import Image
-from test_reliability_support import GoodTraffic, assert_json_error
-from test_service_images import _gif_claiming, _png_claiming
-from test_service_support import OFFICE, image_bytes, make_set, publish, run, scores, serve, served, settings
 
 from service.images import decode_image
 from service.uploads import MULTIPART_OVERHEAD
@@ -159,9 +159,9 @@ def corpus() -> list[Hostile]:
         Hostile("png raw as application/json", png, 415, "unsupported_type", raw_type="application/json"),
         Hostile("png raw without content-type", png, 415, "unsupported_type", raw_type=""),
         # Decompression bombs: a few bytes declaring a huge canvas.
-        Hostile("png 100000^2", _png_claiming(100_000, 100_000), 413, "too_many_pixels"),
-        Hostile("png 7000^2 (between the limit and Pillow's 2x guard)", _png_claiming(7000, 7000), 413, "too_many_pixels"),
-        Hostile("gif 65535^2", _gif_claiming(65_535, 65_535), 413, "too_many_pixels"),
+        Hostile("png 100000^2", png_claiming(100_000, 100_000), 413, "too_many_pixels"),
+        Hostile("png 7000^2 (between the limit and Pillow's 2x guard)", png_claiming(7000, 7000), 413, "too_many_pixels"),
+        Hostile("gif 65535^2", gif_claiming(65_535, 65_535), 413, "too_many_pixels"),
         Hostile("tiff 100000^2", tiff_claiming(100_000, 100_000), 413, "too_many_pixels"),
         Hostile("tiff 8000^2", tiff_claiming(8000, 8000), 413, "too_many_pixels"),
         Hostile("webp lossless 16384^2", webp_lossless_claiming(16_384, 16_384), 413, "too_many_pixels"),

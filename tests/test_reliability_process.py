@@ -18,9 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_reliability_support import rss_bytes
-from test_service_images import _png_claiming
-from test_service_support import (
+from helpers.images import png_claiming
+from helpers.reliability import rss_bytes
+from helpers.service import (
     DOODLES,
     OFFICE,
     SERVED_ENV,
@@ -57,7 +57,7 @@ def process(tiny, tmp_path_factory) -> Iterator[tuple[str, object, Path]]:
 def _payloads() -> tuple[list[bytes], list[bytes]]:
     """Made once: building images per request would spend the shared CPU on the client instead of the service."""
     good = [image_bytes(k, size=(64 + 3 * k, 48), fmt=("PNG", "JPEG")[k % 2]) for k in range(16)]
-    bad = [b"not an image at all", image_bytes(3)[:60], _png_claiming(30_000, 30_000), b""]
+    bad = [b"not an image at all", image_bytes(3)[:60], png_claiming(30_000, 30_000), b""]
     return good, bad
 
 

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from helpers.reliability import ADMIN, ADMIN_TOKEN, assert_json_error, raw_request
+from helpers.service import DOODLES, OFFICE, classify, image_bytes, make_set, metric, publish, run, serve, settings
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from starlette.requests import Request
-from test_reliability_support import ADMIN, ADMIN_TOKEN, assert_json_error, raw_request
-from test_service_support import DOODLES, OFFICE, classify, image_bytes, make_set, metric, publish, run, serve, settings
 
 from mmap_model import TaskSpec
 from mmap_model.promptset import CONFIG_FILE, MAX_WEIGHTS_BYTES, WEIGHTS_FILE

@@ -9,7 +9,8 @@ import zlib
 from pathlib import Path
 
 import pytest
-from test_service_support import (
+from helpers.images import png_chunk
+from helpers.service import (
     DOODLES,
     OFFICE,
     classify,
@@ -131,14 +132,11 @@ def test_unknown_task_and_bad_parameters(prompts_dir):
 
 def _bomb_png(width: int, height: int) -> bytes:
     """A real decompression bomb: a grayscale PNG whose zlib stream inflates to width*height bytes."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
     compressor = zlib.compressobj(1)
     rows = bytes((width + 1) * 100)  # 100 rows of a filter byte + black pixels
     idat = b"".join(compressor.compress(rows) for _ in range(height // 100)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
 
 
 def _peak_rss_reset() -> None:

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from test_service_support import OFFICE, classify, image_bytes, make_set, metric, publish, run, serve, settings
+from helpers.service import OFFICE, classify, image_bytes, make_set, metric, publish, run, serve, settings
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_service_support import classify, failed_start, image_bytes, reference_scores, run, scores, serve
+from helpers.service import classify, failed_start, image_bytes, reference_scores, run, scores, serve
 
 import mmap_model.backbone
 from mmap_model import EMBEDDED_PROMPTS_DIR, PromptSet, load_backbone

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_service_support import (
+from helpers.service import (
     OFFICE,
     SERVED_ENV,
     image_bytes,

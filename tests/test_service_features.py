@@ -14,9 +14,8 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-from test_reliability_support import assert_json_error
-from test_service_support import (
+from helpers.reliability import assert_json_error
+from helpers.service import (
     DOODLES,
     OFFICE,
     image_bytes,
@@ -29,6 +28,7 @@ from test_service_support import (
     settings,
     settings_env,
 )
+from PIL import Image
 
 from mmap_client import AsyncClient, Classification, Client, MmapError
 from mmap_model import PromptedCLIP, PromptSet

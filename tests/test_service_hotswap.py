@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import httpx
-from test_reliability_support import GoodTraffic
-from test_service_support import (
+from helpers.reliability import GoodTraffic
+from helpers.service import (
     DOODLES,
     OFFICE,
     classify,

@@ -6,13 +6,13 @@ from __future__ import annotations
 import io
 import struct
 import time
-import zlib
 
 import numpy as np
 import pytest
 import torch
+from helpers.images import gif_claiming, png_claiming
+from helpers.service import image_bytes, open_clip_preprocess
 from PIL import Image
-from test_service_support import image_bytes, open_clip_preprocess
 
 from service.backends import PixelNormalizer
 from service.images import ImageRejected, decode_image
@@ -88,27 +88,10 @@ def test_modes_become_sensible_rgb():
         assert decode_image(_encode(Image.new(mode, (4, 4)), "TIFF" if mode == "I" else "PNG"), LIMIT).mode == "RGB"
 
 
-def _chunk(kind: bytes, payload: bytes) -> bytes:
-    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-
-
-def _png_claiming(width: int, height: int) -> bytes:
-    """A well-formed PNG whose header claims a huge canvas, with one row of data: 100 bytes in all."""
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", zlib.compress(bytes(16)))
-            + _chunk(b"IEND", b""))
-
-
-def _gif_claiming(width: int, height: int) -> bytes:
-    screen = struct.pack("<HHBBB", width, height, 0x80, 0, 0) + bytes(6)  # 2-colour global palette
-    frame = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00;"
-    return b"GIF89a" + screen + frame
-
-
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("header", [
-    _png_claiming(100_000, 100_000),  # 10^10 pixels: 30 GB as RGB
-    _gif_claiming(65_535, 65_535),
+    png_claiming(100_000, 100_000),  # 10^10 pixels: 30 GB as RGB
+    gif_claiming(65_535, 65_535),
     b"BM" + struct.pack("<IHHIIiiHHIIiiII", 0, 0, 0, 54, 40, 50_000, 50_000, 1, 24, 0, 0, 0, 0, 0, 0),
 ], ids=["png", "gif", "bmp"])
 def test_huge_canvases_are_refused_from_the_header(header):
@@ -131,7 +114,7 @@ def test_pixel_limit_is_exact():
     (bytes(range(256)) * 4, 415, "unsupported_type"),
     (image_bytes(2, fmt="JPEG")[:200], 422, "corrupt"),
     (image_bytes(2)[:-30], 422, "corrupt"),
-    (_png_claiming(64, 64)[:40], 422, "corrupt"),
+    (png_claiming(64, 64)[:40], 422, "corrupt"),
     (b"", 422, "empty"),
 ], ids=["pdf", "noise", "truncated-jpeg", "truncated-png", "png-header-only", "empty"])
 def test_garbage_is_refused_with_the_reason(data, status, error):

@@ -4,7 +4,7 @@ Scores through the layout equal the reference, the workers share the load, /metr
 processes, a worker killed with -9 is replaced while the other serves, and the engine killed with
 -9 fails what is in flight at once and stops the service (non-zero) so that it is restarted.
 Stopping each service also checks that no process, shared-memory file or runtime directory is left
-(test_service_support.service_process).
+(helpers.service.service_process).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from collections import Counter
 import httpx
 import pytest
 import test_service_api
-from test_service_support import (
+from helpers.service import (
     classify,
     engine_pid,
     frozen,

@@ -7,7 +7,7 @@ import signal
 
 import httpx
 import pytest
-from test_service_support import OFFICE, SERVED_ENV, image_bytes, make_set, metric, publish, run, service_process
+from helpers.service import OFFICE, SERVED_ENV, image_bytes, make_set, metric, publish, run, service_process
 
 
 @pytest.mark.slow  # a real process start (imports torch): seconds to tens of seconds

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_service_support import OFFICE, SERVED_ENV, image_bytes, make_set, publish, service_process
+from helpers.service import OFFICE, SERVED_ENV, image_bytes, make_set, publish, service_process
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip package 'playwright' is not installed")

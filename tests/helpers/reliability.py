@@ -1,6 +1,6 @@
 """Helpers shared by the reliability tests (this module holds no tests).
 
-Builds on test_service_support.py (same served backbone, prompt sets and real service processes);
+Builds on helpers/service.py (same served backbone, prompt sets and real service processes);
 adds a loop of good requests that runs next to whatever a test throws at the service, and readers
 of a process's memory.
 """
@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from test_service_support import classify, image_bytes
+
+from helpers.service import classify, image_bytes
 
 ADMIN_TOKEN = "reliability-t0ken"
 ADMIN = {"authorization": f"Bearer {ADMIN_TOKEN}"}
