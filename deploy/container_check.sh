@@ -39,6 +39,7 @@ cleanup() {
     "${PODMAN[@]}" system reset -f >/dev/null 2>&1
   fi
   pkill -f -- "$WORK/" 2>/dev/null  # conmon of exec sessions (docker exec, healthcheck run) outlives its container
+  findmnt -rn -o TARGET | grep -F "$WORK/" | sort -r | xargs -r umount -l  # the storage's own overlay mount
   if [[ -s $WORK/packages.added ]]; then
     DEBIAN_FRONTEND=noninteractive apt-get purge -y -qq $(cat "$WORK/packages.added") >/dev/null 2>&1
     echo "purged what this check installed: $(tr '\n' ' ' <"$WORK/packages.added")"
