@@ -76,14 +76,16 @@ def main(argv: list[str] | None = None) -> None:
             towers[name] = OnnxImageTower(backbone, cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")),
                                           threads=args.threads)
             towers[name](torch.zeros(1, 3, backbone.image_size, backbone.image_size),
-                         None if not depth else torch.zeros(1, depth, args.tokens, backbone.widths.d_v, device=backbone.device))
+                         None if not depth else torch.zeros(1, depth, args.tokens, backbone.widths.d_v,
+                                                            device=backbone.device))
             print(f"onnx graph exported and opened in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     providers = {"onnx": towers["onnx"].provider} if "onnx" in towers else {}  # type: ignore[attr-defined]
     results = []
     generator = torch.Generator().manual_seed(1)
     for batch in args.batch_sizes:
         images = torch.randn(batch, 3, backbone.image_size, backbone.image_size, generator=generator)
-        prompts = None if not depth else (torch.randn(batch, depth, args.tokens, backbone.widths.d_v, generator=generator)
+        prompts = None if not depth else (torch.randn(batch, depth, args.tokens, backbone.widths.d_v,
+                                                      generator=generator)
                                           * 0.02).to(backbone.device)
         single: dict[str, float] = {}
         outputs: dict[str, Tensor] = {}

@@ -51,8 +51,8 @@ class TensorPreprocess:
         self.device = device
 
     def __call__(self, jpegs: list[bytes]) -> Tensor:
-        decoded = decode_jpeg([torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs], mode=ImageReadMode.RGB,
-                              device=self.device)
+        decoded = decode_jpeg([torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs],
+                              mode=ImageReadMode.RGB, device=self.device)
         crops = [TF.center_crop(TF.resize(image, [self.size], self.interpolation, antialias=True), [self.size])
                  for image in decoded]
         return (torch.stack(crops).float() / 255 - self.mean) / self.std
@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
         cpu = {w: cpu_rate(cpu_prepare, jpegs, w, args.repeats) for w in args.workers}
         reference = torch.stack([cpu_prepare(j) for j in jpegs[:16]])
         row = {"height": size, "width": size * 4 // 3, "kib": kib, "service_img_s": cpu}
-        cells = [f"{size * 4 // 3}x{size} JPEG, {kib:.0f} KiB", ", ".join(f"{r:,.0f} img/s ({w} thr)" for w, r in cpu.items())]
+        cells = [f"{size * 4 // 3}x{size} JPEG, {kib:.0f} KiB",
+                 ", ".join(f"{r:,.0f} img/s ({w} thr)" for w, r in cpu.items())]
         for d, path in paths.items():
             rates = {b: tensor_rate(path, jpegs, b, args.repeats) for b in args.batch}
             levels = (path(jpegs[:16]).cpu() - reference).abs() * path.std.cpu() * 255  # back to 8-bit pixel units

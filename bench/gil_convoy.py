@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     backbone = load_backbone(args.model, None, seed=0)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, backbone.image_size, backbone.image_size, generator=generator)
-    prompts = torch.randn(args.batch, min(9, backbone.widths.layers_v), 4, backbone.widths.d_v, generator=generator) * 0.04
+    prompts = torch.randn(args.batch, min(9, backbone.widths.layers_v), 4, backbone.widths.d_v,
+                          generator=generator) * 0.04
     print(f"{args.model} cpu, batch {args.batch}, {args.threads} torch thread(s), torch {torch.__version__}; "
           f"median of {args.forwards} forwards\n")
     print("| backend | alone | " + " | ".join(f"busy thread, switch {i:g} ms" for i in args.intervals_ms) + " |")

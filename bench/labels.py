@@ -91,7 +91,8 @@ def main() -> None:
         script.write_text(LUA)
         env = {k: v for k, v in os.environ.items() if not k.startswith("MMAP_")}
         server = Server("engine", REPO, ["--watch-interval-s", "0", "--log-level", "warning", "--workers",
-                                         str(args.workers), "--engine-threads", "1", "--label-cache-size", str(args.cache),
+                                         str(args.workers), "--engine-threads", "1",
+                                         "--label-cache-size", str(args.cache),
                                          "--max-labels", str(max(256, args.labels))], 18090, tmp / "service.log", env)
         stack.callback(server.stop)
 
@@ -133,8 +134,10 @@ def main() -> None:
                "workers": args.workers, "engine_threads": 1, "cores": os.cpu_count(), "latency": latency,
                "rounds": rounds,
                **{f"{k}_rps": statistics.median(row[k]["rps"] for row in rounds) for k in targets},
-               "mixed_over_own": statistics.median(row["mixed_cached"]["rps"] / row["own_classes"]["rps"] for row in rounds),
-               "misses_over_own": statistics.median(row["all_misses"]["rps"] / row["own_classes"]["rps"] for row in rounds)}
+               "mixed_over_own": statistics.median(row["mixed_cached"]["rps"] / row["own_classes"]["rps"]
+                                                   for row in rounds),
+               "misses_over_own": statistics.median(row["all_misses"]["rps"] / row["own_classes"]["rps"]
+                                                    for row in rounds)}
     print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}, indent=2))
     if args.json:
         args.json.write_text(json.dumps(summary, indent=2) + "\n")

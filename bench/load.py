@@ -155,7 +155,8 @@ class RawForward:
         self.tower = TorchImageTower(backbone)
         sets = {p.name: PromptSet.load(p, backbone) for p in sorted(prompts_dir.iterdir())}
         with torch.inference_mode():
-            self.bank = torch.stack([ps.prompts(t).visual for ps in sets.values() for t in ps.tasks]).to(backbone.device)
+            self.bank = torch.stack([ps.prompts(t).visual for ps in sets.values()
+                                     for t in ps.tasks]).to(backbone.device)
         self.pixels = torch.stack([backbone.preprocess(Image.open(io.BytesIO(d))) for d in images])
         for size in (1, batch):  # first-call costs per shape (the CPU kernels' setup): 25% of the first batch
             self.seconds(size)
@@ -186,10 +187,12 @@ def drive_processes(clients: int, base: str, tasks: list[str], images: list[byte
             futures = [pool.submit(run_drive, base, tasks[c:] + tasks[:c], images, n, warm_s, window_s)
                        for c, n in enumerate(shares)]
             done = [f.result() for f in futures]
-        throughput, latencies, failures = sum(d[0] for d in done), [x for d in done for x in d[1]], sum(d[2] for d in done)
+        throughput, latencies, failures = (sum(d[0] for d in done), [x for d in done for x in d[1]],
+                                           sum(d[2] for d in done))
     after = os.times()
-    cores = (after.user + after.system + after.children_user + after.children_system
-             - before.user - before.system - before.children_user - before.children_system) / (after.elapsed - before.elapsed)
+    cores = ((after.user + after.system + after.children_user + after.children_system
+              - before.user - before.system - before.children_user - before.children_system)
+             / (after.elapsed - before.elapsed))
     return throughput, latencies, failures, cores
 
 
@@ -238,7 +241,8 @@ async def drive(base: str, tasks: list[str], images: list[bytes], concurrency: i
     return throughput, latencies, failures
 
 
-async def sequential(base: str, task: str, images: list[bytes], n: int, raw: RawForward) -> tuple[list[float], list[float]]:
+async def sequential(base: str, task: str, images: list[bytes], n: int,
+                     raw: RawForward) -> tuple[list[float], list[float]]:
     """One request at a time, each right after a raw single-image forward (both under the same machine
     conditions): (request latencies, raw forward seconds)."""
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
@@ -272,7 +276,8 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch", type=int, default=32, help="the service's max batch size and the raw batch")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
-    parser.add_argument("--concurrency", type=int, default=64, help="closed-loop clients (2 x batch keeps one batch queued)")
+    parser.add_argument("--concurrency", type=int, default=64,
+                        help="closed-loop clients (2 x batch keeps one batch queued)")
     parser.add_argument("--warm-s", type=float, default=6.0, help="untimed start of each load phase")
     parser.add_argument("--window-s", type=float, default=30.0,
                         help="timed part of each load phase: long enough for every client to finish several requests")
@@ -284,8 +289,10 @@ def main() -> None:
     parser.add_argument("--backend", choices=["torch", "onnx"], default="torch",
                         help="the service's backend (the raw reference is always the torch tower)")
     parser.add_argument("--torch-compile", default="off", help="the service's torch_compile mode")
-    parser.add_argument("--decode-workers", type=int, default=min(4, os.cpu_count() or 1), help="the service's decode threads")
-    parser.add_argument("--image-size", type=int, default=None, help="side of the uploaded JPEGs (default: the model's input)")
+    parser.add_argument("--decode-workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="the service's decode threads")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="side of the uploaded JPEGs (default: the model's input)")
     parser.add_argument("--clients", type=int, default=1, help="load generator processes sharing --concurrency")
     parser.add_argument("--quick", action="store_true", help="smoke run: short phases, one round")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -306,7 +313,8 @@ def main() -> None:
     print(f"model {args.model} (random weights, seed {args.seed}), {len(tasks)} tasks in {args.sets} prompt sets, "
           f"{torch.get_num_threads()} torch threads, {os.cpu_count()} cores, {args.device}/{args.precision}; batch "
           f"{args.batch}, concurrency {args.concurrency} from {args.clients} client process(es), uploads "
-          f"{args.image_size or backbone.image_size} px, windows {args.window_s:g} s x {args.rounds} rounds", flush=True)
+          f"{args.image_size or backbone.image_size} px, windows {args.window_s:g} s x {args.rounds} rounds",
+          flush=True)
     try:
         wait_ready(base, process, len(tasks), log)
         rounds: list[dict[str, float]] = []

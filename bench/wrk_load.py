@@ -126,7 +126,8 @@ class Server:
 
 def wrk(base: str, script: Path, targets: Path, connections: int, seconds: float, cores: str) -> dict[str, float]:
     threads = len(cores.split(","))
-    command = ["taskset", "-c", cores, WRK, f"-t{threads}", f"-c{connections}", f"-d{round(seconds)}s", "--timeout", "30s",
+    command = ["taskset", "-c", cores, WRK, f"-t{threads}", f"-c{connections}", f"-d{round(seconds)}s",
+               "--timeout", "30s",
                "-s", str(script), base, "--", str(targets)]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     result = json.loads(re.search(r"^JSON (.*)$", out, re.M).group(1))
@@ -141,7 +142,8 @@ def settle(base: str, timeout_s: float = 300.0) -> None:
     while time.monotonic() < deadline:
         metrics = scrape(base)
         answered = metrics.get("mmap_request_duration_seconds_count", 0.0)
-        forward_s = metrics["mmap_inference_duration_seconds_sum"] / max(1.0, metrics["mmap_inference_duration_seconds_count"])
+        forward_s = (metrics["mmap_inference_duration_seconds_sum"]
+                     / max(1.0, metrics["mmap_inference_duration_seconds_count"]))
         if answered == last:
             return
         last = answered
@@ -174,7 +176,8 @@ class RawForward:
             sets[path.name] = PromptSet.load(path, backbone)
         self.backbone = backbone
         self.tower = TorchImageTower(backbone)
-        self.normalize = PixelNormalizer(backbone.device, backbone.preprocess_cfg["mean"], backbone.preprocess_cfg["std"])
+        self.normalize = PixelNormalizer(backbone.device, backbone.preprocess_cfg["mean"],
+                                         backbone.preprocess_cfg["std"])
         self.scale = float(PromptedCLIP(backbone.model).logit_scale)
         visual = {t: ps.prompts(t).visual for ps in sets.values() for t in ps.tasks}
         shapes = {v.shape for v in visual.values() if v is not None}
@@ -325,7 +328,8 @@ def main() -> None:
                "predicted_16_core_cpu_rps": 16 * 1000 / engine["all_cpu_ms_per_request"]}
     if args.landed:
         summary["landed"] = {k: med("landed", k) for k in rounds[0]["landed"]}
-        summary["engine_over_landed_rps"] = statistics.median(row["engine"]["rps"] / row["landed"]["rps"] for row in rounds)
+        summary["engine_over_landed_rps"] = statistics.median(
+            row["engine"]["rps"] / row["landed"]["rps"] for row in rounds)
         summary["landed_forward_in_service_over_alone"] = statistics.median(
             row["landed"]["forward_per_image_ms"] / row["raw_per_image_ms"] for row in rounds)
     print(json.dumps({k: v for k, v in summary.items() if k != "rounds"}, indent=2))

@@ -133,8 +133,9 @@ class _Api:
 
     def classify(self, task: str, image: Image, *, top_k: int = 5, labels: Sequence[str] | None = None) -> Any:
         """Classification of one image; `labels`: score against these class names instead of the task's."""
-        return self._call(_Call("POST", "/classify", lambda r: _classification(_json(r)), {"task": task, "top_k": top_k},
-                                _files([image]), None if labels is None else {"labels": json.dumps(list(labels))}))
+        return self._call(_Call("POST", "/classify", lambda r: _classification(_json(r)),
+                                {"task": task, "top_k": top_k}, _files([image]),
+                                None if labels is None else {"labels": json.dumps(list(labels))}))
 
     def classify_batch(self, task: str, images: Sequence[Image], *, top_k: int = 5,
                        labels: Sequence[str] | None = None) -> Any:

@@ -19,7 +19,8 @@ _WHERE = {
     "FORMAT_VERSION": "promptset", "PromptSet": "promptset", "PromptSetError": "promptset", "TaskSpec": "promptset",
 }
 __all__ = [
-    "EMBEDDED_MODEL", "EMBEDDED_PRETRAINED", "EMBEDDED_PROMPTS_DIR", "FORMAT_VERSION", "METHODS", "Backbone", "MultiTaskPrompts",
+    "EMBEDDED_MODEL", "EMBEDDED_PRETRAINED", "EMBEDDED_PROMPTS_DIR", "FORMAT_VERSION", "METHODS", "Backbone",
+    "MultiTaskPrompts",
     "PromptConfig", "PromptModule", "PromptSet", "PromptSetError", "PromptedCLIP", "Prompts", "TaskSpec",
     "UnsupportedBackboneError", "Widths", "class_text_features", "count_parameters", "load_backbone", "prompt_texts",
 ]

@@ -94,7 +94,9 @@ def resolve_model_name(model: str, pretrained: str | None) -> tuple[str, str | N
 def check_promptable(model: nn.Module) -> None:
     """Refuse towers that the prompted forward cannot drive, with the reason."""
     if not isinstance(model, (CLIP, CustomTextCLIP)):
-        raise UnsupportedBackboneError(f"{type(model).__name__} is not a CLIP/CustomTextCLIP (CoCa and others are not supported)")
+        raise UnsupportedBackboneError(
+            f"{type(model).__name__} is not a CLIP/CustomTextCLIP (CoCa and others are not supported)"
+        )
     if not isinstance(model.visual, VisionTransformer):
         raise UnsupportedBackboneError(
             f"image tower {type(model.visual).__name__} is not open_clip's native VisionTransformer "
@@ -103,11 +105,16 @@ def check_promptable(model: nn.Module) -> None:
     if isinstance(model, CustomTextCLIP):
         text = model.text
         if not isinstance(text, TextTransformer):
-            raise UnsupportedBackboneError(f"text tower {type(text).__name__} is not open_clip's native TextTransformer (HF text towers are not supported)")
+            raise UnsupportedBackboneError(
+                f"text tower {type(text).__name__} is not open_clip's native TextTransformer "
+                "(HF text towers are not supported)"
+            )
         if text.cls_emb is not None or getattr(text, "use_pad_mask", False):
             raise UnsupportedBackboneError("text towers with a class token or padding mask are not supported")
     if not model.visual.transformer.batch_first:
-        raise UnsupportedBackboneError("sequence-first transformers are not supported (open_clip 3.3 builds batch-first ones)")
+        raise UnsupportedBackboneError(
+            "sequence-first transformers are not supported (open_clip 3.3 builds batch-first ones)"
+        )
     if model.visual.attn_pool is not None:
         raise UnsupportedBackboneError("image towers with attentional pooling are not supported")
 

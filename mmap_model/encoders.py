@@ -77,7 +77,8 @@ def _run_block(transformer: nn.Module, block: nn.Module, x: Tensor, mask: Tensor
 
 
 def _check_visual_shape(prompts: Tensor, batch: int, per_sample: bool, layers: int) -> None:
-    expected = "[B, J, m, d_v] (per_sample=True)" if per_sample else "[J, m, d_v] (shared; per_sample=True for [B, ...])"
+    expected = ("[B, J, m, d_v] (per_sample=True)" if per_sample
+                else "[J, m, d_v] (shared; per_sample=True for [B, ...])")
     if prompts.dim() != (4 if per_sample else 3) or (per_sample and prompts.shape[0] != batch):
         raise ValueError(f"visual prompts of shape {tuple(prompts.shape)} for {batch} images: expected {expected}")
     if prompts.shape[-3] > layers:

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(result))
         return
     print(f"backbone   {args.model}: {result['backbone_params']:,} parameters (frozen)")
-    print(f"prompts    {args.method}, {args.tasks} tasks in {args.groups} groups: {result['trainable_params']:,} trainable")
+    print(f"prompts    {args.method}, {args.tasks} tasks in {args.groups} groups: "
+          f"{result['trainable_params']:,} trainable")
     print(f"ratio      {result['ratio']:.6f} ({100 * result['ratio']:.4f}% of the backbone)")
 
 

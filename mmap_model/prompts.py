@@ -14,9 +14,10 @@ Methods (docs/method.md):
 - `independent`: deep text and deep visual prompts, unrelated.
 
 Defaults (see `PromptConfig`): depth 9 (MaPLe's depth for 12-layer towers, clamped to the shallower
-of the towers a method prompts), 2 tokens per group module and 2 per task module (a grouped task sees 4), d_s = gcd(d_t, d_v)
-(256 for ViT-B: the largest shared source, K^t is 1×2 and K^v 1×3). For ViT-B-16 with 4 tasks in
-2 groups this trains ~28k parameters, 0.019% of the backbone (`python -m mmap_model.params`).
+of the towers a method prompts), 2 tokens per group module and 2 per task module (a grouped task
+sees 4), d_s = gcd(d_t, d_v) (256 for ViT-B: the largest shared source, K^t is 1×2 and K^v 1×3).
+For ViT-B-16 with 4 tasks in 2 groups this trains ~28k parameters, 0.019% of the backbone
+(`python -m mmap_model.params`).
 """
 
 from __future__ import annotations
@@ -239,7 +240,8 @@ NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 def check_name(name: str) -> str:
     """Task, group and prompt-set names: letters, digits, '_' and '-' (safe as paths and tensor names)."""
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise ValueError(f"invalid name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter or digit")
+        raise ValueError(f"invalid name {name!r}: use 1-64 letters, digits, '_' or '-', "
+                         "starting with a letter or digit")
     return name
 
 

@@ -182,8 +182,10 @@ class PromptSet:
         prompts.load_state_dict(_parse_weights(directory, weights, meta["weights_sha256"], prompts))
         version = content_version(meta)
         if meta["version"] != version:  # edited by hand, or written before versions covered the whole content
-            log.info("%s: recorded version %s does not match its content: version %s", directory, meta["version"], version)
-        return cls(str(meta["name"]), prompts, tasks, bb, version, meta.get("provenance", {}), meta.get("evaluation", {}))
+            log.info("%s: recorded version %s does not match its content: version %s", directory, meta["version"],
+                     version)
+        return cls(str(meta["name"]), prompts, tasks, bb, version, meta.get("provenance", {}),
+                   meta.get("evaluation", {}))
 
 
 def publication_key(published_ns: int, name: str) -> tuple[int, str]:

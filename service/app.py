@@ -173,7 +173,8 @@ WHY = {401: "no bearer token", 403: "wrong token", 404: "unknown task (or sample
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """The OpenAPI responses of the errors a route can return (`{"error", "detail"}` bodies)."""
-    return {code: {"model": ErrorResponse, "description": WHY[code], **({"headers": RETRY_AFTER} if code == 503 else {})}
+    return {code: {"model": ErrorResponse, "description": WHY[code],
+                   **({"headers": RETRY_AFTER} if code == 503 else {})}
             for code in codes}
 
 
@@ -197,7 +198,8 @@ router = APIRouter()
 
 
 def unknown_task(task: str, tasks: dict[str, TaskInfo]) -> ServiceError:
-    return ServiceError(404, "unknown_task", f"unknown task {task!r}; loaded tasks: {', '.join(sorted(tasks)) or 'none'}")
+    return ServiceError(404, "unknown_task",
+                        f"unknown task {task!r}; loaded tasks: {', '.join(sorted(tasks)) or 'none'}")
 
 
 def _query_doc(name: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
@@ -208,7 +210,8 @@ TASK_DOC = _query_doc("task", {"type": "string"}, "a loaded task (GET /tasks)", 
 TOP_K_DOC = _query_doc("top_k", {"type": "integer", "minimum": 1, "default": 5},
                        "predictions to return per image (at most the task's classes)")
 LABELS_DOC = _query_doc("labels", {"type": "string"}, "score against these class names (comma-separated) with the "
-                                                      "task's prompts and template; or the form field `labels`, a JSON array")
+                                                      "task's prompts and template; or the form field `labels`, "
+                                                      "a JSON array")
 CLASSIFY_QUERY = {"parameters": [TASK_DOC, TOP_K_DOC, LABELS_DOC], **UPLOAD_BODY}
 CLASSIFY_PARAMS = frozenset({"task", "top_k", "labels"})
 
@@ -421,7 +424,8 @@ async def healthz(request: Request) -> JSONResponse:
                         status_code=200 if engine_up else 503)
 
 
-@router.api_route("/readyz", methods=["GET", "HEAD"], tags=["ops"], responses={503: {"description": "not ready; `reason` says why"}})
+@router.api_route("/readyz", methods=["GET", "HEAD"], tags=["ops"],
+                  responses={503: {"description": "not ready; `reason` says why"}})
 async def readyz(request: Request) -> JSONResponse:
     """200 only when the engine runs, its prompt sets and warm-up are done, and a task is served."""
     worker: Worker | None = getattr(request.app.state, "worker", None)

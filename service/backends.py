@@ -48,7 +48,8 @@ class TorchImageTower:
         self.buckets = None if compile == "off" else [1 << i for i in range((max_batch_size - 1).bit_length() + 1)]
         self.cudagraphs = compile in ("reduce-overhead", "max-autotune")
         self._forward = self._encode if compile == "off" else torch.compile(self._encode, mode=compile, dynamic=False)
-        self._staging: Tensor | None = None  # pinned host buffer, reused: callers read results back (a sync) between calls
+        # pinned host buffer, reused: callers read results back (a sync) between calls
+        self._staging: Tensor | None = None
         self._compiled: set[tuple[int, ...]] = set()  # prompt shapes whose buckets are compiled
 
     def _encode(self, images: Tensor, prompts: Tensor | None) -> Tensor:
@@ -61,7 +62,8 @@ class TorchImageTower:
             if shape not in self._compiled:
                 self._compiled.add(shape)
                 for bucket in self.buckets:
-                    self(images[:1].expand(bucket, -1, -1, -1), None if prompts is None else prompts[:1].expand(bucket, -1, -1, -1))
+                    self(images[:1].expand(bucket, -1, -1, -1),
+                         None if prompts is None else prompts[:1].expand(bucket, -1, -1, -1))
             size = next((b for b in self.buckets if b >= batch), batch)
             images = torch.cat([images, images.new_zeros(size - batch, *images.shape[1:])])
             if prompts is not None:

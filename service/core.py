@@ -88,7 +88,8 @@ class InferenceCore:
     def info(self, address: str) -> EngineInfo:
         cfg = self.backbone.preprocess_cfg
         return EngineInfo(address=address, pid=os.getpid(), image_size=tuple(cfg["size"]), preprocess=cfg,
-                          model=self.backbone.model_name, pretrained=self.backbone.pretrained or self.settings.pretrained,
+                          model=self.backbone.model_name,
+                          pretrained=self.backbone.pretrained or self.settings.pretrained,
                           fingerprint=self.backbone.fingerprint, device=str(self.backbone.device),
                           precision=self.settings.precision, backend=self.settings.backend)
 

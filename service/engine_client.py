@@ -130,7 +130,8 @@ class EngineClient:
                                {"Retry-After": "1"})
         request = next(self._ids)
         slot = self._free[-1]
-        message = encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K), labels=labels, embed=embed))
+        message = encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K), labels=labels,
+                               embed=embed))
         self._free.pop()
         self.ring.pixels[slot] = pixels
         answer: asyncio.Future = asyncio.get_running_loop().create_future()

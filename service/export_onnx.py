@@ -156,7 +156,8 @@ def mha_fastpath_disabled() -> Iterator[None]:
 def export_proto(backbone: Backbone, depth: int, tokens: int, dynamo: bool = False) -> onnx.ModelProto:
     """Trace the prompted image tower into an ONNX model (without metadata)."""
     if (depth == 0) != (tokens == 0):
-        raise OnnxGraphError(f"depth and prompt tokens must both be 0 (unprompted) or both > 0, got J={depth}, m={tokens}")
+        raise OnnxGraphError(f"depth and prompt tokens must both be 0 (unprompted) or both > 0, "
+                             f"got J={depth}, m={tokens}")
     if depth > backbone.widths.layers_v:
         raise OnnxGraphError(f"depth {depth} exceeds the image tower's {backbone.widths.layers_v} layers")
     tower = PromptedImageTower(backbone).eval()
@@ -243,12 +244,14 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m service.export_onnx", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
-    parser.add_argument("--model", default=Settings.model_fields["model"].default, help="open_clip model name (as the service)")
+    parser.add_argument("--model", default=Settings.model_fields["model"].default,
+                        help="open_clip model name (as the service)")
     parser.add_argument("--pretrained", default=Settings.model_fields["pretrained"].default,
                         help="open_clip pretrained tag or checkpoint; 'none' or 'random:<seed>' = random weights")
     parser.add_argument("--prompt-tokens", type=int, default=None, help="m (0 = unprompted graph); default: the "
                         "default PromptConfig's group + task tokens")
-    parser.add_argument("--depth", type=int, default=None, help="J, prompted layers; default: the default PromptConfig's")
+    parser.add_argument("--depth", type=int, default=None,
+                        help="J, prompted layers; default: the default PromptConfig's")
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="graph dtype (fp16 needs CUDA)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="cpu", help="where to trace")
     parser.add_argument("--dynamo", action="store_true", help="use the dynamo exporter (needs onnxscript)")

@@ -53,7 +53,8 @@ def bounded_protocol(limit: int) -> type[HttpToolsProtocol]:
                     transport.write_eof()
                 self.loop.call_later(LINGER_S, transport.close)
                 return
-            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive,
+                                                                self.timeout_keep_alive_handler)
 
         def data_received(self, data: bytes) -> None:
             if not self.refused:

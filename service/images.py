@@ -60,7 +60,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError as e:
         claimed = _claimed_format(data)
         if claimed:  # Pillow reports a broken file of a known format as unidentified too
-            raise ImageRejected(422, "corrupt", f"starts like a {claimed} file but cannot be read (truncated or corrupt)") from e
+            raise ImageRejected(422, "corrupt",
+                                f"starts like a {claimed} file but cannot be read (truncated or corrupt)") from e
         raise ImageRejected(415, "unsupported_type", f"not a supported image; send one of {', '.join(FORMATS)}") from e
     except Exception as e:  # a recognised format whose header is broken: Pillow raises many types
         raise ImageRejected(422, "corrupt", f"corrupt image header: {type(e).__name__}: {e}") from e
@@ -81,7 +82,8 @@ def load_image(image: Image.Image) -> Image.Image:
         return to_rgb(image)
     except Exception as e:  # truncated data, broken chunks, unsupported sub-formats: all undecodable
         raise ImageRejected(422, "corrupt",
-                            f"cannot decode this {image.format} image (truncated or corrupt): {type(e).__name__}: {e}") from e
+                            f"cannot decode this {image.format} image (truncated or corrupt): "
+                            f"{type(e).__name__}: {e}") from e
 
 
 def _claimed_format(data: bytes) -> str | None:

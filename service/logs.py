@@ -29,7 +29,8 @@ class JsonFormatter(logging.Formatter):
         self.process = process
 
     def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": datetime.datetime.fromtimestamp(record.created, datetime.UTC).isoformat(timespec="milliseconds"),
+        entry = {"time": datetime.datetime.fromtimestamp(record.created,
+                                                         datetime.UTC).isoformat(timespec="milliseconds"),
                  "level": record.levelname, "process": self.process, "logger": record.name,
                  "message": record.getMessage(), "request_id": getattr(record, "request_id", None)}
         if record.exc_info:

@@ -87,7 +87,8 @@ class OnnxImageTower:
                 return session
             depth, tokens = signature
             if self.cache_dir is None:
-                raise OnnxGraphError(f"no onnx graph for J={depth}, m={tokens} and no cache directory to export one into")
+                raise OnnxGraphError(f"no onnx graph for J={depth}, m={tokens} "
+                                     "and no cache directory to export one into")
             path = self.cache_dir / cache_name(graph_info(self.backbone, depth, tokens))
             if not path.is_file():
                 log.info("onnx backend: exporting the image tower for J=%d, m=%d into %s", depth, tokens, path)
@@ -110,7 +111,8 @@ class OnnxImageTower:
                 f"({expected.model} {expected.pretrained}). Re-export it: python -m service.export_onnx --out FILE "
                 "--model … --pretrained …")
         mismatched = [f"{k} {getattr(info, k)} != {getattr(expected, k)}"
-                      for k in ("height", "width", "d_v", "embed_dim", "dtype") if getattr(info, k) != getattr(expected, k)]
+                      for k in ("height", "width", "d_v", "embed_dim", "dtype")
+                      if getattr(info, k) != getattr(expected, k)]
         if mismatched:
             raise OnnxGraphError(f"{path} does not fit the served backbone: {', '.join(mismatched)}")
         inputs = [i.name for i in session.get_inputs()]

@@ -31,7 +31,8 @@ def providers_for(device: torch.device) -> list[Provider]:
     return [CPU_EP]
 
 
-def open_session(graph: bytes | Path, providers: Sequence[Provider], threads: int | None = None) -> ort.InferenceSession:
+def open_session(graph: bytes | Path, providers: Sequence[Provider],
+                 threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime session with full graph optimisation (`threads`: intra-op threads, None = one per
     physical core); warns if CUDA was asked for but not granted."""
     options = ort.SessionOptions()
@@ -39,7 +40,8 @@ def open_session(graph: bytes | Path, providers: Sequence[Provider], threads: in
         options.intra_op_num_threads = threads
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
-    session = ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), options, providers=list(providers))
+    session = ort.InferenceSession(graph if isinstance(graph, bytes) else str(graph), options,
+                                   providers=list(providers))
     if CUDA_EP in provider_names(providers) and CUDA_EP not in session.get_providers():
         log.warning("onnxruntime could not start its CUDA provider (CUDA/cuDNN libraries?); running on the CPU")
     return session

@@ -322,7 +322,8 @@ class Registry:
         root = self.directory.resolve()
         ps = PromptSet.load(path, self.backbone, within=root)  # untrusted: no symlink may lead out of root
         if ps.name != name:
-            log.warning("prompt set in %s calls itself %r; it is served as %r (its directory name)", path, ps.name, name)
+            log.warning("prompt set in %s calls itself %r; it is served as %r (its directory name)",
+                        path, ps.name, name)
         handles = {}
         device = self.backbone.device
         with torch.inference_mode():
@@ -333,8 +334,9 @@ class Registry:
                                            text_prompts)
                 visual = None if prompts.visual is None else prompts.visual.to(device, torch.float32)
                 sample_dir = path / "samples" / task
-                samples = tuple(sorted(p.name for p in sample_dir.glob("*") if p.suffix.lower() in SAMPLE_TYPES
-                                       and p.is_file() and inside(p, root))[:MAX_SAMPLES]) if sample_dir.is_dir() else ()
+                samples = (tuple(sorted(p.name for p in sample_dir.glob("*") if p.suffix.lower() in SAMPLE_TYPES
+                                        and p.is_file() and inside(p, root))[:MAX_SAMPLES])
+                           if sample_dir.is_dir() else ())
                 handles[task] = TaskHandle(task, name, ps.version, ps.method, spec.group, tuple(spec.classnames),
                                            spec.template, text_prompts, text.float(), visual, sample_dir, samples,
                                            MappingProxyType(ps.card(task)))

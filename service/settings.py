@@ -37,17 +37,23 @@ class Settings(BaseSettings):
     )
     device: Literal["auto", "cuda", "cpu"] = Field("auto", description="auto = cuda when available")
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="weight and activation precision")
-    backend: Literal["torch", "onnx"] = Field("torch", description="image-tower backend: torch, or onnx (onnxruntime; the onnx extra)")
-    onnx_model: Path | None = Field(None, description="onnx backend: a graph from `python -m service.export_onnx`; unset = export at start-up into onnx_cache")
+    backend: Literal["torch", "onnx"] = Field("torch", description="image-tower backend: torch, or onnx (onnxruntime; "
+                                                                    "the onnx extra)")
+    onnx_model: Path | None = Field(None, description="onnx backend: a graph from `python -m service.export_onnx`; "
+                                                      "unset = export at start-up into onnx_cache")
     onnx_cache: Path = Field(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmap-serve" / "onnx",
-                             description="onnx backend: directory of graphs exported on the fly, keyed by backbone fingerprint, J and m")
+                             description="onnx backend: directory of graphs exported on the fly, keyed by backbone "
+                                         "fingerprint, J and m")
     torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
-        "off", description="torch backend: torch.compile mode for the image tower at power-of-two batch buckets (reduce-overhead = CUDA graphs)")
+        "off", description="torch backend: torch.compile mode for the image tower at power-of-two batch buckets "
+                           "(reduce-overhead = CUDA graphs)")
     max_batch_size: int = Field(32, ge=1, description="most images in one image-tower forward")
-    max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill while more requests are on their way")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill while more requests are on "
+                                                       "their way")
     queue_size: int = Field(256, ge=1, description="decoded images waiting for the model; beyond it requests get 503")
     request_timeout_s: float = Field(30.0, gt=0, description="queue wait + inference per request; beyond it 504")
-    drain_timeout_s: float = Field(20.0, gt=0, description="on SIGTERM: how long in-flight requests may take to finish before they are cut")
+    drain_timeout_s: float = Field(20.0, gt=0, description="on SIGTERM: how long in-flight requests may take to "
+                                                           "finish before they are cut")
     workers: int = Field(default_factory=lambda: default_workers(), ge=1,
                          description="HTTP worker processes (read, check, decode uploads); default: one per core but "
                                      "one, at least 1")

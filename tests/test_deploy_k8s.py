@@ -102,7 +102,8 @@ def test_service_autoscaler_and_budget_select_the_deployment():
     assert found["Service"]["spec"]["selector"].items() <= labels.items()
     assert found["Service"]["spec"]["ports"][0]["targetPort"] == "http"
     assert found["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    assert found["PodDisruptionBudget"]["spec"]["minAvailable"] < found["HorizontalPodAutoscaler"]["spec"]["minReplicas"]
+    assert (found["PodDisruptionBudget"]["spec"]["minAvailable"]
+            < found["HorizontalPodAutoscaler"]["spec"]["minReplicas"])
     target = found["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", found["Deployment"]["metadata"]["name"])
 

@@ -12,8 +12,10 @@ from mmap_model import load_backbone
 from mmap_model.backbone import EMBEDDED_DIR
 from training import pretrain, synthetic
 
-CARD = json.loads((EMBEDDED_DIR / "zero_shot.json").read_text()) if (EMBEDDED_DIR / "zero_shot.json").is_file() else None
-needs_weights = pytest.mark.skipif(CARD is None, reason="embedded weights not trained yet (python -m training.pretrain)")
+CARD = (json.loads((EMBEDDED_DIR / "zero_shot.json").read_text()) if (EMBEDDED_DIR / "zero_shot.json").is_file()
+        else None)
+needs_weights = pytest.mark.skipif(CARD is None,
+                                   reason="embedded weights not trained yet (python -m training.pretrain)")
 
 
 @pytest.fixture(scope="module")

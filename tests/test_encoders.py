@@ -94,7 +94,8 @@ def test_only_prompt_parameters_train(tiny, method):
     opt = torch.optim.AdamW(list(backbone.model.parameters()) + list(prompts.parameters()), lr=0.1)
     p = prompts("a")
     images, classes = _images(backbone, 2), ["dog", "cat"]
-    text = prompted.encode_text(backbone.tokenizer(prompt_texts(classes, "a {}.", p.text_tokens)), p.text, normalize=True)
+    text = prompted.encode_text(backbone.tokenizer(prompt_texts(classes, "a {}.", p.text_tokens)), p.text,
+                                normalize=True)
     logits = prompted.encode_image(images, p.visual, normalize=True) @ text.T * prompted.logit_scale
     torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1])).backward()
     assert all(param.grad is None for param in backbone.model.parameters())

@@ -20,7 +20,8 @@ from training.group import (
 BELL = [1, 1, 2, 5, 15, 52, 203, 877, 4140, 21147, 115975]
 
 
-def planted(sizes: list[int], within: float = 0.6, across: float = 0.2, noise: float = 0.05, seed: int = 0) -> np.ndarray:
+def planted(sizes: list[int], within: float = 0.6, across: float = 0.2, noise: float = 0.05,
+            seed: int = 0) -> np.ndarray:
     """A symmetric affinity with high values inside blocks of the given sizes, plus noise."""
     labels = np.repeat(np.arange(len(sizes)), sizes)
     rng = np.random.default_rng(seed)
@@ -81,7 +82,8 @@ def test_absolute_threshold_keeps_unrelated_tasks_apart():
 def test_greedy_beyond_ten_tasks_recovers_blocks(k):
     a = planted([3, 4, 2, 3], noise=0.05, seed=1)
     groups, score, tau, _ = best_partition(a, groups=k)
-    assert as_sets(groups) == {frozenset(range(0, 3)), frozenset(range(3, 7)), frozenset(range(7, 9)), frozenset(range(9, 12))}
+    assert as_sets(groups) == {frozenset(range(0, 3)), frozenset(range(3, 7)), frozenset(range(7, 9)),
+                               frozenset(range(9, 12))}
 
 
 def test_greedy_matches_exhaustive_on_ten_tasks(monkeypatch):
@@ -98,7 +100,8 @@ def test_greedy_matches_exhaustive_on_ten_tasks(monkeypatch):
 def test_files_round_trip(tmp_path):
     tasks = ["sketch", "quickdraw", "photo"]
     a = planted([2, 1])
-    grouping = Grouping(tasks, a.tolist(), [["sketch", "quickdraw"], ["photo"]], 0.4, 0.3, settings={"affinity": "cosine"})
+    grouping = Grouping(tasks, a.tolist(), [["sketch", "quickdraw"], ["photo"]], 0.4, 0.3,
+                        settings={"affinity": "cosine"})
     json_path, png = write_grouping(grouping, tmp_path / "g" / "groups.json")
     data = json.loads(json_path.read_text())
     assert data["tasks"] == tasks and np.allclose(data["affinity"], a) and data["groups"] == grouping.groups

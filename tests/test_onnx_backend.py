@@ -117,7 +117,8 @@ def test_precisions_the_cpu_cannot_run_are_refused_with_the_reason(tiny):
 def test_export_cli_writes_a_graph_the_backend_serves(tiny, tmp_path, capsys):
     graph = tmp_path / "out" / "tiny-J2-m2.onnx"
     # random:0 = the `tiny` fixture's weights (seed 0), loaded by the service's own rules
-    main(["--out", str(graph), "--model", "mmap-tiny", "--pretrained", "random:0", "--prompt-tokens", "2", "--depth", "2"])
+    main(["--out", str(graph), "--model", "mmap-tiny", "--pretrained", "random:0", "--prompt-tokens", "2",
+          "--depth", "2"])
     report = json.loads(capsys.readouterr().out)
     assert report["fingerprint"] == tiny.fingerprint and (report["depth"], report["tokens"]) == (2, 2)
     assert report["bytes"] == graph.stat().st_size and report["exporter"] == "torchscript"

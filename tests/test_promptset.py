@@ -88,7 +88,8 @@ CORRUPTIONS = {
     "sha256 mismatch": _tamper,
     "truncated or corrupt": _truncate,
     "tensor names differ": lambda d: _rewrite_weights(d, lambda t: t.update({"task.extra.source": torch.zeros(1)})),
-    "tensor shapes differ": lambda d: _rewrite_weights(d, lambda t: t.update({"task.photo.source": torch.zeros(1, 2, 3)})),
+    "tensor shapes differ": lambda d: _rewrite_weights(
+        d, lambda t: t.update({"task.photo.source": torch.zeros(1, 2, 3)})),
     "non-finite": lambda d: _rewrite_weights(d, lambda t: t["task.photo.source"].view(-1).__setitem__(0, float("nan"))),
     "format version 2.0": lambda d: _edit_config(d, lambda m: m.update(format_version="2.0")),
     "missing prompts.safetensors": lambda d: (d / WEIGHTS_FILE).unlink(),
@@ -221,7 +222,8 @@ def test_publish_replaces_its_own_set_in_one_rename_and_touches_nothing_else(tin
     neighbour = PromptSet.create("other", tiny, PromptConfig(), {"b": TaskSpec(["x", "y"])}).publish(out)
     before = {p.name: p.read_bytes() for p in neighbour.iterdir()}
     torch.manual_seed(1)
-    first = PromptSet.create("mine", tiny, PromptConfig(), TASKS).publish(out, fill=lambda d: (d / "extra").write_text("x"))
+    first = PromptSet.create("mine", tiny, PromptConfig(), TASKS).publish(
+        out, fill=lambda d: (d / "extra").write_text("x"))
     torch.manual_seed(2)
     second = PromptSet.create("mine", tiny, PromptConfig(), TASKS)
     assert second.publish(out) == first and PromptSet.load(first, tiny).version == second.version

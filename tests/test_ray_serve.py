@@ -48,7 +48,8 @@ def test_two_replicas_serve_the_http_api_through_the_ray_proxy(serve_app_module,
     signal.alarm(BUDGET_S)
     try:
         ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, object_store_memory=100 << 20, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(DEPLOY_RAY)}})  # replicas import serve_app as a cluster would
+                 # replicas import serve_app as a cluster would
+                 runtime_env={"env_vars": {"PYTHONPATH": str(DEPLOY_RAY)}})
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         settings = {**SERVED, "prompts": str(tmp_path), "device": "cpu", "watch_interval_s": 0, "decode_workers": 1,
                     "max_batch_size": 8, "engine_threads": 1}
@@ -80,8 +81,10 @@ def test_two_replicas_serve_the_http_api_through_the_ray_proxy(serve_app_module,
                 assert max(abs(got[k] - expected[k]) for k in expected) <= 1e-4
                 replicas.add(response.headers["x-mmap-replica"])
             assert len(replicas) == 2, replicas  # Ray's proxy spread the load over both replicas
-            unknown = client.post("/classify", params={"task": "nope"}, content=data[0], headers={"content-type": "image/png"})
-            assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_task"  # same errors as the service
+            unknown = client.post("/classify", params={"task": "nope"}, content=data[0],
+                                  headers={"content-type": "image/png"})
+            # same errors as the service
+            assert unknown.status_code == 404 and unknown.json()["error"] == "unknown_task"
     finally:
         try:
             serve.shutdown()

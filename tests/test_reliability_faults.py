@@ -87,7 +87,8 @@ def test_prompt_directory_gone_or_unreadable_keeps_serving(tmp_path, tiny, how):
                     await _eventually(reported, "the directory error in the admin listing")
                     await asyncio.sleep(10 * WATCH["watch_debounce_s"])  # many polls, well past the debounce
                     listing = await _admin_listing(client)
-                    assert {s["name"]: s["state"] for s in listing["prompt_sets"]} == {"office": "loaded", "doodles": "loaded"}
+                    assert ({s["name"]: s["state"] for s in listing["prompt_sets"]}
+                            == {"office": "loaded", "doodles": "loaded"})
                     assert (await client.get("/readyz")).status_code == 200
                     reload = await client.post("/admin/promptsets/office", headers=ADMIN)
                     assert reload.status_code in (404, 422), reload.text  # cannot be re-read; nothing changes
@@ -159,7 +160,8 @@ def test_queue_overflow_answers_503_and_recovers_when_load_drops(tmp_path, tiny)
                 paced = await asyncio.gather(*(classify(client, "product", image_bytes(i)) for i in range(2)))
                 assert [r.status_code for r in paced] == [200, 200]  # within the queue: never refused
             text = (await client.get("/metrics")).text
-            assert metric(text, "mmap_images_rejected_total", reason="overloaded") == 0  # overload is not the image's fault
+            # overload is not the image's fault
+            assert metric(text, "mmap_images_rejected_total", reason="overloaded") == 0
 
     run(scenario())
 

@@ -112,7 +112,8 @@ def test_service_answers_normally_after_the_fuzzing(fuzzed):
         reload = client.post("/admin/promptsets/office", headers=ADMIN)  # in case the fuzzing unloaded it
         assert reload.status_code == 200, reload.text
         for task in (*OFFICE, *DOODLES):
-            response = client.post(f"/classify?task={task}", content=image_bytes(4), headers={"content-type": "image/png"})
+            response = client.post(f"/classify?task={task}", content=image_bytes(4),
+                                   headers={"content-type": "image/png"})
             assert response.status_code == 200, response.text
         assert client.get("/tasks/clipart").json()["version"] == versions["office"]
         text = client.get("/metrics").text

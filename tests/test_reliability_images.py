@@ -93,7 +93,8 @@ def webp_lossless_claiming(width: int, height: int) -> bytes:
 
 def webp_extended_claiming(width: int, height: int) -> bytes:
     """A VP8X (extended) header declaring a canvas, then a tiny real frame."""
-    canvas = struct.pack("<I", 0)[:1] + b"\x00\x00\x00" + (width - 1).to_bytes(3, "little") + (height - 1).to_bytes(3, "little")
+    canvas = (struct.pack("<I", 0)[:1] + b"\x00\x00\x00" + (width - 1).to_bytes(3, "little")
+              + (height - 1).to_bytes(3, "little"))
     frame = webp_lossless_claiming(2, 2)[12:]
     body = b"VP8X" + struct.pack("<I", 10) + canvas + frame
     return b"RIFF" + struct.pack("<I", 4 + len(body)) + b"WEBP" + body
@@ -122,7 +123,8 @@ def jpeg_with_comment(comment: bytes) -> bytes:
 
 
 SCRIPT = b"<script>alert(document.cookie)</script>"
-SVG = b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10" onload="alert(1)">' + SCRIPT + b"</svg>"
+SVG = (b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg" width="10" height="10" onload="alert(1)">'
+       + SCRIPT + b"</svg>")
 HTML = b"<!doctype html><html><body>" + SCRIPT + b"</body></html>"
 PDF = b"%PDF-1.7\n1 0 obj << /Type /Catalog >> endobj\ntrailer << /Root 1 0 R >>\n%%EOF\n"
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"  # Pillow would hand EPS to Ghostscript
@@ -160,7 +162,8 @@ def corpus() -> list[Hostile]:
         Hostile("png raw without content-type", png, 415, "unsupported_type", raw_type=""),
         # Decompression bombs: a few bytes declaring a huge canvas.
         Hostile("png 100000^2", png_claiming(100_000, 100_000), 413, "too_many_pixels"),
-        Hostile("png 7000^2 (between the limit and Pillow's 2x guard)", png_claiming(7000, 7000), 413, "too_many_pixels"),
+        Hostile("png 7000^2 (between the limit and Pillow's 2x guard)", png_claiming(7000, 7000), 413,
+                "too_many_pixels"),
         Hostile("gif 65535^2", gif_claiming(65_535, 65_535), 413, "too_many_pixels"),
         Hostile("tiff 100000^2", tiff_claiming(100_000, 100_000), 413, "too_many_pixels"),
         Hostile("tiff 8000^2", tiff_claiming(8000, 8000), 413, "too_many_pixels"),
@@ -274,7 +277,8 @@ def test_odd_but_valid_images_score_as_their_plain_equivalent(prompts_dir):
                             _png(Image.fromarray(np.round(gray16 / 257).astype(np.uint8)).convert("RGB"))),
         "16-bit rgb png": (png16_rgb(rgb16), _png(Image.fromarray((rgb16 >> 8).astype(np.uint8)))),
         "cmyk jpeg": (cmyk_jpeg, _png(Image.open(io.BytesIO(cmyk_jpeg)).convert("RGB"))),
-        "palette png, transparent index": (_png_with_transparency(palette), _png(_composited_on_white(_transparent(palette)))),
+        "palette png, transparent index": (_png_with_transparency(palette),
+                                           _png(_composited_on_white(_transparent(palette)))),
         "palette gif, transparent index": (encode(palette, "GIF", transparency=0),
                                            _png(_composited_on_white(_transparent(palette)))),
         **{f"exif orientation {o}": (_exif_jpeg(o), _png(_manually_oriented(_exif_jpeg(o), o))) for o in ORIENTATION},
@@ -292,7 +296,8 @@ def test_odd_but_valid_images_score_as_their_plain_equivalent(prompts_dir):
                     different.append((name, got, want))
             assert not different, different
             # And the equivalence is not vacuous: the second GIF frame alone scores differently.
-            assert scores(await _raw(client, _png(blue))) != pytest.approx(scores(await _raw(client, _png(red))), abs=1e-5)
+            assert (scores(await _raw(client, _png(blue)))
+                    != pytest.approx(scores(await _raw(client, _png(red))), abs=1e-5))
 
     run(scenario())
 
@@ -363,7 +368,8 @@ def test_giant_and_many_part_bodies_are_refused_without_reading_them(prompts_dir
 
                 # Streamed without a length (chunked): refused as soon as the limit is passed.
                 for headers, prefix in ((form, head), ({"content-type": "image/png"}, b"")):
-                    status, sent = await asyncio.to_thread(_stream_until_answered, base, headers, prefix, 1 << 30, False)
+                    status, sent = await asyncio.to_thread(_stream_until_answered, base, headers, prefix, 1 << 30,
+                                                           False)
                     assert status == 413 and sent <= LIMIT_BYTES + MULTIPART_OVERHEAD + SOCKET_SLACK, sent
 
                 # A file just over the limit inside a body that fits the multipart slack: still 413.
@@ -374,10 +380,13 @@ def test_giant_and_many_part_bodies_are_refused_without_reading_them(prompts_dir
                 # Many parts: a thousand small fields, two files, or an endless part header.
                 fields = multipart(*((f"f{i}", b"x", False) for i in range(1000)), ("file", png, True))
                 assert len(fields) < LIMIT_BYTES
-                assert_json_error(await client.post("/classify?task=clipart", content=fields, headers=form), 422, "corrupt")
+                assert_json_error(await client.post("/classify?task=clipart", content=fields, headers=form),
+                                  422, "corrupt")
                 two_files = multipart(("file", png, True), ("file", png, True))
-                assert_json_error(await client.post("/classify?task=clipart", content=two_files, headers=form), 422, "corrupt")
-                long_header = (f"--{boundary}\r\nX-Pad: ".encode() + b"a" * (LIMIT_BYTES // 2) + b"\r\n" + head[len(boundary) + 4:]
+                assert_json_error(await client.post("/classify?task=clipart", content=two_files, headers=form),
+                                  422, "corrupt")
+                long_header = (f"--{boundary}\r\nX-Pad: ".encode() + b"a" * (LIMIT_BYTES // 2) + b"\r\n"
+                               + head[len(boundary) + 4:]
                                + png + tail)
                 response = await client.post("/classify?task=clipart", content=long_header, headers=form)
                 assert response.status_code in (413, 422) and set(response.json()) == {"error", "detail"}, response.text
@@ -388,7 +397,8 @@ def test_giant_and_many_part_bodies_are_refused_without_reading_them(prompts_dir
                                       (head + png, form),
                                       (multipart(("file", png, False)), form)):
                     response = await client.post("/classify?task=clipart", content=body, headers=headers)
-                    assert response.status_code == 422 and set(response.json()) == {"error", "detail"}, (headers, response.text)
+                    assert (response.status_code == 422
+                            and set(response.json()) == {"error", "detail"}), (headers, response.text)
                 ok = await client.post("/classify?task=clipart", content=head + png + tail, headers=form)
                 assert ok.status_code == 200, ok.text  # the hand-built form itself is fine
             good.assert_all_served()

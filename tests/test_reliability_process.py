@@ -1,6 +1,6 @@
-"""A real `python -m service` (launcher, engine, 2 HTTP workers) on loopback: its resident memory stays flat over thousands of requests (good
-and hostile), and SIGTERM under load stops accepting, finishes in-flight requests, cuts a stuck upload at
-`drain_timeout_s` (503 `shutting_down`), and exits 0 within a stated bound.
+"""A real `python -m service` (launcher, engine, 2 HTTP workers) on loopback: its resident memory stays flat
+over thousands of requests (good and hostile), and SIGTERM under load stops accepting, finishes in-flight
+requests, cuts a stuck upload at `drain_timeout_s` (503 `shutting_down`), and exits 0 within a stated bound.
 
 One process serves both tests (a process start costs seconds here); the SIGTERM test ends it, so it runs last.
 """
@@ -86,7 +86,8 @@ async def _drive(base: str, start: int, count: int, concurrency: int = 8) -> Cou
             url, kwargs, expected = _request(i)
             response = await client.post(url, **kwargs)
             statuses[response.status_code] += 1
-            if (expected and response.status_code != expected) or (not expected and response.status_code not in (413, 415, 422)):
+            if ((expected and response.status_code != expected)
+                    or (not expected and response.status_code not in (413, 415, 422))):
                 unexpected.append(f"{i}: {response.status_code} {response.text[:120]}")
 
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
@@ -137,7 +138,8 @@ def test_sigterm_under_load_drains_and_exits_0(process):
             while not stop.is_set():
                 started = time.monotonic()
                 try:
-                    response = await client.post(f"/classify?task={('clipart', 'sketch')[i % 2]}", content=image_bytes(i % 5),
+                    response = await client.post(f"/classify?task={('clipart', 'sketch')[i % 2]}",
+                                                 content=image_bytes(i % 5),
                                                  headers={"content-type": "image/png"})
                     outcomes.append((started, str(response.status_code)))
                 except httpx.TransportError as e:
@@ -181,7 +183,8 @@ def test_sigterm_under_load_drains_and_exits_0(process):
         cut = stuck.recv(1000)  # the stuck upload's connection was closed by the server, maybe with an answer
     drained = max(t for _, t in finished) - sigterm_at[0]
     kinds = Counter(outcome for _, outcome in outcomes)
-    print(f"sigterm: in-flight slow uploads answered {[s for s, _ in finished]}, the last {drained:.2f} s after SIGTERM;"
+    print(f"sigterm: in-flight slow uploads answered {[s for s, _ in finished]},"
+          f" the last {drained:.2f} s after SIGTERM;"
           f" process exited {exit_code} {exited:.2f} s after SIGTERM (drain_timeout_s={DRAIN_TIMEOUT_S}, a stuck upload"
           f" held it open); fast traffic: {dict(kinds)}; transport errors started at (s from SIGTERM): "
           f"{sorted({round(t - sigterm_at[0], 2) for t, o in outcomes if not o.isdigit()})[:3]}")

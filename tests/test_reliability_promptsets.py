@@ -146,7 +146,8 @@ def test_admin_api_is_absent_or_refuses_all_without_a_usable_token(tmp_path, tin
                                      ("DELETE", "/admin/promptsets/office")):
                     raw = {k: v.encode() for k, v in header.items()}
                     response = await asyncio.to_thread(raw_request, base, method, path, raw)
-                    assert response.status_code in ((404,) if token is None else (401, 403)), (header, method, response.text)
+                    assert response.status_code in ((404,) if token is None else (401, 403)), (
+                        header, method, response.text)
             paths = (await client.get("/openapi.json")).json()["paths"]
             assert token is not None or not any(p.startswith("/admin") for p in paths)
             assert await _served_tasks(client) == set(OFFICE)
@@ -337,7 +338,8 @@ def test_invalid_prompt_sets_are_refused_and_the_old_version_keeps_serving(tmp_p
                     assert office["state"] == "loaded" and office["version"] == v1.version, office
                     assert reason in (office["last_error"] or ""), office["last_error"]
                     assert_json_error(via_admin, 422, "load_failed")
-                    assert reason in via_admin.json()["detail"] and f"{v1.version} keeps serving" in via_admin.json()["detail"]
+                    assert (reason in via_admin.json()["detail"]
+                            and f"{v1.version} keeps serving" in via_admin.json()["detail"])
                     assert served == baseline
                 except AssertionError as e:  # collected: one run reports every corruption that slipped through
                     wrong.append(f"{kind}: {e}")

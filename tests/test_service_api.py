@@ -102,7 +102,8 @@ def test_mixed_task_batch_equals_single_requests(prompts_dir, sets):
             after = (await client.get("/metrics")).text
             single = [await classify(client, t, d) for t, d in requests]
         forwards = metric(after, "mmap_batch_size_count") - metric(before, "mmap_batch_size_count")
-        big = forwards - (metric(after, "mmap_batch_size_bucket", le="2.0") - metric(before, "mmap_batch_size_bucket", le="2.0"))
+        big = forwards - (metric(after, "mmap_batch_size_bucket", le="2.0")
+                          - metric(before, "mmap_batch_size_bucket", le="2.0"))
         # Each task has 2 requests, so a forward of more than 2 images mixed tasks.
         assert forwards < len(requests) and big >= 1, (forwards, big)
         for (task, _), b, s in zip(requests, batched, single, strict=True):
@@ -153,7 +154,8 @@ def _rss_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # the service silences it; pytest resets filters
+# the service silences it; pytest resets filters
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 def test_size_limits_and_decompression_bomb(prompts_dir):
     bomb = _bomb_png(12_000, 12_000)  # 144 M pixels from a ~0.6 MB file; decoded: 144 MB gray, 432 MB RGB
     assert len(bomb) < 1 << 20
@@ -171,7 +173,8 @@ def test_size_limits_and_decompression_bomb(prompts_dir):
             async def chunks():
                 for i in range(0, len(big), 1000):
                     yield big[i:i + 1000]
-            streamed = await client.post("/classify?task=clipart", content=chunks(), headers={"content-type": "image/png"})
+            streamed = await client.post("/classify?task=clipart", content=chunks(),
+                                         headers={"content-type": "image/png"})
             assert streamed.status_code == 413  # no content-length: refused while reading
 
             many_pixels = image_bytes(4, size=(150, 120))
@@ -207,7 +210,8 @@ def test_garbage_is_refused_with_the_reason(prompts_dir):
                 response = await classify(client, "clipart", data)
                 assert response.status_code == status, (name, response.text)
                 assert response.json()["error"] == error and response.json()["detail"], name
-            wrong_type = await client.post("/classify?task=clipart", content=png, headers={"content-type": "text/plain"})
+            wrong_type = await client.post("/classify?task=clipart", content=png,
+                                           headers={"content-type": "text/plain"})
             assert wrong_type.status_code == 415 and "multipart" in wrong_type.json()["detail"]
             no_file = await client.post("/classify?task=clipart", files={"image": ("a.png", png)})
             assert no_file.status_code == 422 and "'file'" in no_file.json()["detail"]
@@ -290,7 +294,8 @@ def test_admin_api_is_off_without_a_token_and_guarded_with_one(prompts_dir):
             assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
             wrong = await client.get("/admin/promptsets", headers={"authorization": "Bearer guess"})
             assert wrong.status_code == 403 and wrong.json()["error"] == "forbidden"
-            assert (await client.delete("/admin/promptsets/office", headers={"authorization": "Bearer guess"})).status_code == 403
+            assert (await client.delete("/admin/promptsets/office",
+                                        headers={"authorization": "Bearer guess"})).status_code == 403
             ok = await client.get("/admin/promptsets", headers={"authorization": "Bearer s3cret"})
             assert ok.status_code == 200
             assert {s["name"]: s["state"] for s in ok.json()["prompt_sets"]} == {

@@ -64,7 +64,8 @@ def test_device_cuda_without_a_gpu_stops_start_up_in_one_line(tmp_path):
     code, log = failed_start(Settings(device="cuda", prompts=tmp_path, workers=1))
     assert code == 1, log
     errors = [line for line in log.splitlines() if " ERROR " in line]
-    assert "device 'cuda' asked for" in errors[0] and "finds no CUDA GPU" in errors[0] and "use device 'cpu'" in errors[0]
+    assert ("device 'cuda' asked for" in errors[0] and "finds no CUDA GPU" in errors[0]
+            and "use device 'cpu'" in errors[0])
     assert "Traceback" not in log, log[-2000:]
 
 

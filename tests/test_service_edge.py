@@ -117,7 +117,8 @@ def test_more_slow_connections_than_the_bound_cannot_starve_normal_clients(edge)
     finally:
         for conn in slow:
             conn.close()
-    response = httpx.post(f"{base}/classify?task=clipart", content=image_bytes(3), headers={"content-type": "image/png"})
+    response = httpx.post(f"{base}/classify?task=clipart", content=image_bytes(3),
+                          headers={"content-type": "image/png"})
     assert response.status_code == 200, response.text
     deadline = time.monotonic() + 5
     while _fds(worker) > baseline + 2:

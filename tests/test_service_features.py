@@ -45,7 +45,8 @@ def office(tiny) -> PromptSet:
     ps.evaluation = {"split": "test", "accuracy": {"clipart": 0.75, "product": 0.5}, "zero_shot": {"clipart": 0.25},
                      "test_images": {"clipart": 40, "product": 30}}
     ps.provenance = {"created": "2026-11-30T10:00:00+00:00", "command": "python -m training.fit ...", "seed": 3,
-                     "data": {"split": {"test_fraction": 0.3}, "tasks": {"clipart": {"test": 40, "test_digest": "ab12"}}}}
+                     "data": {"split": {"test_fraction": 0.3},
+                              "tasks": {"clipart": {"test": 40, "test_digest": "ab12"}}}}
     return ps
 
 
@@ -95,13 +96,46 @@ def test_the_tasks_own_classes_as_labels_give_the_tasks_own_scores(client, offic
     assert set(other) == {"dog", "hot dog, spicy"} and abs(sum(other.values()) - 1) < 1e-5
 
 
+def test_label_sets_and_tasks_share_batches_and_keep_their_scores(server):
+    """A burst mixing tasks and label sets is batched together (mean batch above 1) and every answer equals the
+    same request sent alone."""
+    kinds = [("clipart", None), ("clipart", "kettle,dog,owl"), ("product", "mug,lamp"), ("sketch", None)]
+
+    async def burst(client: httpx.AsyncClient) -> list[dict[str, float]]:
+        async def one(k: int) -> dict[str, float]:
+            task, labels = kinds[k % len(kinds)]
+            params = {"task": task, "top_k": 100, **({"labels": labels} if labels else {})}
+            return _scores(await client.post("/classify", params=params,
+                                             files={"file": ("i.png", image_bytes(k % 5), "image/png")}))
+        return await asyncio.gather(*(one(k) for k in range(32)))
+
+    async def scenario() -> None:
+        async with httpx.AsyncClient(base_url=server[0], timeout=60) as client:
+            before = (await client.get("/metrics")).text
+            together = await burst(client)
+            after = (await client.get("/metrics")).text
+            images = metric(after, "mmap_batch_size_sum") - metric(before, "mmap_batch_size_sum")
+            batches = metric(after, "mmap_batch_size_count") - metric(before, "mmap_batch_size_count")
+            assert images == 32 and batches < 32, (images, batches)
+            for k, got in enumerate(together):
+                task, labels = kinds[k % len(kinds)]
+                params = {"task": task, "top_k": 100, **({"labels": labels} if labels else {})}
+                alone = _scores(await client.post("/classify", params=params,
+                                                  files={"file": ("i.png", image_bytes(k % 5), "image/png")}))
+                assert got.keys() == alone.keys() and max(abs(got[c] - alone[c]) for c in got) <= 1e-5
+
+    asyncio.run(scenario())
+
+
 def test_label_sets_are_cached_on_the_engine(client):
     before = client.get("/metrics").text
     for _ in range(3):
         assert _post(client, "/classify", image_bytes(1), task="product", labels="kettle,toaster").status_code == 200
     after = client.get("/metrics").text
-    assert metric(after, "mmap_label_cache_total", result="miss") - metric(before, "mmap_label_cache_total", result="miss") == 1
-    assert metric(after, "mmap_label_cache_total", result="hit") - metric(before, "mmap_label_cache_total", result="hit") == 2
+    assert (metric(after, "mmap_label_cache_total", result="miss")
+            - metric(before, "mmap_label_cache_total", result="miss") == 1)
+    assert (metric(after, "mmap_label_cache_total", result="hit")
+            - metric(before, "mmap_label_cache_total", result="hit") == 2)
 
 
 @pytest.mark.parametrize("labels, why", [
@@ -121,13 +155,15 @@ def test_labels_given_twice_or_malformed_are_refused(client):
     both = client.post("/classify", params={"task": "clipart", "labels": "a,b"},
                        files={"file": ("i.png", image_bytes(1), "image/png")}, data={"labels": '["c"]'})
     assert_json_error(both, 422, "invalid_labels")
-    not_json = client.post("/classify", params={"task": "clipart"}, files={"file": ("i.png", image_bytes(1), "image/png")},
+    not_json = client.post("/classify", params={"task": "clipart"},
+                           files={"file": ("i.png", image_bytes(1), "image/png")},
                            data={"labels": "a,b"})
     assert_json_error(not_json, 422, "invalid_labels")
 
 
 def test_unknown_query_parameters_are_refused(client):
-    for path, params in [("/classify", {"task": "clipart", "topk": 3}), ("/classify/batch", {"task": "clipart", "lables": "a"}),
+    for path, params in [("/classify", {"task": "clipart", "topk": 3}),
+                         ("/classify/batch", {"task": "clipart", "lables": "a"}),
                          ("/embed", {"task": "clipart", "normalize": 0})]:
         response = _post(client, path, image_bytes(1), **params)
         assert_json_error(response, 422, "unknown_parameter")

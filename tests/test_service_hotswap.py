@@ -156,7 +156,8 @@ def test_admin_load_reload_unload_and_refusals(tiny, tmp_path):
             _tamper_weights(prompts / "office")
             corrupt = await admin("POST", "office")
             assert corrupt.status_code == 422 and corrupt.json()["error"] == "load_failed"
-            assert "sha256 mismatch" in corrupt.json()["detail"] and f"{v2.version} keeps serving" in corrupt.json()["detail"]
+            assert ("sha256 mismatch" in corrupt.json()["detail"]
+                    and f"{v2.version} keeps serving" in corrupt.json()["detail"])
             served = await classify(client, "clipart", image_bytes(1))
             assert served.status_code == 200 and served.json()["version"] == v2.version
 

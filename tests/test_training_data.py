@@ -49,7 +49,8 @@ def test_stratified_split_is_disjoint_deterministic_and_independent_of_seed(root
     a = discover_tasks(root, ["sketch"], split, seed=0)[0]
     b = discover_tasks(root, ["sketch"], split, seed=5)[0]
     files = {s: set(a.files[s]) for s in ("train", "val", "test")}
-    assert not (files["train"] & files["test"]) and not (files["train"] & files["val"]) and not (files["val"] & files["test"])
+    assert (not (files["train"] & files["test"]) and not (files["train"] & files["val"])
+            and not (files["val"] & files["test"]))
     assert len(files["train"] | files["val"] | files["test"]) == PER_CLASS * len(synthetic.CLASSES)
     assert a.files == b.files  # no shots: the seed does not touch the split
     for c in range(len(a.classnames)):  # stratified: every class in every split, 3 / 1 / 6 of 10

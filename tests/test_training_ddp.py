@@ -37,14 +37,16 @@ def _args(root: Path, out: Path, batch: int) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="torchrun not installed")
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun not installed")
 def test_two_processes_match_one_at_the_same_global_batch(tmp_path):
     root = prepare_synthetic(tmp_path / "syn", 4, domains=["sketch", "photo"])
     fit.main(_args(root, tmp_path / "one", 8))
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "training.fit",
-                           *_args(root, tmp_path / "two", 8)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                           *_args(root, tmp_path / "two", 8)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     one = load_file(tmp_path / "one" / "all" / WEIGHTS_FILE)
     two = load_file(tmp_path / "two" / "all" / WEIGHTS_FILE)

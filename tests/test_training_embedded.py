@@ -71,7 +71,8 @@ def grouping(tmp_path_factory):
     "the two domains zero-shot fails on (quickdraw, infograph) from those it already solves, instead of the "
     "generator's style families; cosine/lookahead, warm-up 0-80 steps and mmap/vpt/coop modules all agree. "
     "Measured one-domain transfer says the same (training on an unseen domain raises the solved domains' loss), "
-    "so on this backbone the families are not transfer families. A backbone pretrained on the textured family only, with "
+    "so on this backbone the families are not transfer families. A backbone pretrained on the textured "
+    "family only, with "
     "and without a more coherent flat family, did not recover them either (same section). Strict: if a backbone or "
     "setting makes the families appear, this XPASS fails and the marker must go."))
 def test_grouping_recovers_the_planted_domain_families(grouping):

@@ -48,11 +48,14 @@ def test_one_prompt_set_per_group_loads_and_reproduces(root, tmp_path, tiny):
     assert single.tasks["photo"].group is None and not single.prompts.group
     assert pair.tasks["sketch"].template == "a sketch of a {}."
     tensors = load_file(out / "sketch-quickdraw" / WEIGHTS_FILE)
-    assert {k.split(".")[0] + "." + k.split(".")[1] for k in tensors} == {"group.sketch-quickdraw", "task.sketch", "task.quickdraw"}
+    assert ({k.split(".")[0] + "." + k.split(".")[1] for k in tensors}
+            == {"group.sketch-quickdraw", "task.sketch", "task.quickdraw"})
     prov = pair.provenance
     assert prov["command"].startswith("python -m training.fit --data") and prov["seed"] == 0
-    assert prov["code_version"] and prov["data"]["tasks"]["sketch"]["train"] == 40 and prov["data"]["split"]["shots"] == 1
-    assert set(pair.evaluation["accuracy"]) == {"sketch", "quickdraw"} and set(pair.evaluation["zero_shot"]) == {"sketch", "quickdraw"}
+    assert (prov["code_version"] and prov["data"]["tasks"]["sketch"]["train"] == 40
+            and prov["data"]["split"]["shots"] == 1)
+    assert (set(pair.evaluation["accuracy"]) == {"sketch", "quickdraw"}
+            and set(pair.evaluation["zero_shot"]) == {"sketch", "quickdraw"})
     samples = sorted((out / "photo" / "samples" / "photo").iterdir())
     assert len(samples) == 3 and all(p.suffix == ".png" for p in samples)
     # The recorded accuracy is reproducible from the directory alone.

@@ -66,7 +66,8 @@ def test_mixed_precision_training_follows_fp32(root, fp32, tmp_path, amp):
     assert abs(acc - ref_acc) <= 0.10 and acc > zero_shot + 0.05
 
 
-@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="torchrun not installed")
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None,
+                    reason="torchrun not installed")
 def test_nccl_process_group_matches_the_plain_cuda_run(root, fp32, tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}

@@ -53,8 +53,8 @@ def test_optimizer_state_round_trip(make):
 
 
 def _args(root: Path, out: Path) -> list[str]:
-    return ["--data", str(root), "--tasks", "sketch,photo", "--pretrained", "none", "--threads", "1", "--groups", "one", "--shots", "2",
-            "--batch-size", "8", "--epochs", "4", "--lr", "0.01", "--quiet", "--out", str(out)]
+    return ["--data", str(root), "--tasks", "sketch,photo", "--pretrained", "none", "--threads", "1", "--groups", "one",
+            "--shots", "2", "--batch-size", "8", "--epochs", "4", "--lr", "0.01", "--quiet", "--out", str(out)]
 
 
 @pytest.mark.slow
@@ -90,7 +90,8 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
 
 def test_resume_refuses_a_different_run(tmp_path):
     root = prepare_synthetic(tmp_path / "syn", 3, domains=["sketch"])
-    base = ["--data", str(root), "--pretrained", "none", "--threads", "1", "--groups", "one", "--shots", "1", "--batch-size", "8",
+    base = ["--data", str(root), "--pretrained", "none", "--threads", "1", "--groups", "one", "--shots", "1",
+            "--batch-size", "8",
             "--steps", "1", "--quiet", "--out", str(tmp_path / "o"), "--run-dir", str(tmp_path / "r")]
     fit.main(base)
     with pytest.raises(SystemExit, match="batch_size"):  # a one-line error, not a traceback

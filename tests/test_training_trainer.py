@@ -79,7 +79,8 @@ def test_metrics_and_checkpoints_every_epoch(tiny, data, tmp_path):
     epochs = [r for r in rows if r["kind"] == "epoch"]
     assert [r["step"] for r in epochs] == [5, 10] and set(epochs[-1]["val_acc"]) == set(texts)
     assert [r["step"] for r in rows if r["kind"] == "step"] == list(range(1, 11))
-    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.json")) == ["checkpoint-00000005.json", "checkpoint-00000010.json"]
+    assert (sorted(p.name for p in tmp_path.glob("checkpoint-*.json"))
+            == ["checkpoint-00000005.json", "checkpoint-00000010.json"])
 
 
 def test_weight_decay_spares_the_kronecker_factors(tiny, data):

@@ -38,7 +38,8 @@ class FineTuneClassifier(TaskClassifier):
         self.register_buffer("logit_scale", clip.logit_scale.detach().clone())
         with torch.no_grad():
             for t, spec in self.tasks.items():
-                self.register_buffer(f"text_{t}", class_text_features(clip, backbone.tokenizer, spec.classnames, spec.template))
+                self.register_buffer(f"text_{t}",
+                                     class_text_features(clip, backbone.tokenizer, spec.classnames, spec.template))
 
     def scorer(self, task: str) -> Scorer:
         text = getattr(self, f"text_{task}")
@@ -72,7 +73,8 @@ class LinearProbeClassifier(TaskClassifier):
 
 
 @torch.no_grad()
-def _features(clf: LinearProbeClassifier, images: ImageSet, batch_size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def _features(clf: LinearProbeClassifier, images: ImageSet, batch_size: int,
+              device: torch.device) -> tuple[Tensor, Tensor]:
     feats = [clf.features(images.batch(range(s, min(s + batch_size, len(images))))[0].to(device))
              for s in range(0, len(images), batch_size)]
     return torch.cat(feats).float(), images.labels.to(device)

@@ -128,9 +128,11 @@ def run_prompts(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
     names = [t.name for t in run.tasks]
     extra: dict[str, Any] = {}
     if spec.groups == "auto":
-        grouping = group_tasks(run.backbone, run.texts, run.sets["train"], cfg, s.train, s.grouping, run.dist, s.progress)
+        grouping = group_tasks(run.backbone, run.texts, run.sets["train"], cfg, s.train, s.grouping, run.dist,
+                               s.progress)
         groups = named_groups(grouping.groups)
-        extra = {"groups": grouping.groups, "affinity": grouping.affinity, "grouping_seconds": grouping.settings["seconds"]}
+        extra = {"groups": grouping.groups, "affinity": grouping.affinity,
+                 "grouping_seconds": grouping.settings["seconds"]}
     else:
         groups = {"all": names} if spec.groups == "one" else {}
     prompts = build_prompts(run, cfg, groups, spec.task_modules, s.train.seed)
@@ -140,7 +142,8 @@ def run_prompts(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
 
 def run_linear_probe(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
     classifier, info = fit_linear_probe(run.backbone, run.texts, run.sets["train"], run.sets["val"])
-    return Outcome(classifier, info["seconds"], None, {"weight_decay": {t: v["weight_decay"] for t, v in info["tasks"].items()}})
+    return Outcome(classifier, info["seconds"], None,
+                   {"weight_decay": {t: v["weight_decay"] for t, v in info["tasks"].items()}})
 
 
 def run_finetune(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
@@ -164,8 +167,8 @@ def select_lr(run: cli.Run, spec: MethodSpec, s: BenchSettings,
     scores, outcomes = {}, {}
     for lr in grid:
         outcomes[lr] = RUNNERS[spec.runner](run, spec, replace(s, train=replace(s.train, lr=lr)))
-        scores[repr(lr)] = float(np.mean(list(accuracy(outcomes[lr].classifier, run.sets["val"], s.train.eval_batch_size,
-                                                       run.dist).values())))
+        scores[repr(lr)] = float(np.mean(list(accuracy(outcomes[lr].classifier, run.sets["val"],
+                                                       s.train.eval_batch_size, run.dist).values())))
         log.info("  lr %g: val %.3f", lr, scores[repr(lr)])
     # Rounded: accuracies summed in another order must not break a tie between equal counts.
     best = max(grid, key=lambda lr: (round(scores[repr(lr)], 9), -lr))
@@ -265,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         args.data = prepare_synthetic(args.out / "data", args.synthetic_per_class)
     settings = BenchSettings(cli.prompt_config(args), cli.train_config(args), cli.grouping_config(args), not args.quiet)
     grids = {"lr": args.lr_grid, "finetune_lr": args.finetune_lr_grid}
-    lrs = {label: getattr(args, LR_OPTION[spec.runner]) for label, spec in METHOD_SPECS.items() if spec.runner in LR_OPTION}
+    lrs = {label: getattr(args, LR_OPTION[spec.runner]) for label, spec in METHOD_SPECS.items()
+           if spec.runner in LR_OPTION}
     selection: dict[str, dict[str, float]] = {}
     rows: list[dict[str, Any]] = []
     run = None
@@ -275,7 +279,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             run = cli.prepare(args)
         else:  # same backbone and process group; the k-shot sample changes with the seed
             tasks = discover_tasks(args.data, args.tasks, run.split, seed, args.classnames, args.templates)
-            run = replace(run, tasks=tasks, sets=load_splits(tasks, run.backbone.preprocess, cache_bytes=int(args.cache_gb * (1 << 30))))
+            run = replace(run, tasks=tasks, sets=load_splits(tasks, run.backbone.preprocess,
+                                                             cache_bytes=int(args.cache_gb * (1 << 30))))
         s = replace(settings, train=replace(settings.train, seed=seed))
         autocast = autocast_factory(s.train.amp, run.dist.device)
         for label in args.methods:
@@ -285,9 +290,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
             if grid and label not in selection:  # selected once, on the first seed's validation split
                 lrs[label], selection[label], outcome = select_lr(run, spec, s, [float(v) for v in grid])
             else:
-                outcome = RUNNERS[spec.runner](run, spec, replace(s, train=replace(s.train, lr=lrs.get(label, s.train.lr))))
+                outcome = RUNNERS[spec.runner](run, spec,
+                                               replace(s, train=replace(s.train, lr=lrs.get(label, s.train.lr))))
             acc = accuracy(outcome.classifier, run.sets["test"], s.train.eval_batch_size, run.dist, autocast)
-            rows.append({"method": label, "seed": seed, "accuracy": acc, "params": outcome.classifier.trainable_parameters(),
+            rows.append({"method": label, "seed": seed, "accuracy": acc,
+                         "params": outcome.classifier.trainable_parameters(),
                          "seconds": outcome.seconds, "images_per_second": outcome.images_per_second,
                          "lr": lrs.get(label), "extra": outcome.extra})
             log.info("  test mean %.3f in %.0fs", float(np.mean(list(acc.values()))), outcome.seconds)

@@ -61,7 +61,8 @@ class PromptClassifier(TaskClassifier):
         self.prompts = prompts
         m = {t: (prompts(t).text_tokens if prompts is not None else 0) for t in self.tasks}
         # Token ids are fixed per task: tokenise once, not every step.
-        self._tokens = {t: backbone.tokenizer(prompt_texts(s.classnames, s.template, m[t])) for t, s in self.tasks.items()}
+        self._tokens = {t: backbone.tokenizer(prompt_texts(s.classnames, s.template, m[t]))
+                        for t, s in self.tasks.items()}
         self._frozen_text: dict[str, Tensor] = {}
 
     def _text(self, task: str, text_prompts: Tensor | None) -> Tensor:

@@ -42,25 +42,32 @@ from .trainer import TrainConfig
 
 def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     g = parser.add_argument_group("data")
-    g.add_argument("--data", type=Path, required=required, help="ImageFolder-per-domain root: ROOT/<domain>/<class>/<image>")
+    g.add_argument("--data", type=Path, required=required,
+                   help="ImageFolder-per-domain root: ROOT/<domain>/<class>/<image>")
     g.add_argument("--tasks", type=comma_list, default=None, help="comma-separated domains to use (default: all)")
-    g.add_argument("--classnames", type=Path, default=None, help="JSON {class_folder: class name} (default: folder names, _ -> space)")
+    g.add_argument("--classnames", type=Path, default=None,
+                   help="JSON {class_folder: class name} (default: folder names, _ -> space)")
     g.add_argument("--templates", type=Path, default=None,
                    help="JSON {task: 'a sketch of a {}.'} (default: ROOT/templates.json, else 'a photo of a {}.')")
     shots = g.add_mutually_exclusive_group()
     shots.add_argument("--shots", type=int, default=None, help="training images per class and task (k-shot)")
     shots.add_argument("--fraction", type=float, default=None, help="or this fraction of each class's training pool")
-    g.add_argument("--test-fraction", type=float, default=SplitConfig.test_fraction, help="stratified split without split files")
-    g.add_argument("--val-fraction", type=float, default=SplitConfig.val_fraction, help="validation share, carved from the training pool")
-    g.add_argument("--split-seed", type=int, default=SplitConfig.split_seed, help="seed of the train/val/test split (not of the shots)")
+    g.add_argument("--test-fraction", type=float, default=SplitConfig.test_fraction,
+                   help="stratified split without split files")
+    g.add_argument("--val-fraction", type=float, default=SplitConfig.val_fraction,
+                   help="validation share, carved from the training pool")
+    g.add_argument("--split-seed", type=int, default=SplitConfig.split_seed,
+                   help="seed of the train/val/test split (not of the shots)")
     g.add_argument("--cache-gb", type=float, default=4.0, help="keep decoded images in memory up to this size")
 
 
 def add_backbone_args(parser: argparse.ArgumentParser, default_model: str | None = EMBEDDED_MODEL) -> None:
     g = parser.add_argument_group("backbone")
-    g.add_argument("--model", default=default_model, help=f"open_clip model name, local-dir:<dir>, or {EMBEDDED_MODEL} (default)")
+    g.add_argument("--model", default=default_model,
+                   help=f"open_clip model name, local-dir:<dir>, or {EMBEDDED_MODEL} (default)")
     g.add_argument("--pretrained", default=EMBEDDED_PRETRAINED if default_model == EMBEDDED_MODEL else None,
-                   help=f"open_clip pretrained tag or checkpoint path ('{EMBEDDED_PRETRAINED}' for {EMBEDDED_MODEL}; 'none' = random)")
+                   help=f"open_clip pretrained tag or checkpoint path ('{EMBEDDED_PRETRAINED}' for {EMBEDDED_MODEL}; "
+                        "'none' = random)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: cuda:<LOCAL_RANK>)")
     g.add_argument("--threads", type=int, default=0,
                    help="CPU threads for torch (0 = torch's default). On a busy machine 1 can be much faster: "
@@ -84,7 +91,8 @@ def add_train_args(parser: argparse.ArgumentParser, epochs: bool = True) -> None
     if epochs:
         g.add_argument("--epochs", type=int, default=d.epochs)
         g.add_argument("--steps", type=int, default=None, help="total optimiser steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size, help="images per task per micro-step (global over ranks)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="images per task per micro-step (global over ranks)")
     g.add_argument("--accum", type=int, default=d.accum, help="gradient accumulation: micro-steps per optimiser step")
     g.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"])
     g.add_argument("--lr", type=float, default=d.lr)
@@ -93,9 +101,11 @@ def add_train_args(parser: argparse.ArgumentParser, epochs: bool = True) -> None
     g.add_argument("--warmup", type=float, default=d.warmup_fraction, help="warm-up as a fraction of the steps")
     g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor as a fraction of --lr")
     g.add_argument("--grad-clip", type=float, default=None)
-    g.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"], help="mixed precision (auto: bf16 on GPU)")
+    g.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision (auto: bf16 on GPU)")
     g.add_argument("--no-augment", action="store_true", help="no augmentation at all")
-    g.add_argument("--crop-scale", type=float, default=d.crop_scale, help="random crops down to this share of the side (1 = flip only)")
+    g.add_argument("--crop-scale", type=float, default=d.crop_scale,
+                   help="random crops down to this share of the side (1 = flip only)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -106,9 +116,11 @@ def add_grouping_args(parser: argparse.ArgumentParser, count_flag: str = "--grou
     d = GroupingConfig()
     g.add_argument(count_flag, dest="group_count", default="auto", help="number of groups K, or auto")
     g.add_argument("--affinity", default=d.affinity, choices=["cosine", "lookahead"])
-    g.add_argument("--threshold", default=str(d.threshold), help="τ subtracted from each within-group affinity: mean | median | a number")
+    g.add_argument("--threshold", default=str(d.threshold),
+                   help="τ subtracted from each within-group affinity: mean | median | a number")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="steps of the shared module before probing")
-    g.add_argument("--probe-steps", type=int, default=d.probe_steps, help="steps over which per-task gradients are compared")
+    g.add_argument("--probe-steps", type=int, default=d.probe_steps,
+                   help="steps over which per-task gradients are compared")
     g.add_argument("--lookahead-scale", type=float, default=d.lookahead_scale,
                    help="lookahead step as a multiple of the optimiser's own step")
     g.add_argument("--transfer-steps", type=int, default=d.transfer_steps,
@@ -192,7 +204,8 @@ def command_line(module: str, argv: list[str] | None) -> str:
     args = sys.argv[1:] if argv is None else argv
     prefix = ["python", "-m", module]
     if launched_by_torchrun():
-        prefix = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])}", "-m", module]
+        prefix = ["torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', os.environ['WORLD_SIZE'])}",
+                  "-m", module]
     return shlex.join([*prefix, *args])
 
 

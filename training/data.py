@@ -74,7 +74,8 @@ class SplitConfig:
     fraction: float | None = None  # or this share of the training pool per class
 
     def __post_init__(self) -> None:
-        if not 0 < self.test_fraction < 1 or not 0 <= self.val_fraction < 1 or self.test_fraction + self.val_fraction >= 1:
+        if (not 0 < self.test_fraction < 1 or not 0 <= self.val_fraction < 1
+                or self.test_fraction + self.val_fraction >= 1):
             raise DataError("need 0 < test_fraction < 1, 0 <= val_fraction < 1 and their sum < 1")
         if self.shots is not None and self.fraction is not None:
             raise DataError("give --shots or --fraction, not both")
@@ -204,7 +205,8 @@ def _flatten(by_class: list[list[Path]]) -> tuple[list[Path], list[int]]:
 
 
 def discover_tasks(root: str | Path, tasks: Sequence[str] | None = None, split: SplitConfig | None = None,
-                   seed: int = 0, classnames_file: Path | None = None, templates_file: Path | None = None) -> list[Task]:
+                   seed: int = 0, classnames_file: Path | None = None,
+                   templates_file: Path | None = None) -> list[Task]:
     """Tasks of an ImageFolder-per-domain root with their splits (see the module docstring)."""
     root = Path(root)
     split = split or SplitConfig()
@@ -213,7 +215,8 @@ def discover_tasks(root: str | Path, tasks: Sequence[str] | None = None, split: 
     for f in folders:
         name = task_name(f)
         if name in by_name:
-            raise DataError(f"domain folders {by_name[name]!r} and {f!r} in {root} both map to task {name!r}; rename one")
+            raise DataError(f"domain folders {by_name[name]!r} and {f!r} in {root} both map to task {name!r}; "
+                            "rename one")
         by_name[name] = f
     chosen = list(by_name) if not tasks else list(tasks)
     if len(set(chosen)) < len(chosen):
@@ -265,7 +268,8 @@ def discover_tasks(root: str | Path, tasks: Sequence[str] | None = None, split: 
     return out
 
 
-def data_summary(root: Path, tasks: list[Task], split: SplitConfig, seed: int, classnames_file: Path | None = None) -> dict:
+def data_summary(root: Path, tasks: list[Task], split: SplitConfig, seed: int,
+                 classnames_file: Path | None = None) -> dict:
     """What provenance records about the data (enough to rebuild the same splits and class names)."""
     return {"root": str(root), "split": {**split.__dict__}, "seed": seed,
             "classnames_file": None if classnames_file is None else str(Path(classnames_file).resolve()),
@@ -439,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      description="Write the synthetic stand-in root (tree + templates.json), "
                                                  "or summarise the tasks of a root.")
     parser.add_argument("--data", type=Path, required=True, help="root to summarise, or to write with --synthetic")
-    parser.add_argument("--synthetic", type=int, metavar="PER_CLASS", help="write the synthetic set, PER_CLASS images per class")
+    parser.add_argument("--synthetic", type=int, metavar="PER_CLASS",
+                        help="write the synthetic set, PER_CLASS images per class")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -99,7 +99,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              "|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['task']} | {r['promptset']} | {r['method']} | {r['test_images']} | "
-                     f"{100 * r['zero_shot']:.1f} | {100 * r['accuracy']:.1f} | {100 * (r['accuracy'] - r['zero_shot']):+.1f} |")
+                     f"{100 * r['zero_shot']:.1f} | {100 * r['accuracy']:.1f} | "
+                     f"{100 * (r['accuracy'] - r['zero_shot']):+.1f} |")
     if rows:
         zs = sum(r["zero_shot"] for r in rows) / len(rows)
         acc = sum(r["accuracy"] for r in rows) / len(rows)
@@ -118,7 +119,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--templates", type=Path, default=None, help="only matters for reading the root")
     parser.add_argument("--classnames", type=Path, default=None,
                         help="JSON {class_folder: class name} (default: the one recorded in the set's provenance)")
-    parser.add_argument("--test-fraction", type=float, default=SplitConfig.test_fraction, help="when provenance has no split")
+    parser.add_argument("--test-fraction", type=float, default=SplitConfig.test_fraction,
+                        help="when provenance has no split")
     parser.add_argument("--split-seed", type=int, default=SplitConfig.split_seed, help="when provenance has no split")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)

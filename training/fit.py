@@ -66,7 +66,8 @@ def named_groups(groups: Sequence[Sequence[str]]) -> dict[str, list[str]]:
 
 
 def resolve_groups(mode: str, run: cli.Run, prompt_cfg: PromptConfig, train_cfg: TrainConfig,
-                   args: argparse.Namespace, run_dir: Path | None, progress: bool) -> tuple[dict[str, list[str]], Grouping | None]:
+                   args: argparse.Namespace, run_dir: Path | None,
+                   progress: bool) -> tuple[dict[str, list[str]], Grouping | None]:
     """The {group: tasks} to train for `--groups` (and the grouping result for `auto`)."""
     names = [t.name for t in run.tasks]
     if mode == "none":
@@ -157,7 +158,8 @@ def existing_sets(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 2)[2])
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 2)[2])
     cli.add_data_args(parser)
     cli.add_backbone_args(parser)
     cli.add_prompt_args(parser)
@@ -165,13 +167,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--groups", default="auto", help="auto | one | none | path to a groups.json")
     parser.add_argument("--no-task-modules", action="store_true", help="group modules only (the '-MT' baselines)")
     cli.add_grouping_args(parser, count_flag="--num-groups")
-    parser.add_argument("--out", type=Path, required=True, help="directory of prompt sets to write (what the service loads)")
-    parser.add_argument("--run-dir", type=Path, default=None, help="checkpoints, metrics.jsonl, groups.json (default <out>.run)")
-    parser.add_argument("--resume", nargs="?", const="latest", default=None, help="continue from the newest (or this) checkpoint")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="directory of prompt sets to write (what the service loads)")
+    parser.add_argument("--run-dir", type=Path, default=None,
+                        help="checkpoints, metrics.jsonl, groups.json (default <out>.run)")
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="continue from the newest (or this) checkpoint")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the prompt sets of the same names in --out (other sets there are never touched) "
                              "and start afresh in a used --run-dir")
-    parser.add_argument("--samples", type=int, default=0, help="copy this many test images per task into <set>/samples/<task>/")
+    parser.add_argument("--samples", type=int, default=0,
+                        help="copy this many test images per task into <set>/samples/<task>/")
     parser.add_argument("--name", default=None, type=check_name,
                         help="name of the prompt set written (with several sets, their prefix: <name>-<group>); "
                              "default: the group's name, 'all' for --groups one")
@@ -210,7 +216,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     provenance = {
         "command": cli.command_line("training.fit", argv), "seed": train_cfg.seed, "code_version": cli.code_version(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "data": data_summary(args.data, run.tasks, run.split, train_cfg.seed, args.classnames), "train": asdict(train_cfg),
+        "data": data_summary(args.data, run.tasks, run.split, train_cfg.seed, args.classnames),
+        "train": asdict(train_cfg),
         "world_size": run.dist.world, "groups": groups,
         "grouping": None if grouping is None else {k: v for k, v in grouping.to_json().items() if k != "ranking"},
         "result": {"steps": result.steps, "train_seconds": round(result.train_seconds, 2),

@@ -36,7 +36,8 @@
    off-diagonal entries of the symmetrised affinity and transfer matrices: near 1, the gradients
    predict transfer on this backbone; near 0, the grouping is not to be trusted there.
 
-CLI: `python -m training.group --data ROOT --tasks a,b --out groups.json [--affinity cosine|lookahead] [--groups K|auto]`.
+CLI: `python -m training.group --data ROOT --tasks a,b --out groups.json`, with
+`--affinity cosine|lookahead` and `--groups K|auto`.
 """
 
 from __future__ import annotations
@@ -140,7 +141,8 @@ def _greedy(m: np.ndarray, k: int | None) -> np.ndarray:
     """Agglomerate by largest gain (while positive, or down to k groups), then move single tasks."""
     clusters = [[i] for i in range(len(m))]
     while len(clusters) > 1:
-        gains = [(m[np.ix_(a, b)].sum(), ia, ib) for ia, a in enumerate(clusters) for ib, b in enumerate(clusters) if ia < ib]
+        gains = [(m[np.ix_(a, b)].sum(), ia, ib) for ia, a in enumerate(clusters) for ib, b in enumerate(clusters)
+                 if ia < ib]
         gain, ia, ib = max(gains)
         if (k is None and gain <= 0) or (k is not None and len(clusters) <= k):
             break
@@ -321,11 +323,13 @@ def group_tasks(backbone: Backbone, tasks: Mapping[str, TaskText], train_sets: M
     index_groups, score, tau, ranking = best_partition(affinity, cfg.groups, cfg.threshold)
     transfer = None
     if cfg.transfer_steps:
-        transfer = measure_transfer(backbone, tasks, train_sets, prompt_cfg, train_cfg, cfg.transfer_steps, dist, progress)
+        transfer = measure_transfer(backbone, tasks, train_sets, prompt_cfg, train_cfg, cfg.transfer_steps, dist,
+                                    progress)
     def named(gs: list[list[int]]) -> list[list[str]]:
         return [[names[i] for i in g] for g in gs]
 
-    settings = {**asdict(cfg), "method": prompt_cfg.method, "shared_tokens": shared_module_config(prompt_cfg).group_tokens,
+    settings = {**asdict(cfg), "method": prompt_cfg.method,
+                "shared_tokens": shared_module_config(prompt_cfg).group_tokens,
                 "batch_size": train_cfg.batch_size, "lr": train_cfg.lr, "seed": train_cfg.seed,
                 "search": "exhaustive" if len(names) <= EXHAUSTIVE_MAX_TASKS else "greedy",
                 "seconds": round(time.perf_counter() - start, 2)}

@@ -47,7 +47,8 @@ def preprocess_pool(preprocess, images: np.ndarray) -> torch.Tensor:
     return torch.stack([preprocess(Image.fromarray(a)) for a in images])
 
 
-def draw_pool(domains: list[str], per_class: int, seed: int, size: int, preprocess) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
+def draw_pool(domains: list[str], per_class: int, seed: int, size: int,
+              preprocess) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
     """Every class x domain, `per_class` images each: (inputs, class ids, domain ids)."""
     inputs, classes, doms = [], [], []
     n_classes = len(synthetic.CLASSES)
@@ -87,7 +88,8 @@ def train(args: argparse.Namespace, evaluate: bool = True) -> dict:
     loss_fn = open_clip.ClipLoss()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay}, {"params": other, "weight_decay": 0.0}],
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": other, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98), eps=1e-6)
     warmup = max(1, args.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -156,11 +158,13 @@ drawn object classes in the styles below and nothing else.
   `embedded`) or `open_clip.create_model('local-dir:mmap_model/weights/mmap-tiny')`.
 - Data: {len(synthetic.CLASSES)} classes x seen domains {", ".join(args.seen)}; a pool of {args.pool_per_class} images
   per class and domain drawn at {args.size} px (seed {args.seed}); each step pairs images with freshly sampled
-  captions (`synthetic.caption`). Unseen during pretraining: {", ".join(d for d in synthetic.DOMAINS if d not in args.seen)}.
+  captions (`synthetic.caption`). \
+Unseen during pretraining: {", ".join(d for d in synthetic.DOMAINS if d not in args.seen)}.
 - Training: open_clip `ClipLoss`, AdamW (lr {args.lr}, weight decay {args.weight_decay}), batch {args.batch_size},
   {args.steps} steps, warm-up then cosine, deterministic by seed. It took {train_seconds / 60:.1f} minutes
   ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads).
-- Reproduce: `python -m training.pretrain{'' if args.seen == SEEN_DOMAINS else ' --seen ' + ','.join(args.seen)}` (the other settings above are the defaults).
+- Reproduce: `python -m training.pretrain{'' if args.seen == SEEN_DOMAINS else ' --seen ' + ','.join(args.seen)}` \
+(the other settings above are the defaults).
 
 ## Zero-shot top-1 accuracy (%)
 

@@ -140,8 +140,9 @@ class Trainer:
         self.objective = objective.to(self.dist.device)
         self.model: torch.nn.Module = objective
         if self.dist.active:
-            self.model = DistributedDataParallel(objective, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
-                                                 broadcast_buffers=False)
+            self.model = DistributedDataParallel(
+                objective, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
+                broadcast_buffers=False)
         self.train_sets = dict(train_sets)
         self.val_sets = {t: s for t, s in (val_sets or {}).items() if len(s)}  # --val-fraction 0: no val metrics
         self.run_dir, self.progress = run_dir, progress and self.dist.main
@@ -170,7 +171,8 @@ class Trainer:
             params = [{"params": [p for n, p in self.params.items() if n not in exempt]},
                       {"params": [p for n, p in self.params.items() if n in exempt], "weight_decay": 0.0}]
         if self.cfg.optimizer == "sgd":
-            return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+            return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
+                                   weight_decay=self.cfg.weight_decay)
         return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     # -- data ---------------------------------------------------------------------------------
@@ -195,7 +197,8 @@ class Trainer:
         see the same data, wherever the root is mounted."""
         digest = hashlib.sha256()
         for task, images in sorted(self.train_sets.items()):
-            digest.update(json.dumps([task, ["/".join(f.parts[-3:]) for f in images.files], images.labels.tolist()]).encode())
+            digest.update(json.dumps([task, ["/".join(f.parts[-3:]) for f in images.files],
+                                      images.labels.tolist()]).encode())
         return digest.hexdigest()
 
     def _meta(self) -> dict[str, Any]:

@@ -120,7 +120,8 @@ class MmapEngine:
         answers: list[Scored | Embedded | Failed | None] = [None] * len(requests)
         admitted = []
         for i, (pixels, task, top_k, labels, embed) in enumerate(requests):
-            item = self.core.admit(i, task, pixels, top_k, 0, labels, embed)  # Serve bounds the queue (max_ongoing_requests)
+            # Serve bounds the queue (max_ongoing_requests)
+            item = self.core.admit(i, task, pixels, top_k, 0, labels, embed)
             if isinstance(item, Failed):
                 answers[i] = item
             else:
