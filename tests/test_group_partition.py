@@ -7,15 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from training.group import (
-    Grouping,
-    best_partition,
-    partition_score,
-    rank_agreement,
-    read_groups,
-    set_partitions,
-    write_grouping,
-)
+from training import partition
+from training.affinity import Grouping, rank_agreement
+from training.group import read_groups, write_grouping
+from training.partition import best_partition, partition_score, set_partitions
 
 BELL = [1, 1, 2, 5, 15, 52, 203, 877, 4140, 21147, 115975]
 
@@ -87,11 +82,9 @@ def test_greedy_beyond_ten_tasks_recovers_blocks(k):
 
 
 def test_greedy_matches_exhaustive_on_ten_tasks(monkeypatch):
-    import training.group as group
-
     a = planted([3, 3, 4], noise=0.08, seed=2)
     exhaustive, score, *_ = best_partition(a)
-    monkeypatch.setattr(group, "EXHAUSTIVE_MAX_TASKS", 5)
+    monkeypatch.setattr(partition, "EXHAUSTIVE_MAX_TASKS", 5)
     greedy, greedy_score, *_ = best_partition(a)
     assert greedy_score <= score + 1e-12
     assert as_sets(greedy) == as_sets(exhaustive)

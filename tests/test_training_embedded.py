@@ -16,9 +16,10 @@ import torch
 from mmap_model import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, PromptConfig, PromptSet, load_backbone
 from mmap_model.backbone import EMBEDDED_DIR
 from training import fit, synthetic
+from training.affinity import group_tasks
 from training.classifiers import TaskText
+from training.configs import GroupingConfig
 from training.data import SplitConfig, discover_tasks, load_splits, prepare_synthetic
-from training.group import GroupingConfig, group_tasks
 from training.trainer import TrainConfig
 
 pytestmark = [

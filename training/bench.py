@@ -46,11 +46,11 @@ import numpy as np
 from mmap_model import PromptConfig, count_parameters
 
 from . import cli
+from .affinity import group_tasks
 from .baselines import FineTuneClassifier, fit_linear_probe
 from .classifiers import MultiTaskObjective, PromptClassifier, TaskClassifier, accuracy
 from .data import discover_tasks, load_splits, prepare_synthetic
 from .fit import build_prompts, named_groups, train_prompts
-from .group import group_tasks
 from .trainer import TrainConfig, Trainer, autocast_factory
 
 log = logging.getLogger(__name__)

@@ -39,10 +39,11 @@ from mmap_model.prompts import check_name
 from mmap_model.promptset import CONFIG_FILE
 
 from . import cli
+from .affinity import Grouping, group_tasks
 from .classifiers import MultiTaskObjective, PromptClassifier, accuracy
 from .data import data_summary
 from .dist import shutdown
-from .group import Grouping, group_tasks, read_groups, write_grouping
+from .group import read_groups, write_grouping
 from .trainer import TrainConfig, Trainer, TrainResult, autocast_factory
 
 log = logging.getLogger(__name__)

@@ -147,7 +147,7 @@ def model_card(args: argparse.Namespace, results: dict, train_seconds: float) ->
     return f"""# mmap-tiny: the embedded default CLIP
 
 A tiny open_clip CLIP (native ViT image tower + native text tower) pretrained by this project on
-its procedural multi-domain data (`training/synthetic.py`), so that the product works end to end
+its procedural multi-domain data (`training/synthetic/`), so that the product works end to end
 offline. It is a stand-in for a real CLIP, not a general-purpose model: it knows {len(synthetic.CLASSES)}
 drawn object classes in the styles below and nothing else.
 
