@@ -50,7 +50,7 @@ from .affinity import group_tasks
 from .baselines import FineTuneClassifier, fit_linear_probe
 from .classifiers import MultiTaskObjective, PromptClassifier, TaskClassifier, accuracy
 from .data import discover_tasks, load_splits, prepare_synthetic
-from .fit import build_prompts, named_groups, train_prompts
+from .steps import build_prompts, named_groups, train_prompts
 from .trainer import TrainConfig, Trainer, autocast_factory
 
 log = logging.getLogger(__name__)
