@@ -54,7 +54,7 @@ def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return torch.cat([a, b], dim=1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # built by keyword only: a reordered field cannot shift values
 class PromptConfig:
     """Hyper-parameters of a prompt set's modules (saved in promptset.json)."""
 

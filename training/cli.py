@@ -128,11 +128,13 @@ def add_grouping_args(parser: argparse.ArgumentParser, count_flag: str = "--grou
 
 
 def split_config(args: argparse.Namespace) -> SplitConfig:
-    return SplitConfig(args.test_fraction, args.val_fraction, args.split_seed, args.shots, args.fraction)
+    return SplitConfig(test_fraction=args.test_fraction, val_fraction=args.val_fraction, split_seed=args.split_seed,
+                       shots=args.shots, fraction=args.fraction)
 
 
 def prompt_config(args: argparse.Namespace) -> PromptConfig:
-    return PromptConfig(args.method, args.depth, args.group_tokens, args.task_tokens, args.source_dim, args.init_std)
+    return PromptConfig(method=args.method, depth=args.depth, group_tokens=args.group_tokens,
+                        task_tokens=args.task_tokens, source_dim=args.source_dim, init_std=args.init_std)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
@@ -149,8 +151,9 @@ def grouping_config(args: argparse.Namespace) -> GroupingConfig:
         threshold: float | str = float(args.threshold)
     except ValueError:
         threshold = args.threshold
-    return GroupingConfig(args.affinity, count, threshold, args.warmup_steps, args.probe_steps, args.lookahead_scale,
-                          args.transfer_steps)
+    return GroupingConfig(affinity=args.affinity, groups=count, threshold=threshold, warmup_steps=args.warmup_steps,
+                          probe_steps=args.probe_steps, lookahead_scale=args.lookahead_scale,
+                          transfer_steps=args.transfer_steps)
 
 
 @dataclass

@@ -10,7 +10,7 @@ def comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # built by keyword only: a reordered field cannot shift values
 class GroupingConfig:
     """Settings of the grouping (saved with the result)."""
 

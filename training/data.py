@@ -63,7 +63,7 @@ TEMPLATES_FILE = "templates.json"
 SPLITS = ("train", "val", "test")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # built by keyword only: a reordered field cannot shift values
 class SplitConfig:
     """How a task's images are divided; stored in prompt-set provenance so evaluation can redo it."""
 

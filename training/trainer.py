@@ -61,7 +61,7 @@ from .dist import DistInfo, all_reduce_sum, barrier
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # built by keyword only: a reordered field cannot shift values
 class TrainConfig:
     """Hyper-parameters of a training run (all of it goes into checkpoints and provenance)."""
 
