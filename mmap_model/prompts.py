@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -58,12 +58,15 @@ def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 class PromptConfig:
     """Hyper-parameters of a prompt set's modules (saved in promptset.json)."""
 
-    method: str = "mmap"
-    depth: int = 9  # J: layers 0..J-1 receive prompts; clamped to the towers' depth by `resolve`
-    group_tokens: int = 2  # n per group-shared module
-    task_tokens: int = 2  # n per task-specific module
-    source_dim: int | None = None  # mmap's d_s; None = gcd(d_t, d_v), fixed by `resolve`
-    init_std: float = 0.02
+    # The metadata is the help of each field's command-line flag (training/cli.py).
+    method: str = field(default="mmap", metadata={"help": "prompt module of every group and task"})
+    # J: layers 0..J-1 receive prompts; clamped to the towers' depth by `resolve`
+    depth: int = field(default=9, metadata={"help": "prompted layers J (clamped to the towers)"})
+    group_tokens: int = field(default=2, metadata={"help": "tokens per group-shared module"})
+    task_tokens: int = field(default=2, metadata={"help": "tokens per task-specific module"})
+    # mmap's d_s; None = gcd(d_t, d_v), fixed by `resolve`
+    source_dim: int | None = field(default=None, metadata={"help": "MmAP's d_s (default gcd(d_t, d_v))", "type": int})
+    init_std: float = field(default=0.02, metadata={"help": "standard deviation of the prompts' initialisation"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -13,11 +13,12 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from importlib import metadata
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -33,12 +34,14 @@ from mmap_model import (
 from mmap_model.backbone import random_weights
 
 from .classifiers import TaskText
-from .configs import GroupingConfig, comma_list
+from .configs import PARSERS, GroupingConfig, comma_list
 from .data import ImageSet, SplitConfig, Task, discover_tasks, load_splits
 from .dist import DistInfo, init_distributed, launched_by_torchrun
 from .errors import UserError
 from .trainer import TrainConfig
 
+C = TypeVar("C")
+GROUPING = "grouping_"  # the grouping flags' dest prefix: training.fit's --groups (a mode) is not GroupingConfig.groups
 
 def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     g = parser.add_argument_group("data")
@@ -74,57 +77,46 @@ def add_backbone_args(parser: argparse.ArgumentParser, default_model: str | None
                         "idle OpenMP threads spin and fight other processes for the cores")
 
 
+def add_config_args(group: argparse._ArgumentGroup, cls: type, skip: Sequence[str] = (), prefix: str = "",
+                    flags: Mapping[str, str] | None = None, choices: Mapping[str, list[str]] | None = None) -> None:
+    """One flag per field of a config dataclass (dest = `prefix` + the field's name): `--<field-name>` or the
+    field metadata's `flag` (or `flags[name]`), its default, `help`, `choices` and `type` (a callable, or a name
+    in configs.PARSERS); a boolean that defaults to True is a `--no-...` switch. `config_from` builds the config
+    back by keyword, so a new field is a new flag with nothing else to write."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        meta, dest = f.metadata, prefix + f.name
+        flag = (flags or {}).get(f.name) or meta.get("flag") or "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=dest, action="store_false" if f.default else "store_true",
+                               help=meta.get("help"))
+            continue
+        kind = meta.get("type", type(f.default))
+        options = (choices or {}).get(f.name, meta.get("choices"))
+        group.add_argument(flag, dest=dest, default=f.default, type=PARSERS.get(kind, kind), choices=options,
+                           metavar=meta.get("metavar") or (None if options else f.name.upper()), help=meta.get("help"))
+
+
+def config_from(args: argparse.Namespace, cls: type[C], prefix: str = "") -> C:
+    """The config of the flags `add_config_args` made (fields without a flag keep their defaults)."""
+    return cls(**{f.name: getattr(args, prefix + f.name) for f in fields(cls) if hasattr(args, prefix + f.name)})
+
+
 def add_prompt_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("prompts")
-    d = PromptConfig()
-    g.add_argument("--method", default=d.method, choices=sorted(METHODS), help="prompt module of every group and task")
-    g.add_argument("--depth", type=int, default=d.depth, help="prompted layers J (clamped to the towers)")
-    g.add_argument("--group-tokens", type=int, default=d.group_tokens, help="tokens per group-shared module")
-    g.add_argument("--task-tokens", type=int, default=d.task_tokens, help="tokens per task-specific module")
-    g.add_argument("--source-dim", type=int, default=d.source_dim, help="MmAP's d_s (default gcd(d_t, d_v))")
-    g.add_argument("--init-std", type=float, default=d.init_std)
+    add_config_args(parser.add_argument_group("prompts"), PromptConfig, choices={"method": sorted(METHODS)})
 
 
 def add_train_args(parser: argparse.ArgumentParser, epochs: bool = True) -> None:
-    g = parser.add_argument_group("training")
-    d = TrainConfig()
-    if epochs:
-        g.add_argument("--epochs", type=int, default=d.epochs)
-        g.add_argument("--steps", type=int, default=None, help="total optimiser steps (overrides --epochs)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size,
-                   help="images per task per micro-step (global over ranks)")
-    g.add_argument("--accum", type=int, default=d.accum, help="gradient accumulation: micro-steps per optimiser step")
-    g.add_argument("--optimizer", default=d.optimizer, choices=["adamw", "sgd"])
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--momentum", type=float, default=d.momentum, help="SGD momentum")
-    g.add_argument("--warmup", type=float, default=d.warmup_fraction, help="warm-up as a fraction of the steps")
-    g.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="cosine floor as a fraction of --lr")
-    g.add_argument("--grad-clip", type=float, default=None)
-    g.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "off"],
-                   help="mixed precision (auto: bf16 on GPU)")
-    g.add_argument("--no-augment", action="store_true", help="no augmentation at all")
-    g.add_argument("--crop-scale", type=float, default=d.crop_scale,
-                   help="random crops down to this share of the side (1 = flip only)")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--quiet", action="store_true", help="no progress bars")
+    group = parser.add_argument_group("training")
+    add_config_args(group, TrainConfig, skip=() if epochs else ("epochs", "steps"))
+    group.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def add_grouping_args(parser: argparse.ArgumentParser, count_flag: str = "--groups") -> None:
     """Grouping options; `count_flag` names the option for the number of groups (K or auto)."""
-    g = parser.add_argument_group("task grouping")
-    d = GroupingConfig()
-    g.add_argument(count_flag, dest="group_count", default="auto", help="number of groups K, or auto")
-    g.add_argument("--affinity", default=d.affinity, choices=["cosine", "lookahead"])
-    g.add_argument("--threshold", default=str(d.threshold),
-                   help="τ subtracted from each within-group affinity: mean | median | a number")
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="steps of the shared module before probing")
-    g.add_argument("--probe-steps", type=int, default=d.probe_steps,
-                   help="steps over which per-task gradients are compared")
-    g.add_argument("--lookahead-scale", type=float, default=d.lookahead_scale,
-                   help="lookahead step as a multiple of the optimiser's own step")
-    g.add_argument("--transfer-steps", type=int, default=d.transfer_steps,
-                   help="> 0: check the affinity against measured transfer (one training of this many steps per task)")
+    add_config_args(parser.add_argument_group("task grouping"), GroupingConfig, prefix=GROUPING,
+                    flags={"groups": count_flag})
 
 
 def split_config(args: argparse.Namespace) -> SplitConfig:
@@ -133,27 +125,15 @@ def split_config(args: argparse.Namespace) -> SplitConfig:
 
 
 def prompt_config(args: argparse.Namespace) -> PromptConfig:
-    return PromptConfig(method=args.method, depth=args.depth, group_tokens=args.group_tokens,
-                        task_tokens=args.task_tokens, source_dim=args.source_dim, init_std=args.init_std)
+    return config_from(args, PromptConfig)
 
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(epochs=getattr(args, "epochs", TrainConfig.epochs), steps=getattr(args, "steps", None),
-                       batch_size=args.batch_size, accum=args.accum, optimizer=args.optimizer, lr=args.lr,
-                       weight_decay=args.weight_decay, momentum=args.momentum, warmup_fraction=args.warmup,
-                       min_lr_ratio=args.min_lr_ratio, grad_clip=args.grad_clip, amp=args.amp,
-                       augment=not args.no_augment, crop_scale=args.crop_scale, seed=args.seed)
+    return config_from(args, TrainConfig)
 
 
 def grouping_config(args: argparse.Namespace) -> GroupingConfig:
-    count = None if str(args.group_count) == "auto" else int(args.group_count)
-    try:
-        threshold: float | str = float(args.threshold)
-    except ValueError:
-        threshold = args.threshold
-    return GroupingConfig(affinity=args.affinity, groups=count, threshold=threshold, warmup_steps=args.warmup_steps,
-                          probe_steps=args.probe_steps, lookahead_scale=args.lookahead_scale,
-                          transfer_steps=args.transfer_steps)
+    return config_from(args, GroupingConfig, GROUPING)
 
 
 @dataclass

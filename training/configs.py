@@ -3,24 +3,45 @@ the command-line pieces, pretraining) without pulling in the others."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 def comma_list(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def group_count(text: str) -> int | None:
+    """`auto` (None) or a number of groups."""
+    return None if text == "auto" else int(text)
+
+
+def threshold(text: str) -> float | str:
+    """A number, or `mean` / `median` (GroupingConfig checks which)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+PARSERS = {"group_count": group_count, "threshold": threshold}  # the field metadata's "type" names
+
+
 @dataclass(frozen=True, kw_only=True)  # built by keyword only: a reordered field cannot shift values
 class GroupingConfig:
     """Settings of the grouping (saved with the result)."""
 
-    affinity: str = "cosine"  # cosine | lookahead
-    groups: int | None = None  # None = choose the number automatically
-    threshold: float | str = "mean"  # τ: a number, "mean" or "median" of the off-diagonal affinities
-    warmup_steps: int = 20
-    probe_steps: int = 10
-    lookahead_scale: float = 1.0  # lookahead step as a multiple of the optimiser's own step
-    transfer_steps: int = 0  # > 0: also measure direct transfer (T trainings of this many steps) to check the affinity
+    # Each field is a command-line flag (training/cli.py); `groups` is --groups or --num-groups by command.
+    affinity: str = field(default="cosine", metadata={"choices": ["cosine", "lookahead"]})
+    groups: int | None = field(default=None, metadata={"type": "group_count", "metavar": "K|auto",
+                                                       "help": "number of groups K, or auto"})
+    threshold: float | str = field(default="mean", metadata={
+        "type": "threshold", "help": "τ subtracted from each within-group affinity: mean | median | a number"})
+    warmup_steps: int = field(default=20, metadata={"help": "steps of the shared module before probing"})
+    probe_steps: int = field(default=10, metadata={"help": "steps over which per-task gradients are compared"})
+    lookahead_scale: float = field(default=1.0, metadata={"help": "lookahead step as a multiple of the optimiser's "
+                                                                  "own step"})
+    transfer_steps: int = field(default=0, metadata={"help": "> 0: check the affinity against measured transfer "
+                                                             "(one training of this many steps per task)"})
 
     def __post_init__(self) -> None:
         if self.affinity not in ("cosine", "lookahead"):

@@ -65,24 +65,31 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     """Hyper-parameters of a training run (all of it goes into checkpoints and provenance)."""
 
-    epochs: int = 10
-    steps: int | None = None  # total optimiser steps; None = epochs * steps per epoch
-    batch_size: int = 32  # per task, per micro-step, summed over ranks
-    accum: int = 1  # micro-steps per optimiser step
-    optimizer: str = "adamw"  # adamw | sgd
-    lr: float = 1e-2  # AdamW; the benchmark's validation sweep (docs/benchmarks.md) picked it for prompts
-    weight_decay: float = 0.0
-    momentum: float = 0.9  # SGD only
-    warmup_fraction: float = 0.1  # of the total steps, linear from ~0
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = None
-    amp: str = "auto"  # auto (bf16 on GPU when supported, else off) | bf16 | fp16 | off
-    augment: bool = True
-    crop_scale: float = 1.0  # 1 = flip only; random crops cost ~2 points on the synthetic 48 px benchmark
-    seed: int = 0
-    eval_batch_size: int = 256
-    log_every: int = 10
-    keep_checkpoints: int = 2
+    # Each field is a command-line flag (training/cli.py: `--<field-name>` unless `flag` says otherwise).
+    epochs: int = field(default=10, metadata={"help": "passes over the training images"})
+    steps: int | None = field(default=None, metadata={"help": "total optimiser steps (overrides --epochs)",
+                                                       "type": int})
+    batch_size: int = field(default=32, metadata={"help": "images per task per micro-step (global over ranks)"})
+    accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-steps per optimiser step"})
+    optimizer: str = field(default="adamw", metadata={"choices": ["adamw", "sgd"]})
+    # AdamW's rate; the benchmark's validation sweep (docs/benchmarks.md) picked it for prompts
+    lr: float = field(default=1e-2, metadata={"help": "learning rate"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW/SGD weight decay (never on MmAP's K factors)"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    warmup_fraction: float = field(default=0.1, metadata={"flag": "--warmup",
+                                                          "help": "linear warm-up as a fraction of the steps"})
+    min_lr_ratio: float = field(default=0.0, metadata={"help": "cosine floor as a fraction of --lr"})
+    grad_clip: float | None = field(default=None, metadata={"help": "clip the gradient norm to this", "type": float})
+    amp: str = field(default="auto", metadata={"choices": ["auto", "bf16", "fp16", "off"],
+                                               "help": "mixed precision (auto: bf16 on GPU when supported)"})
+    augment: bool = field(default=True, metadata={"flag": "--no-augment", "help": "no augmentation at all"})
+    # 1 = flip only; random crops cost ~2 points on the synthetic 48 px benchmark
+    crop_scale: float = field(default=1.0, metadata={"help": "random crops down to this share of the side "
+                                                             "(1 = flip only)"})
+    seed: int = field(default=0, metadata={"help": "seed of the prompts' initialisation, shots and batches"})
+    eval_batch_size: int = field(default=256, metadata={"help": "images per forward when scoring"})
+    log_every: int = field(default=10, metadata={"help": "optimiser steps between metrics.jsonl lines"})
+    keep_checkpoints: int = field(default=2, metadata={"help": "epoch checkpoints kept in the run directory"})
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("adamw", "sgd"):
