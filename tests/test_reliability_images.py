@@ -382,9 +382,9 @@ def test_giant_and_many_part_bodies_are_refused_without_reading_them(prompts_dir
                 assert len(fields) < LIMIT_BYTES
                 assert_json_error(await client.post("/classify?task=clipart", content=fields, headers=form),
                                   422, "corrupt")
-                two_files = multipart(("file", png, True), ("file", png, True))
+                two_files = multipart(("file", png, True), ("file", png, True))  # /classify takes one image
                 assert_json_error(await client.post("/classify?task=clipart", content=two_files, headers=form),
-                                  422, "corrupt")
+                                  422, "too_many_images")
                 long_header = (f"--{boundary}\r\nX-Pad: ".encode() + b"a" * (LIMIT_BYTES // 2) + b"\r\n"
                                + head[len(boundary) + 4:]
                                + png + tail)

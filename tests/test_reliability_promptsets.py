@@ -72,7 +72,7 @@ def test_admin_token_comparison_runs_compare_digest_at_runtime(tmp_path):
     def check(authorization: str | None) -> int:
         headers = [] if authorization is None else [(b"authorization", authorization.encode())]
         try:
-            service_app._require_admin(Request({"type": "http", "app": app, "headers": headers}))
+            service_app._require_admin(Request({"type": "http", "app": app, "headers": headers}), None)
         except ServiceError as e:
             return e.status
         return 200
