@@ -11,11 +11,13 @@ import pytest
 from mmap_model import PromptConfig
 from training import cli
 from training.configs import GroupingConfig
+from training.data import SplitConfig
 from training.trainer import TrainConfig
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
+    cli.add_data_args(parser, required=False)
     cli.add_prompt_args(parser)
     cli.add_train_args(parser)
     cli.add_grouping_args(parser, count_flag="--num-groups")
@@ -23,7 +25,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 @pytest.mark.parametrize("cls, build", [(PromptConfig, cli.prompt_config), (TrainConfig, cli.train_config),
-                                        (GroupingConfig, cli.grouping_config)])
+                                        (GroupingConfig, cli.grouping_config), (SplitConfig, cli.split_config)])
 def test_every_field_has_a_flag_and_the_defaults_round_trip(cls, build):
     args = _parser().parse_args([])
     prefix = cli.GROUPING if cls is GroupingConfig else ""
@@ -40,6 +42,10 @@ def test_flags_reach_their_fields_by_name():
                                                  keep_checkpoints=1)
     assert cli.grouping_config(args) == GroupingConfig(groups=2, threshold="median")
     assert cli.grouping_config(_parser().parse_args(["--threshold", "0.1"])).threshold == 0.1
+    assert cli.split_config(_parser().parse_args(["--shots", "4", "--split-seed", "3"])) == SplitConfig(shots=4,
+                                                                                                         split_seed=3)
+    with pytest.raises(SystemExit):  # --shots and --fraction are one choice
+        _parser().parse_args(["--shots", "4", "--fraction", "0.5"])
 
 
 def test_configs_are_built_by_keyword_only():

@@ -52,15 +52,7 @@ def add_data_args(parser: argparse.ArgumentParser, required: bool = True) -> Non
                    help="JSON {class_folder: class name} (default: folder names, _ -> space)")
     g.add_argument("--templates", type=Path, default=None,
                    help="JSON {task: 'a sketch of a {}.'} (default: ROOT/templates.json, else 'a photo of a {}.')")
-    shots = g.add_mutually_exclusive_group()
-    shots.add_argument("--shots", type=int, default=None, help="training images per class and task (k-shot)")
-    shots.add_argument("--fraction", type=float, default=None, help="or this fraction of each class's training pool")
-    g.add_argument("--test-fraction", type=float, default=SplitConfig.test_fraction,
-                   help="stratified split without split files")
-    g.add_argument("--val-fraction", type=float, default=SplitConfig.val_fraction,
-                   help="validation share, carved from the training pool")
-    g.add_argument("--split-seed", type=int, default=SplitConfig.split_seed,
-                   help="seed of the train/val/test split (not of the shots)")
+    add_config_args(g, SplitConfig)
     g.add_argument("--cache-gb", type=float, default=4.0, help="keep decoded images in memory up to this size")
 
 
@@ -81,21 +73,27 @@ def add_config_args(group: argparse._ArgumentGroup, cls: type, skip: Sequence[st
                     flags: Mapping[str, str] | None = None, choices: Mapping[str, list[str]] | None = None) -> None:
     """One flag per field of a config dataclass (dest = `prefix` + the field's name): `--<field-name>` or the
     field metadata's `flag` (or `flags[name]`), its default, `help`, `choices` and `type` (a callable, or a name
-    in configs.PARSERS); a boolean that defaults to True is a `--no-...` switch. `config_from` builds the config
+    in configs.PARSERS); a boolean that defaults to True is a `--no-...` switch; fields marked `exclusive` are
+    one mutually exclusive choice. `config_from` builds the config
     back by keyword, so a new field is a new flag with nothing else to write."""
+    exclusive: argparse._MutuallyExclusiveGroup | None = None
     for f in fields(cls):
         if f.name in skip:
             continue
         meta, dest = f.metadata, prefix + f.name
+        target: argparse._ActionsContainer = group
+        if meta.get("exclusive"):
+            exclusive = exclusive or group.add_mutually_exclusive_group()
+            target = exclusive
         flag = (flags or {}).get(f.name) or meta.get("flag") or "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
-            group.add_argument(flag, dest=dest, action="store_false" if f.default else "store_true",
-                               help=meta.get("help"))
+            target.add_argument(flag, dest=dest, action="store_false" if f.default else "store_true",
+                                help=meta.get("help"))
             continue
         kind = meta.get("type", type(f.default))
         options = (choices or {}).get(f.name, meta.get("choices"))
-        group.add_argument(flag, dest=dest, default=f.default, type=PARSERS.get(kind, kind), choices=options,
-                           metavar=meta.get("metavar") or (None if options else f.name.upper()), help=meta.get("help"))
+        target.add_argument(flag, dest=dest, default=f.default, type=PARSERS.get(kind, kind), choices=options,
+                            metavar=meta.get("metavar") or (None if options else f.name.upper()), help=meta.get("help"))
 
 
 def config_from(args: argparse.Namespace, cls: type[C], prefix: str = "") -> C:
@@ -120,8 +118,7 @@ def add_grouping_args(parser: argparse.ArgumentParser, count_flag: str = "--grou
 
 
 def split_config(args: argparse.Namespace) -> SplitConfig:
-    return SplitConfig(test_fraction=args.test_fraction, val_fraction=args.val_fraction, split_seed=args.split_seed,
-                       shots=args.shots, fraction=args.fraction)
+    return config_from(args, SplitConfig)
 
 
 def prompt_config(args: argparse.Namespace) -> PromptConfig:

@@ -67,11 +67,14 @@ SPLITS = ("train", "val", "test")
 class SplitConfig:
     """How a task's images are divided; stored in prompt-set provenance so evaluation can redo it."""
 
-    test_fraction: float = 0.3
-    val_fraction: float = 0.1
-    split_seed: int = 0
-    shots: int | None = None  # images per class kept for training (k-shot); None = all
-    fraction: float | None = None  # or this share of the training pool per class
+    # Each field is a command-line flag (training/cli.py); "exclusive" ones are one mutually exclusive choice.
+    test_fraction: float = field(default=0.3, metadata={"help": "stratified split without split files"})
+    val_fraction: float = field(default=0.1, metadata={"help": "validation share, carved from the training pool"})
+    split_seed: int = field(default=0, metadata={"help": "seed of the train/val/test split (not of the shots)"})
+    shots: int | None = field(default=None, metadata={"type": int, "exclusive": True,
+                                                      "help": "training images per class and task (k-shot)"})
+    fraction: float | None = field(default=None, metadata={"type": float, "exclusive": True,
+                                                           "help": "or this fraction of each class's training pool"})
 
     def __post_init__(self) -> None:
         if (not 0 < self.test_fraction < 1 or not 0 <= self.val_fraction < 1
