@@ -6,8 +6,9 @@ None when the method prompts one modality only). The encoders only ever see thes
 no method needs a branch in the forward.
 
 Methods (docs/method.md):
-- `mmap`: source prompt S_j [n, d_s] and Kronecker factors K^t_j [1, d_t/d_s], K^v_j [1, d_v/d_s];
-  T_j = S_j ⊗ K^t_j, V_j = S_j ⊗ K^v_j. Both modalities are weight-tied projections of one source.
+- `mmap`: r source prompts S_jk [n, d_s] and Kronecker factors K^t_jk [1, d_t/d_s], K^v_jk [1, d_v/d_s];
+  T_j = Σ_k S_jk ⊗ K^t_jk, V_j = Σ_k S_jk ⊗ K^v_jk (coupling rank r, default 1 = the paper's S_j ⊗ K_j).
+  Both modalities are generated from one set of sources.
 - `maple`: deep text prompts; visual prompts = per-layer Linear(d_t -> d_v) of the text prompts.
 - `coop`: text context at layer 0 only.
 - `vpt`: deep visual prompts only.
@@ -65,7 +66,10 @@ class PromptConfig:
     group_tokens: int = field(default=2, metadata={"help": "tokens per group-shared module"})
     task_tokens: int = field(default=2, metadata={"help": "tokens per task-specific module"})
     # mmap's d_s; None = gcd(d_t, d_v), fixed by `resolve`
-    source_dim: int | None = field(default=None, metadata={"help": "MmAP's d_s (default gcd(d_t, d_v))", "type": int})
+    source_dim: int | None = field(default=None, metadata={"help": "MmAP's d_s, a common divisor of d_t and d_v "
+                                                                  "(default gcd(d_t, d_v))", "type": int})
+    # mmap's coupling rank r: sources (and factor pairs) summed per layer; 1 = the paper's formulation
+    rank: int = field(default=1, metadata={"help": "MmAP's coupling rank r (sum of r Kronecker products)"})
     init_std: float = field(default=0.02, metadata={"help": "standard deviation of the prompts' initialisation"})
 
     def __post_init__(self) -> None:
@@ -75,18 +79,27 @@ class PromptConfig:
             raise ValueError("depth must be >= 1 and token counts >= 0")
         if self.source_dim is not None and self.source_dim < 1:
             raise ValueError("source_dim must be >= 1")
+        if self.rank < 1:
+            raise ValueError("rank must be >= 1")
 
     def resolve(self, widths: Widths) -> PromptConfig:
         """Fix the width- and depth-dependent values for a backbone."""
         d_s = self.source_dim or math.gcd(widths.d_t, widths.d_v)
         if widths.d_t % d_s or widths.d_v % d_s:
-            raise ValueError(f"source_dim {d_s} must divide d_t={widths.d_t} and d_v={widths.d_v}")
+            raise ValueError(f"source_dim {d_s} must divide d_t={widths.d_t} and d_v={widths.d_v}; "
+                             f"choose from {common_divisors(widths.d_t, widths.d_v)}")
         layers = {"text": widths.layers_t, "visual": widths.layers_v}
         deepest = min(layers[m] for m in METHODS[self.method].modalities)  # a one-sided method: its own tower
         return replace(self, depth=min(self.depth, deepest), source_dim=d_s)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def common_divisors(a: int, b: int) -> list[int]:
+    """The values d_s may take for widths a and b."""
+    g = math.gcd(a, b)
+    return [d for d in range(1, g + 1) if g % d == 0]
 
 
 class PromptModule(nn.Module):
@@ -112,22 +125,31 @@ def _normal(std: float, *shape: int) -> nn.Parameter:
 
 
 class MmAPPrompt(PromptModule):
-    """One source prompt per layer, projected to both modalities by Kronecker factors."""
+    """r source prompts per layer, projected to both modalities by Kronecker factors and summed.
+
+    Stored as `source` [J, n, r * d_s] (source k in columns k*d_s .. (k+1)*d_s - 1) and `kron_text`
+    [J, r, d_t/d_s], `kron_visual` [J, r, d_v/d_s]: at r = 1 exactly the tensors, initialisation and
+    arithmetic of the rank-free formulation, so prompt sets written before `rank` load unchanged.
+    """
 
     no_weight_decay = frozenset({"kron_text", "kron_visual"})
 
     def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
         super().__init__(cfg, widths, n_tokens)
-        d_s = cfg.source_dim
-        self.source = _normal(cfg.init_std, cfg.depth, n_tokens, d_s)
-        # Factors start at one, so both modalities begin as the source repeated: aligned from step 0.
-        self.kron_text = nn.Parameter(torch.ones(cfg.depth, 1, widths.d_t // d_s))
-        self.kron_visual = nn.Parameter(torch.ones(cfg.depth, 1, widths.d_v // d_s))
+        d_s, r = cfg.source_dim, cfg.rank
+        # Each source's std is divided by sqrt(r): the initial prompts' scale does not depend on the rank.
+        self.source = _normal(cfg.init_std / math.sqrt(r), cfg.depth, n_tokens, r * d_s)
+        # Factors start at one, so both modalities begin as the summed sources repeated: aligned from step 0.
+        self.kron_text = nn.Parameter(torch.ones(cfg.depth, r, widths.d_t // d_s))
+        self.kron_visual = nn.Parameter(torch.ones(cfg.depth, r, widths.d_v // d_s))
 
     @staticmethod
     def kron(source: Tensor, factor: Tensor) -> Tensor:
-        """Batched S ⊗ K for S [J, n, d_s], K [J, 1, r] -> [J, n, d_s * r], without forming I ⊗ K."""
-        return (source.unsqueeze(-1) * factor.unsqueeze(-2)).flatten(-2)
+        """Σ_k S_k ⊗ K_k for S [J, n, r * d_s], K [J, r, q] -> [J, n, d_s * q], without forming I ⊗ K."""
+        depth, n, _ = source.shape
+        rank, q = factor.shape[1:]
+        terms = source.view(depth, n, rank, -1, 1) * factor.view(depth, 1, rank, 1, q)  # [J, n, r, d_s, q]
+        return terms.sum(dim=2).flatten(-2)
 
     def forward(self) -> Prompts:
         return Prompts(self.kron(self.source, self.kron_text), self.kron(self.source, self.kron_visual))

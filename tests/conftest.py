@@ -24,6 +24,12 @@ def tiny() -> Backbone:
 
 
 @pytest.fixture(scope="session")
+def embedded() -> Backbone:
+    """The embedded default with its trained weights (mmap-tiny, pretrained="embedded")."""
+    return load_backbone()
+
+
+@pytest.fixture(scope="session")
 def vitb32() -> Backbone:
     return _random_backbone("ViT-B-32")
 

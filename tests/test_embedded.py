@@ -18,11 +18,6 @@ needs_weights = pytest.mark.skipif(CARD is None,
                                    reason="embedded weights not trained yet (python -m training.pretrain)")
 
 
-@pytest.fixture(scope="module")
-def embedded():
-    return load_backbone()  # the defaults: mmap-tiny, pretrained="embedded"
-
-
 @needs_weights
 def test_zero_shot_on_a_fresh_sample_of_seen_domains(embedded):
     """Images never drawn before (seed 7) are classified about as well as the card says."""

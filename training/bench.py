@@ -76,6 +76,8 @@ class MethodSpec:
     prompt_method: str | None = None
     groups: str | None = None  # one | none | auto (prompt runners)
     task_modules: bool = True
+    prompt: tuple[tuple[str, Any], ...] = ()  # PromptConfig fields set for this row (sizes: tokens, rank, source_dim)
+    lr_key: str | None = None  # rows with the same key share one learning-rate selection (default: the label)
 
 
 METHOD_SPECS: dict[str, MethodSpec] = {s.label: s for s in [
@@ -120,11 +122,17 @@ def run_zero_shot(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
     return Outcome(PromptClassifier(run.backbone, run.texts, None), 0.0)
 
 
-def run_prompts(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
-    start = time.perf_counter()
-    cfg = replace(s.prompt, method=spec.prompt_method)
+def prompt_config_of(spec: MethodSpec, base: PromptConfig) -> PromptConfig:
+    """The prompt settings of a prompt row: `base` with the row's method, structure and sizes."""
+    cfg = replace(base, method=spec.prompt_method)
     if not spec.task_modules:  # the shared module gets the tokens a grouped task would have
         cfg = replace(cfg, group_tokens=cfg.group_tokens + cfg.task_tokens)
+    return replace(cfg, **dict(spec.prompt))
+
+
+def run_prompts(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
+    start = time.perf_counter()
+    cfg = prompt_config_of(spec, s.prompt)
     names = [t.name for t in run.tasks]
     extra: dict[str, Any] = {}
     if spec.groups == "auto":
@@ -232,44 +240,51 @@ def bar_chart(summary: list[dict[str, Any]], tasks: list[str], path: Path) -> No
     plt.close(fig)
 
 
-def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m training.bench", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_data_args(parser, required=False)
-    cli.add_backbone_args(parser)
-    cli.add_prompt_args(parser)
-    cli.add_train_args(parser)
-    cli.add_grouping_args(parser, count_flag="--num-groups")
-    parser.set_defaults(steps=60, batch_size=16, quiet=True, lr=BENCH_LR, threads=BENCH_THREADS)
-    parser.add_argument("--progress", dest="quiet", action="store_false", help="progress bars (off by default here)")
-    parser.add_argument("--finetune-lr", type=float, default=BENCH_FINETUNE_LR, help="AdamW lr of full fine-tuning")
-    parser.add_argument("--lr-grid", type=cli.comma_list, default=BENCH_LR_GRID,
-                        help="select each prompt method's lr from these on the validation split of the first seed "
-                             "('' = use --lr for all)")
-    parser.add_argument("--finetune-lr-grid", type=cli.comma_list, default=BENCH_FINETUNE_LR_GRID,
-                        help="the same for full fine-tuning ('' = use --finetune-lr)")
-    parser.add_argument("--seeds", type=cli.comma_list, default=["0", "1", "2"])
-    parser.add_argument("--methods", type=cli.comma_list, default=DEFAULT_METHODS,
-                        help=f"comma-separated labels (default: docs/method.md's ten); all: {', '.join(METHOD_SPECS)}")
-    parser.add_argument("--synthetic-per-class", type=int, default=24, help="images per class when --data is omitted")
-    parser.add_argument("--out", type=Path, default=Path("runs/bench"))
-    args = parser.parse_args(argv)
+def parser(module: str, description: str) -> argparse.ArgumentParser:
+    """The benchmark's options (data, backbone, prompt, training, grouping, lr grids, seeds, out): shared by
+    `training.bench` and the sweeps built on it (`training.frontier`, `training.fewshot`)."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_data_args(p, required=False)
+    cli.add_backbone_args(p)
+    cli.add_prompt_args(p)
+    cli.add_train_args(p)
+    cli.add_grouping_args(p, count_flag="--num-groups")
+    p.set_defaults(steps=60, batch_size=16, quiet=True, lr=BENCH_LR, threads=BENCH_THREADS)
+    p.add_argument("--progress", dest="quiet", action="store_false", help="progress bars (off by default here)")
+    p.add_argument("--finetune-lr", type=float, default=BENCH_FINETUNE_LR, help="AdamW lr of full fine-tuning")
+    p.add_argument("--lr-grid", type=cli.comma_list, default=BENCH_LR_GRID,
+                   help="select each prompt method's lr from these on the validation split of the first seed "
+                        "('' = use --lr for all)")
+    p.add_argument("--finetune-lr-grid", type=cli.comma_list, default=BENCH_FINETUNE_LR_GRID,
+                   help="the same for full fine-tuning ('' = use --finetune-lr)")
+    p.add_argument("--seeds", type=cli.comma_list, default=["0", "1", "2"])
+    p.add_argument("--synthetic-per-class", type=int, default=24, help="images per class when --data is omitted")
+    p.add_argument("--out", type=Path, default=Path(f"runs/{module.split('.')[-1]}"))
+    return p
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.shots is None and args.fraction is None:
         args.shots = BENCH_SHOTS
     if args.val_fraction == 0:
-        parser.error("the benchmark picks learning rates and the linear probe's weight decay on the validation split: "
-                     "--val-fraction must be > 0")
-    unknown = [m for m in args.methods if m not in METHOD_SPECS]
-    if unknown:
-        parser.error(f"unknown methods {unknown}; choose from {list(METHOD_SPECS)}")
-    cli.setup_logging()
+        p.error("the benchmark picks learning rates and the linear probe's weight decay on the validation split: "
+                "--val-fraction must be > 0")
+
+
+def run_specs(args: argparse.Namespace, specs: Sequence[MethodSpec], command: str,
+              lrs: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], cli.Run]:
+    """Every spec on every seed of `args.seeds`; rows of test accuracy, parameters and time.
+
+    A spec's lr comes from `lrs` (by lr key) when given there, else it is selected on the first seed's
+    validation split from the grid of its runner. `<out>/results.json` is rewritten after every row.
+    """
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data is None:
         args.data = prepare_synthetic(args.out / "data", args.synthetic_per_class)
     settings = BenchSettings(cli.prompt_config(args), cli.train_config(args), cli.grouping_config(args), not args.quiet)
     grids = {"lr": args.lr_grid, "finetune_lr": args.finetune_lr_grid}
-    lrs = {label: getattr(args, LR_OPTION[spec.runner]) for label, spec in METHOD_SPECS.items()
-           if spec.runner in LR_OPTION}
+    lrs = dict(lrs or {})
     selection: dict[str, dict[str, float]] = {}
     rows: list[dict[str, Any]] = []
     run = None
@@ -283,23 +298,25 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                                                              cache_bytes=int(args.cache_gb * (1 << 30))))
         s = replace(settings, train=replace(settings.train, seed=seed))
         autocast = autocast_factory(s.train.amp, run.dist.device)
-        for label in args.methods:
-            spec = METHOD_SPECS[label]
-            grid = grids.get(LR_OPTION.get(spec.runner, ""))
-            log.info("seed %d: %s", seed, label)
-            if grid and label not in selection:  # selected once, on the first seed's validation split
-                lrs[label], selection[label], outcome = select_lr(run, spec, s, [float(v) for v in grid])
+        for spec in specs:
+            key = spec.lr_key or spec.label
+            option = LR_OPTION.get(spec.runner)
+            grid = grids.get(option or "")
+            log.info("seed %d: %s", seed, spec.label)
+            if option and key not in lrs and grid:  # selected once, on the first seed's validation split
+                lrs[key], selection[key], outcome = select_lr(run, spec, s, [float(v) for v in grid])
             else:
-                outcome = RUNNERS[spec.runner](run, spec,
-                                               replace(s, train=replace(s.train, lr=lrs.get(label, s.train.lr))))
+                lr = lrs.setdefault(key, getattr(args, option)) if option else s.train.lr
+                outcome = RUNNERS[spec.runner](run, spec, replace(s, train=replace(s.train, lr=lr)))
             acc = accuracy(outcome.classifier, run.sets["test"], s.train.eval_batch_size, run.dist, autocast)
-            rows.append({"method": label, "seed": seed, "accuracy": acc,
+            rows.append({"method": spec.label, "seed": seed, "accuracy": acc,
                          "params": outcome.classifier.trainable_parameters(),
                          "seconds": outcome.seconds, "images_per_second": outcome.images_per_second,
-                         "lr": lrs.get(label), "extra": outcome.extra})
+                         "lr": lrs.get(key) if option else None, "extra": outcome.extra,
+                         "spec": {**asdict(spec), "prompt": dict(spec.prompt)}})
             log.info("  test mean %.3f in %.0fs", float(np.mean(list(acc.values()))), outcome.seconds)
             (args.out / "results.json").write_text(json.dumps(
-                {"command": cli.command_line("training.bench", argv), "code_version": cli.code_version(),
+                {"command": command, "code_version": cli.code_version(),
                  "settings": {"train": asdict(s.train), "prompt": asdict(settings.prompt), "lr": lrs,
                               "lr_selection_on_val": selection, "grouping": asdict(settings.grouping),
                               "data": str(args.data), "split": asdict(run.split)},
@@ -307,6 +324,20 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                               "params": count_parameters(run.backbone.model)},
                  "rows": rows}, indent=1))
     assert run is not None
+    return rows, run
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    p = parser("training.bench", __doc__.splitlines()[0])
+    p.add_argument("--methods", type=cli.comma_list, default=DEFAULT_METHODS,
+                   help=f"comma-separated labels (default: docs/method.md's ten); all: {', '.join(METHOD_SPECS)}")
+    args = p.parse_args(argv)
+    check_args(p, args)
+    unknown = [m for m in args.methods if m not in METHOD_SPECS]
+    if unknown:
+        p.error(f"unknown methods {unknown}; choose from {list(METHOD_SPECS)}")
+    cli.setup_logging()
+    rows, run = run_specs(args, [METHOD_SPECS[m] for m in args.methods], cli.command_line("training.bench", argv))
     tasks = [t.name for t in run.tasks]
     summary = summarise(rows, tasks, count_parameters(run.backbone.model))
     table = markdown_table(summary, tasks)
@@ -314,6 +345,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     bar_chart(summary, tasks, args.out / "accuracy.png")
     print(table)
     return summary
+
 
 if __name__ == "__main__":
     main()
