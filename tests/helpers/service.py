@@ -103,8 +103,13 @@ async def serve(config: Settings, ready: bool = True) -> AsyncIterator[httpx.Asy
     """`python -m service` with these settings behind an httpx client, once /readyz is 200 (or, with
     `ready=False`, once it answers at all)."""
     with served(config, ready) as base:
-        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
-            yield client
+        async with client(base) as c:
+            yield c
+
+
+def client(base: str) -> httpx.AsyncClient:
+    """An httpx client for a running service (`served`); use it as `async with client(base) as c`."""
+    return httpx.AsyncClient(base_url=base, timeout=60)
 
 
 async def classify(client: httpx.AsyncClient, task: str, data: bytes, top_k: int = 100) -> httpx.Response:
