@@ -12,11 +12,14 @@ for the torch backend eager and compiled and for the onnx backend (one onnxrunti
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 
@@ -64,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--forwards", type=int, default=20, help="timed forwards per cell (median)")
     parser.add_argument("--intervals-ms", type=float, nargs="+", default=[5.0, 1.0, 0.2])
     parser.add_argument("--backends", nargs="+", default=["eager", "compile", "onnx"])
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     backbone = load_backbone(args.model, None, seed=0)
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
           f"median of {args.forwards} forwards\n")
     print("| backend | alone | " + " | ".join(f"busy thread, switch {i:g} ms" for i in args.intervals_ms) + " |")
     print("|---|---:|" + "---:|" * len(args.intervals_ms))
+    rows = []
     for name in args.backends:
         if name == "onnx":
             from service.onnx_backend import OnnxImageTower
@@ -87,6 +92,12 @@ def main(argv: list[str] | None = None) -> None:
             cells = [median_ms(tower, images, prompts, args.forwards)]
             cells += [contended_ms(tower, images, prompts, args.forwards, i / 1000) for i in args.intervals_ms]
         print(f"| {name} | " + " | ".join(f"{c:.1f} ms" for c in cells) + " |", flush=True)
+        rows.append({"backend": name, "alone_ms": cells[0],
+                     "busy_ms": dict(zip(map(str, args.intervals_ms), cells[1:], strict=True))})
+    if args.json:
+        args.json.write_text(json.dumps({"command": shlex.join(["python", *sys.argv]), "model": args.model,
+                                         "batch": args.batch, "threads": args.threads, "torch": torch.__version__,
+                                         "forwards": args.forwards, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

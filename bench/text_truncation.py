@@ -8,8 +8,12 @@ their ratio. Random weights: the cost does not depend on their values.
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -28,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     backbone = load_backbone(args.model, None, seed=0)
     prompted = PromptedCLIP(backbone.model)
@@ -48,6 +53,11 @@ def main() -> None:
           f"longest EOT at position {length - 1}")
     print(f"77 positions: {1000 * full:.1f} ms   truncated to {length}: {1000 * short:.1f} ms   "
           f"speed-up {full / short:.2f}x")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "command": shlex.join(["python", *sys.argv]), "model": args.model, "texts": len(CLASSES),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "positions": [77, length],
+            "seconds": {"full": times[False], "truncated": times[True]}, "speedup": full / short}, indent=1))
 
 
 if __name__ == "__main__":
