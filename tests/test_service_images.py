@@ -99,7 +99,9 @@ def test_huge_canvases_are_refused_from_the_header(header):
     with pytest.raises(ImageRejected) as refused:
         decode_image(header, LIMIT)
     assert refused.value.status == 413 and refused.value.error == "too_many_pixels"
-    assert time.perf_counter() - start < 0.5  # nothing was decoded (decoding would take minutes, or run out of memory)
+    # Generous: reading a header takes milliseconds even on a loaded machine; decoding such a canvas would take
+    # minutes or run out of memory.
+    assert time.perf_counter() - start < 5
 
 
 def test_pixel_limit_is_exact():
