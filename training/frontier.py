@@ -48,6 +48,9 @@ PAPER_BUDGET = 0.0009  # the paper's trainable share of ViT-B/16 (about 0.09%)
 PAPER_MODEL, PAPER_TASKS, PAPER_GROUPS = "ViT-B-16", 4, 2
 METHOD_NAMES = {"coop": "CoOp", "vpt": "VPT", "maple": "MaPLe", "independent": "independent", "mmap": "MmAP"}
 STRUCTURES = {"MT": False, "group+task": True}  # structure -> task modules
+# The goal the frontier tests: MmAP with task modules at MaPLe's accuracy with 10x fewer parameters,
+# MaPLe in the structure of the method benchmark's "MaPLe one group" (2 group + 2 task tokens).
+GOAL_REFERENCE = "MaPLe group+task n=2"
 
 
 def frontier_specs(sizes: Sequence[int], ranks: Sequence[int], source_divisors: Sequence[int],
@@ -124,10 +127,25 @@ def report(out: Path, sizes: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             max(within, key=lambda s: s["mean"])["best_in_budget"] = True
     (out / "frontier.json").write_text(json.dumps({"command": meta["command"], "code_version": meta["code_version"],
                                                    "settings": meta["settings"], "paper_budget": PAPER_BUDGET,
-                                                   "rows": summary}, indent=1))
+                                                   "goal": goal(summary), "rows": summary}, indent=1))
     (out / "frontier.md").write_text(table(summary) + "\n")
     plot(summary, out / "frontier.png")
     return summary
+
+
+def goal(summary: Sequence[dict[str, Any]], reference: str = GOAL_REFERENCE, factor: int = 10) -> dict[str, Any] | None:
+    """Does MmAP with task modules reach `reference`'s accuracy with `factor`x fewer parameters? The most
+    accurate MmAP group+task row within that parameter budget, and its gap (None: reference not run)."""
+    ref = next((s for s in summary if s["method"] == reference), None)
+    within = [s for s in summary if s["prompt_method"] == "mmap" and s["structure"] == "group+task"
+              and s["params"] * factor <= ref["params"]] if ref else []
+    if not within:
+        return None
+    best = max(within, key=lambda s: s["mean"])
+    return {"reference": reference, "reference_mean": ref["mean"], "reference_params": ref["params"],
+            "mmap": best["method"], "mmap_mean": best["mean"], "mmap_params": best["params"],
+            "gap_points": 100 * (ref["mean"] - best["mean"]), "met": best["mean"] >= ref["mean"],
+            "on_frontier": best["pareto"]}
 
 
 def table(summary: Sequence[dict[str, Any]]) -> str:

@@ -58,10 +58,10 @@ def shard_dir(out: Path, part: tuple[int, int] | None) -> Path:
     return out if part is None else out / f"shard-{part[0]}"
 
 
-def merged_rows(out: Path) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The rows of `<out>/results.json` and every `<out>/shard-*/results.json`, and the first file's settings
+def merged_rows(out: Path, pattern: str = "shard-*/results.json") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The rows of `<out>/results.json` and every `<out>/<pattern>`, and the first file's settings
     (`command` lists every file's command)."""
-    files = [f for f in [out / "results.json", *sorted(out.glob("shard-*/results.json"))] if f.is_file()]
+    files = [f for f in [out / "results.json", *sorted(out.glob(pattern))] if f.is_file()]
     if not files:
         raise SystemExit(f"error: no results.json under {out}")
     results = [json.loads(f.read_text()) for f in files]
