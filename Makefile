@@ -21,8 +21,9 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/python -m service
 
+# Two processes (pytest-xdist; each test file stays in one): the suite is mostly waiting on real services.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: install
 	$(BIN)/ruff check .

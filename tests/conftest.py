@@ -57,3 +57,14 @@ def pytest_runtest_makereport(item, call):
     if report.skipped and not expected_failure and os.environ.get("CI") and "gpu" not in item.keywords:
         report.outcome = "failed"
         report.longrepr = f"skipped in CI (every non-GPU test must run here): {report.longrepr}"
+
+
+# `make test` runs the suite on two processes (pytest-xdist, `--dist loadfile`: a file's tests share one process
+# and its module fixtures). The files holding the longest tests go first, so they overlap with the rest instead
+# of ending the run alone (the 60-s hot-swap soak, the measured-transfer grouping, the memory test).
+LONGEST_FIRST = ("test_reliability_faults.py", "test_training_embedded.py", "test_reliability_process.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: every other file keeps its order

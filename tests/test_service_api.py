@@ -41,8 +41,8 @@ SCENES = {"indoor": TaskSpec(["kitchen", "office", "garage"], "a photo of a {}."
 @pytest.fixture(scope="module")
 def sets(tiny) -> dict[str, PromptSet]:
     """Three methods and three visual-prompt signatures: (4, 4) for grouped mmap and maple tasks,
-    (4, 2) for the ungrouped 'real', none for coop."""
-    return {"office": make_set(tiny, "office", OFFICE, 1),
+    (4, 2) for the ungrouped 'real', none for coop. The mmap set has coupling rank 2 (same signature)."""
+    return {"office": make_set(tiny, "office", OFFICE, 1, PromptConfig(rank=2)),
             "scenes": make_set(tiny, "scenes", SCENES, 2, PromptConfig(method="maple")),
             "doodles": make_set(tiny, "doodles", DOODLES, 3, PromptConfig(method="coop"))}
 
