@@ -272,19 +272,19 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
                 "--val-fraction must be > 0")
 
 
-def run_specs(args: argparse.Namespace, specs: Sequence[MethodSpec], command: str,
-              lrs: dict[str, float] | None = None) -> tuple[list[dict[str, Any]], cli.Run]:
+def run_specs(args: argparse.Namespace, specs: Sequence[MethodSpec],
+              command: str) -> tuple[list[dict[str, Any]], cli.Run]:
     """Every spec on every seed of `args.seeds`; rows of test accuracy, parameters and time.
 
-    A spec's lr comes from `lrs` (by lr key) when given there, else it is selected on the first seed's
-    validation split from the grid of its runner. `<out>/results.json` is rewritten after every row.
+    A spec's lr is selected on the first seed's validation split from the grid of its runner (once per lr
+    key), or is the runner's fixed lr option without a grid. `<out>/results.json` is rewritten after every row.
     """
     args.out.mkdir(parents=True, exist_ok=True)
     if args.data is None:
         args.data = prepare_synthetic(args.out / "data", args.synthetic_per_class)
     settings = BenchSettings(cli.prompt_config(args), cli.train_config(args), cli.grouping_config(args), not args.quiet)
     grids = {"lr": args.lr_grid, "finetune_lr": args.finetune_lr_grid}
-    lrs = dict(lrs or {})
+    lrs: dict[str, float] = {}
     selection: dict[str, dict[str, float]] = {}
     rows: list[dict[str, Any]] = []
     run = None
