@@ -55,6 +55,9 @@ def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return torch.cat([a, b], dim=1)
 
 
+KRON_INITS = ("ones", "normal")
+
+
 @dataclass(frozen=True, kw_only=True)  # built by keyword only: a reordered field cannot shift values
 class PromptConfig:
     """Hyper-parameters of a prompt set's modules (saved in promptset.json)."""
@@ -70,6 +73,9 @@ class PromptConfig:
                                                                   "(default gcd(d_t, d_v))", "type": int})
     # mmap's coupling rank r: sources (and factor pairs) summed per layer; 1 = the paper's formulation
     rank: int = field(default=1, metadata={"help": "MmAP's coupling rank r (sum of r Kronecker products)"})
+    kron_init: str = field(default="ones", metadata={
+        "help": "MmAP's Kronecker factors at the start: ones (both prompts begin as the summed sources repeated, "
+                "aligned) or normal (N(0, 1) entries)", "choices": list(KRON_INITS)})
     init_std: float = field(default=0.02, metadata={"help": "standard deviation of the prompts' initialisation"})
 
     def __post_init__(self) -> None:
@@ -81,6 +87,8 @@ class PromptConfig:
             raise ValueError("source_dim must be >= 1")
         if self.rank < 1:
             raise ValueError("rank must be >= 1")
+        if self.kron_init not in KRON_INITS:
+            raise ValueError(f"kron_init must be one of {KRON_INITS}, not {self.kron_init!r}")
 
     def resolve(self, widths: Widths) -> PromptConfig:
         """Fix the width- and depth-dependent values for a backbone."""
@@ -139,9 +147,11 @@ class MmAPPrompt(PromptModule):
         d_s, r = cfg.source_dim, cfg.rank
         # Each source's std is divided by sqrt(r): the initial prompts' scale does not depend on the rank.
         self.source = _normal(cfg.init_std / math.sqrt(r), cfg.depth, n_tokens, r * d_s)
-        # Factors start at one, so both modalities begin as the summed sources repeated: aligned from step 0.
-        self.kron_text = nn.Parameter(torch.ones(cfg.depth, r, widths.d_t // d_s))
-        self.kron_visual = nn.Parameter(torch.ones(cfg.depth, r, widths.d_v // d_s))
+        # "ones": both modalities begin as the summed sources repeated, aligned from step 0. "normal": N(0, 1)
+        # factors, which keep the prompts' scale and start the r terms (and the two modalities) apart.
+        make = torch.ones if cfg.kron_init == "ones" else torch.randn
+        self.kron_text = nn.Parameter(make(cfg.depth, r, widths.d_t // d_s))
+        self.kron_visual = nn.Parameter(make(cfg.depth, r, widths.d_v // d_s))
 
     @staticmethod
     def kron(source: Tensor, factor: Tensor) -> Tensor:

@@ -158,3 +158,15 @@ def test_rank_and_source_dim_round_trip_through_a_prompt_set(tiny, tmp_path):
     assert loaded.prompts.cfg.rank == 2 and loaded.prompts.cfg.source_dim == 16
     assert torch.equal(loaded.prompts("a").visual, promptset.prompts("a").visual)
     assert loaded.prompts.trainable_parameters() == promptset.prompts.trainable_parameters()
+
+
+def test_normal_factor_init_starts_the_terms_apart_at_the_prompts_scale():
+    torch.manual_seed(0)
+    cfg = PromptConfig(depth=3, rank=3, task_tokens=64, kron_init="normal").resolve(WIDTHS)
+    module = MmAPPrompt(cfg, WIDTHS, n_tokens=64)
+    assert not torch.equal(module.kron_text[:, 0], module.kron_text[:, 1])  # at "ones" every term is alike
+    with torch.no_grad():
+        visual = module().visual
+    assert 0.7 * cfg.init_std < float(visual.std()) < 1.3 * cfg.init_std
+    with pytest.raises(ValueError, match="kron_init"):
+        PromptConfig(kron_init="zeros")
