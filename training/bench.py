@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from mmap_model import PromptConfig, count_parameters
+from mmap_model import PromptConfig, Widths, count_parameters
 
 from . import cli
 from .affinity import group_tasks
@@ -122,17 +123,22 @@ def run_zero_shot(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
     return Outcome(PromptClassifier(run.backbone, run.texts, None), 0.0)
 
 
-def prompt_config_of(spec: MethodSpec, base: PromptConfig) -> PromptConfig:
-    """The prompt settings of a prompt row: `base` with the row's method, structure and sizes."""
+def prompt_config_of(spec: MethodSpec, base: PromptConfig, widths: Widths) -> PromptConfig:
+    """The prompt settings of a prompt row on a backbone of these widths: `base` with the row's method,
+    structure and sizes. A `source_divisor` k in the sizes sets MmAP's d_s to gcd(d_t, d_v) / k."""
     cfg = replace(base, method=spec.prompt_method)
     if not spec.task_modules:  # the shared module gets the tokens a grouped task would have
         cfg = replace(cfg, group_tokens=cfg.group_tokens + cfg.task_tokens)
-    return replace(cfg, **dict(spec.prompt))
+    sizes = dict(spec.prompt)
+    divisor = sizes.pop("source_divisor", None)
+    if divisor is not None:
+        sizes["source_dim"] = math.gcd(widths.d_t, widths.d_v) // divisor
+    return replace(cfg, **sizes)
 
 
 def run_prompts(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
     start = time.perf_counter()
-    cfg = prompt_config_of(spec, s.prompt)
+    cfg = prompt_config_of(spec, s.prompt, run.backbone.widths)
     names = [t.name for t in run.tasks]
     extra: dict[str, Any] = {}
     if spec.groups == "auto":

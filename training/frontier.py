@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -80,17 +79,8 @@ def _spec(method: str, structure: str, task_modules: bool, n: int, rank: int, di
     prompt: dict[str, Any] = {"group_tokens": n, "task_tokens": n if task_modules else 0}
     if method == "mmap":
         label += f" r={rank}" + (f" ds=gcd/{divisor}" if divisor > 1 else "")
-        prompt |= {"rank": rank, "source_dim": -divisor}  # negative: a divisor of gcd, fixed by `concrete`
+        prompt |= {"rank": rank, "source_divisor": divisor}  # d_s = gcd(d_t, d_v) / divisor on any backbone
     return MethodSpec(label, "prompts", method, "one", task_modules, tuple(prompt.items()), lr_key)
-
-
-def concrete(spec: MethodSpec, d_t: int, d_v: int) -> MethodSpec:
-    """The spec with d_s = gcd(d_t, d_v) / divisor for these widths."""
-    prompt = dict(spec.prompt)
-    if prompt.get("source_dim", 0) < 0:
-        prompt["source_dim"] = math.gcd(d_t, d_v) // -prompt["source_dim"]
-    return MethodSpec(spec.label, spec.runner, spec.prompt_method, spec.groups, spec.task_modules,
-                      tuple(prompt.items()), spec.lr_key)
 
 
 def paper_sizes(specs: Sequence[MethodSpec]) -> dict[str, dict[str, Any]]:
@@ -98,7 +88,7 @@ def paper_sizes(specs: Sequence[MethodSpec]) -> dict[str, dict[str, Any]]:
     backbone = load_backbone(PAPER_MODEL, None, seed=0)
     out = {}
     for spec in specs:
-        cfg = bench.prompt_config_of(concrete(spec, backbone.widths.d_t, backbone.widths.d_v), PromptConfig())
+        cfg = bench.prompt_config_of(spec, PromptConfig(), backbone.widths)
         groups = PAPER_GROUPS if spec.task_modules else 1
         c = count(backbone, PAPER_TASKS, groups, cfg, spec.task_modules)
         out[spec.label] = {"params": c["trainable_params"], "ratio": c["ratio"],
@@ -213,9 +203,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
     specs = frontier_specs(args.sizes, args.ranks, args.source_divisors, args.prompt_methods)
     if not args.report:
         sweep.check_shard_data(p, args)
-        widths = cli.backbone_from(args.model, args.pretrained, "cpu").widths
-        part = sweep.shard(specs, args.shard, key=lambda s: s.lr_key or s.label)
-        mine = [concrete(s, widths.d_t, widths.d_v) for s in part]
+        mine = sweep.shard(specs, args.shard, key=lambda s: s.lr_key or s.label)
         out = args.out
         args.out = sweep.shard_dir(out, args.shard)
         bench.run_specs(args, mine, cli.command_line("training.frontier", argv))
