@@ -1,10 +1,10 @@
 """Image-tower throughput, torch vs onnxruntime, in one run: `python bench/backends.py [--model ViT-B-32]`.
 
-Both backends are the service's own (`service.backends.TorchImageTower`,
-`service.onnx_backend.OnnxImageTower`), called as the engine calls them: CPU fp32 images and
-per-sample visual prompts [B, J, m, d_v] (default J=9, m=4: a grouped task under the default
-PromptConfig) in, normalised features out, so host-device copies are included. Random weights
-(seed 0): the cost does not depend on their values. For each batch size the two backends are
+The backends are the service's own (`service.backends.TorchImageTower`, eager, with CUDA graphs or
+with torch.compile; `service.onnx_backend.OnnxImageTower`), called as the engine calls them: CPU fp32
+images and per-sample visual prompts [B, J, m, d_v] (default J=9, m=4: a grouped task under the
+default PromptConfig) in, normalised features out, so host-device copies are included. Random
+weights (seed 0): the cost does not depend on their values. For each batch size the backends are
 measured alternately, `--repeats` rounds each (a round repeats the forward for at least
 `--min-round-s`), and the median round is reported; the graph is exported first (not timed).
 
@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads of both backends")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-round-s", type=float, default=0.5)
-    parser.add_argument("--backends", nargs="+", default=["torch", "onnx"], choices=["torch", "onnx", "torch-compile"],
-                        help="torch-compile = the torch backend with torch_compile=reduce-overhead (CUDA)")
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnx"],
+                        choices=["torch", "onnx", "torch-graphs", "torch-compile"],
+                        help="torch-graphs = the torch backend with cuda_graphs (CUDA); torch-compile = with "
+                             "torch_compile=reduce-overhead (CUDA); both prepare the measured batch sizes only")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -67,8 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.backends:
         if name == "torch":
             towers[name] = TorchImageTower(backbone)
-        elif name == "torch-compile":
-            towers[name] = TorchImageTower(backbone, "reduce-overhead", max(args.batch_sizes))
+        elif name in ("torch-graphs", "torch-compile"):
+            towers[name] = TorchImageTower(backbone, "reduce-overhead" if name == "torch-compile" else "off",
+                                           max(args.batch_sizes), cuda_graphs=name == "torch-graphs")
+            towers[name].buckets = sorted(args.batch_sizes)  # every size runs unpadded; no other is prepared
         else:
             from service.onnx_backend import OnnxImageTower
 

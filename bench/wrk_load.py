@@ -228,6 +228,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
     parser.add_argument("--engine-threads", type=int, default=0, help="the service's engine_threads (0 = its default)")
     parser.add_argument("--torch-compile", default="off", help="the service's torch_compile mode")
+    parser.add_argument("--cuda-graphs", action="store_true", help="the service's cuda_graphs (CUDA)")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of both services")
     parser.add_argument("--rounds", type=int, default=3)
@@ -270,7 +271,8 @@ def main() -> None:
                   "--precision", args.precision, "--max-batch-size", str(args.batch), "--watch-interval-s", "0",
                   "--log-level", "warning"]
         servers = [Server("engine", REPO, [*common, "--workers", str(args.workers), "--engine-threads",
-                                           str(args.engine_threads), "--torch-compile", args.torch_compile],
+                                           str(args.engine_threads), "--torch-compile", args.torch_compile,
+                                           "--cuda-graphs", str(args.cuda_graphs)],
                           18080, tmp / "engine.log", env)]
         stack.callback(servers[0].stop)
         if args.landed:
@@ -317,7 +319,8 @@ def main() -> None:
 
     engine = {k: med("engine", k) for k in rounds[0]["engine"]}
     summary = {"model": args.model, "device": args.device, "precision": args.precision, "workers": args.workers,
-               "engine_threads": engine_threads, "connections": args.connections, "cores": os.cpu_count(),
+               "engine_threads": engine_threads, "torch_compile": args.torch_compile, "cuda_graphs": args.cuda_graphs,
+               "connections": args.connections, "cores": os.cpu_count(),
                "image_size": size, "rounds": rounds, "engine": engine,
                "forward_in_service_over_alone": statistics.median(
                    row["engine"]["forward_per_image_ms"] / row["raw_per_image_ms"] for row in rounds),

@@ -17,7 +17,18 @@ from torch import Tensor
 
 from mmap_model import Backbone, PromptedCLIP
 
+from .cuda_graphs import CudaGraphs
 from .settings import Settings
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """Batch sizes a compiled or captured tower runs: 1, 2, 4, 8, 16, then 24, 32, 48, 64, 96, ... (steps of
+    1.5x and 4/3x, so padding wastes at most a third), up to the first that holds `max_batch_size`."""
+    buckets = [1]
+    while buckets[-1] < max_batch_size:
+        b = buckets[-1]
+        buckets.append(2 * b if b < 16 else b + (b // 2 if b & (b - 1) == 0 else b // 3))
+    return buckets
 
 
 class ImageTower(Protocol):
@@ -32,47 +43,64 @@ class TorchImageTower:
 
     On CUDA, fp16/bf16 weights run under autocast of the same dtype (LayerNorm and softmax then
     run in fp32) and images go through a reused pinned host buffer with a non-blocking copy.
-    `compile` (a torch.compile mode, "off" = eager) compiles the tower for power-of-two batch
-    buckets up to `max_batch_size`: a batch is zero-padded to its bucket, so each (bucket, prompt
-    shape) compiles once; "reduce-overhead" also captures CUDA graphs. The first forward of a
-    prompt shape compiles every bucket for it, so the service's warm-up (one forward per prompt
-    shape) compiles them all before /readyz turns 200, and no request waits on a compile.
+
+    Two ways to cut the launch cost of the eager forward, both over batch buckets (`batch_buckets`,
+    up to `max_batch_size`; a batch runs at the smallest bucket that holds it):
+    - `cuda_graphs`: the eager forward captured as one CUDA graph per (bucket, prompt shape) and
+      replayed on static buffers (`cuda_graphs.py`);
+    - `compile` (a torch.compile mode, "off" = eager): the tower compiled per (bucket, prompt shape),
+      a batch zero-padded to its bucket; "reduce-overhead" also captures CUDA graphs of Inductor's
+      kernels.
+    The first forward of a prompt shape prepares every bucket for it, so the service's warm-up (one
+    forward per prompt shape) captures or compiles them all before /readyz turns 200, and no request
+    waits for one.
     """
 
-    def __init__(self, backbone: Backbone, compile: str = "off", max_batch_size: int = 32):
+    def __init__(self, backbone: Backbone, compile: str = "off", max_batch_size: int = 32,
+                 cuda_graphs: bool = False):
         self.prompted = PromptedCLIP(backbone.model)
         self.device = backbone.device
         self.dtype = backbone.dtype
         self.cuda = self.device.type == "cuda"
+        if cuda_graphs and not self.cuda:
+            raise ValueError(f"cuda_graphs needs a CUDA device; the model is on {self.device}")
+        if cuda_graphs and compile != "off":
+            raise ValueError("cuda_graphs and torch_compile exclude each other: choose one")
         self.autocast = self.cuda and self.dtype != torch.float32
-        self.buckets = None if compile == "off" else [1 << i for i in range((max_batch_size - 1).bit_length() + 1)]
+        self.buckets = None if compile == "off" and not cuda_graphs else batch_buckets(max_batch_size)
         self.cudagraphs = compile in ("reduce-overhead", "max-autotune")
+        self.graphs = CudaGraphs(self._encode) if cuda_graphs else None
         self._forward = self._encode if compile == "off" else torch.compile(self._encode, mode=compile, dynamic=False)
         # pinned host buffer, reused: callers read results back (a sync) between calls
         self._staging: Tensor | None = None
-        self._compiled: set[tuple[int, ...]] = set()  # prompt shapes whose buckets are compiled
+        self._prepared: set[tuple[int, ...]] = set()  # prompt shapes whose buckets are compiled or captured
 
     def _encode(self, images: Tensor, prompts: Tensor | None) -> Tensor:
         return self.prompted.encode_image(images, prompts, normalize=True, per_sample=True)
 
     def __call__(self, images: Tensor, prompts: Tensor | None) -> Tensor:
-        batch = images.shape[0]
+        batch = size = images.shape[0]
         if self.buckets is not None:
             shape = () if prompts is None else tuple(prompts.shape[1:])
-            if shape not in self._compiled:
-                self._compiled.add(shape)
-                for bucket in self.buckets:
+            if shape not in self._prepared:
+                self._prepared.add(shape)
+                for bucket in reversed(self.buckets):  # largest first: the smaller graphs reuse its memory
                     self(images[:1].expand(bucket, -1, -1, -1),
                          None if prompts is None else prompts[:1].expand(bucket, -1, -1, -1))
             size = next((b for b in self.buckets if b >= batch), batch)
-            images = torch.cat([images, images.new_zeros(size - batch, *images.shape[1:])])
-            if prompts is not None:
-                prompts = torch.cat([prompts, prompts.new_zeros(size - batch, *prompts.shape[1:])])
-        autocast = torch.autocast("cuda", self.dtype) if self.autocast else contextlib.nullcontext()
+            if self.graphs is None:
+                images = torch.cat([images, images.new_zeros(size - batch, *images.shape[1:])])
+                if prompts is not None:
+                    prompts = torch.cat([prompts, prompts.new_zeros(size - batch, *prompts.shape[1:])])
+        # autocast's weight-cast cache must be off while graphs are captured (it holds no-grad weights anyway)
+        autocast = (torch.autocast("cuda", self.dtype, cache_enabled=self.graphs is None) if self.autocast
+                    else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
             images = self._to_device(images)
             if prompts is not None:
                 prompts = prompts.to(self.device, non_blocking=True)
+            if self.graphs is not None and size in self.buckets:
+                return self.graphs(images, prompts, size).float()
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
             features = self._forward(images, prompts)
@@ -114,7 +142,7 @@ class PixelNormalizer:
 
 
 def _torch(backbone: Backbone, settings: Settings) -> ImageTower:
-    return TorchImageTower(backbone, settings.torch_compile, settings.max_batch_size)
+    return TorchImageTower(backbone, settings.torch_compile, settings.max_batch_size, settings.cuda_graphs)
 
 
 def _onnx(backbone: Backbone, settings: Settings) -> ImageTower:

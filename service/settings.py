@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mmap_model.embedded import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, EMBEDDED_PROMPTS_DIR
@@ -45,8 +45,10 @@ class Settings(BaseSettings):
                              description="onnx backend: directory of graphs exported on the fly, keyed by backbone "
                                          "fingerprint, J and m")
     torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
-        "off", description="torch backend: torch.compile mode for the image tower at power-of-two batch buckets "
-                           "(reduce-overhead = CUDA graphs)")
+        "off", description="torch backend: torch.compile mode for the image tower at batch buckets "
+                           "(reduce-overhead = CUDA graphs of Inductor's kernels)")
+    cuda_graphs: bool = Field(False, description="torch backend on CUDA: replay the eager image tower as CUDA graphs "
+                                                 "captured per batch bucket and prompt shape at warm-up")
     max_batch_size: int = Field(32, ge=1, description="most images in one image-tower forward")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill while more requests are on "
                                                        "their way")
@@ -86,6 +88,12 @@ class Settings(BaseSettings):
     @classmethod
     def _none_means_random(cls, value: str | None) -> str | None:
         return None if value in (None, "", "none") else value
+
+    @model_validator(mode="after")
+    def _one_way_to_cut_launches(self) -> Settings:
+        if self.cuda_graphs and self.torch_compile != "off":
+            raise ValueError("cuda_graphs and torch_compile exclude each other: choose one")
+        return self
 
     @property
     def random_seed(self) -> int | None:

@@ -1,15 +1,18 @@
-"""The GPU path of the backends: fp16 autocast, pinned staging, compiled batch buckets, onnxruntime's CUDA
-provider, and the service on CUDA. `gpu`-marked tests skip without CUDA (bench/gpu_check.sh runs them on a
-GPU host); the bucket padding they rely on is checked on the CPU too."""
+"""The GPU path of the backends: fp16 autocast, pinned staging, compiled batch buckets, captured CUDA
+graphs, onnxruntime's CUDA provider, and the service on CUDA. `gpu`-marked tests skip without CUDA
+(bench/gpu_check.sh runs them on a GPU host); the bucket padding they rely on is checked on the CPU too."""
 
 from __future__ import annotations
+
+from itertools import pairwise
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from mmap_model import Backbone, load_backbone
-from service.backends import TorchImageTower
+from service.backends import TorchImageTower, batch_buckets
+from service.settings import Settings
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -37,7 +40,24 @@ def test_padding_to_a_batch_bucket_leaves_every_row_unchanged(tiny):
             got = bucketed(images, p)
             assert got.shape == (batch, tiny.widths.embed_dim)
             assert torch.allclose(got, eager(images, p), atol=1e-5)
-    assert TorchImageTower(tiny, compile="default", max_batch_size=24).buckets == [1, 2, 4, 8, 16, 32]
+    assert TorchImageTower(tiny, compile="default", max_batch_size=24).buckets == [1, 2, 4, 8, 16, 24]
+
+
+def test_batch_buckets_are_finer_than_powers_of_two_and_hold_the_largest_batch():
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    assert batch_buckets(100) == [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128]
+    for most in range(1, 300):
+        buckets = batch_buckets(most)
+        assert buckets[-1] >= most and (len(buckets) == 1 or buckets[-2] < most)
+        assert all(b / a <= 2 and (a < 16 or b / a <= 1.5) for a, b in pairwise(buckets))
+
+
+def test_cuda_graphs_are_refused_clearly_without_cuda_or_with_torch_compile(tiny):
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        TorchImageTower(tiny, cuda_graphs=True)
+    with pytest.raises(ValueError, match="exclude each other"):
+        Settings(cuda_graphs=True, torch_compile="reduce-overhead")
 
 
 @pytest.mark.gpu
@@ -69,6 +89,28 @@ def test_compiled_buckets_with_cuda_graphs_match_eager():
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize("precision", ["fp16", "fp32"])
+def test_captured_cuda_graphs_match_eager_and_survive_new_prompt_values(precision):
+    backbone = cuda_backbone("ViT-B-32", precision)
+    eager, graphed = TorchImageTower(backbone), TorchImageTower(backbone, max_batch_size=24, cuda_graphs=True)
+    tolerance = 1e-2 if precision == "fp16" else 1e-4
+    first = None
+    for batch, seed in [(3, 0), (24, 1), (3, 2), (17, 3), (1, 4)]:  # a bucket again after another: nothing stale
+        images, prompts = inputs(backbone, batch, seed=seed)  # new prompt values each time: a swap
+        got = graphed(images, prompts.cuda())
+        assert got.shape == (batch, backbone.widths.embed_dim)
+        assert (got - eager(images, prompts.cuda())).abs().max() <= tolerance
+        first = got if first is None else first
+    assert len(graphed.graphs.graphs) == len(graphed.buckets)  # one prompt shape: captured once, at first use
+    images, prompts = inputs(backbone, 3, seed=0)  # the first call's, whose bucket has been replayed since:
+    assert (first - eager(images, prompts.cuda())).abs().max() <= tolerance  # what it returned is its own copy
+    images, _ = inputs(backbone, 5)
+    assert (graphed(images, None) - eager(images, None)).abs().max() <= tolerance  # unprompted: its own graphs
+    assert len(graphed.graphs.graphs) == 2 * len(graphed.buckets)
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("precision,tolerance", [("fp32", 2e-3), ("fp16", 2e-2)])
 def test_onnxruntime_cuda_provider_matches_torch(tmp_path, precision, tolerance):
     ort = pytest.importorskip("onnxruntime")
@@ -86,7 +128,8 @@ def test_onnxruntime_cuda_provider_matches_torch(tmp_path, precision, tolerance)
 
 @pytest.mark.gpu
 @needs_cuda
-def test_service_on_cuda_fp16_scores_like_the_cpu_reference(tiny, tmp_path):
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_service_on_cuda_fp16_scores_like_the_cpu_reference(tiny, tmp_path, cuda_graphs):
     from helpers.service import (
         OFFICE,
         classify,
@@ -104,7 +147,8 @@ def test_service_on_cuda_fp16_scores_like_the_cpu_reference(tiny, tmp_path):
     publish(office, tmp_path)
 
     async def scenario():
-        async with serve(service_settings(tmp_path, device="cuda", precision="fp16")) as client:
+        config = service_settings(tmp_path, device="cuda", precision="fp16", cuda_graphs=cuda_graphs)
+        async with serve(config) as client:
             for seed, task in enumerate(["clipart", "real"]):
                 data = image_bytes(seed)
                 got = scores(await classify(client, task, data))
