@@ -170,12 +170,12 @@ def measure(server: Server, script: Path, targets: Path, args: argparse.Namespac
 class RawForward:
     """The engine's work for a batch, in this process: normalise, prompted forward, per-row scores."""
 
-    def __init__(self, backbone, prompt_dir: Path, bodies: list[bytes]):
+    def __init__(self, backbone, prompt_dir: Path, bodies: list[bytes], max_batch: int, cuda_graphs: bool):
         sets = {}
         for path in sorted(p for p in prompt_dir.iterdir() if (p / "promptset.json").is_file()):
             sets[path.name] = PromptSet.load(path, backbone)
         self.backbone = backbone
-        self.tower = TorchImageTower(backbone)
+        self.tower = TorchImageTower(backbone, max_batch_size=max_batch, cuda_graphs=cuda_graphs)  # as the engine's
         self.normalize = PixelNormalizer(backbone.device, backbone.preprocess_cfg["mean"],
                                          backbone.preprocess_cfg["std"])
         self.scale = float(PromptedCLIP(backbone.model).logit_scale)
@@ -229,6 +229,7 @@ def main() -> None:
     parser.add_argument("--engine-threads", type=int, default=0, help="the service's engine_threads (0 = its default)")
     parser.add_argument("--torch-compile", default="off", help="the service's torch_compile mode")
     parser.add_argument("--cuda-graphs", action="store_true", help="the service's cuda_graphs (CUDA)")
+    parser.add_argument("--decode", choices=["worker", "engine"], default="worker", help="the service's decode")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of both services")
     parser.add_argument("--rounds", type=int, default=3)
@@ -272,14 +273,14 @@ def main() -> None:
                   "--log-level", "warning"]
         servers = [Server("engine", REPO, [*common, "--workers", str(args.workers), "--engine-threads",
                                            str(args.engine_threads), "--torch-compile", args.torch_compile,
-                                           "--cuda-graphs", str(args.cuda_graphs)],
+                                           "--cuda-graphs", str(args.cuda_graphs), "--decode", args.decode],
                           18080, tmp / "engine.log", env)]
         stack.callback(servers[0].stop)
         if args.landed:
             servers.append(Server("landed", args.landed, common, 18081, tmp / "landed.log", env))
             stack.callback(servers[1].stop)
         engine_threads = args.engine_threads or (1 if args.device == "cuda" else os.cpu_count() or 1)
-        raw = RawForward(backbone, prompts, bodies)
+        raw = RawForward(backbone, prompts, bodies, args.batch, args.cuda_graphs)
         rounds: list[dict] = []
         for r in range(args.rounds):
             row: dict = {}
@@ -320,6 +321,7 @@ def main() -> None:
     engine = {k: med("engine", k) for k in rounds[0]["engine"]}
     summary = {"model": args.model, "device": args.device, "precision": args.precision, "workers": args.workers,
                "engine_threads": engine_threads, "torch_compile": args.torch_compile, "cuda_graphs": args.cuda_graphs,
+               "decode": args.decode,
                "connections": args.connections, "cores": os.cpu_count(),
                "image_size": size, "rounds": rounds, "engine": engine,
                "forward_in_service_over_alone": statistics.median(

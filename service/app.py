@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine_client import EngineClient, EngineUnavailable
 from .errors import ServiceError
-from .images import ImageRejected, set_pillow_pixel_limit
+from .images import ImageRejected, plain_jpeg, set_pillow_pixel_limit
 from .labels import parse_labels
 from .metrics import UNKNOWN_TASK, Metrics
 from .settings import Settings
@@ -70,10 +70,13 @@ class Worker:
         self.preprocess = Preprocessor(engine.info.preprocess, settings.max_image_pixels)
         self._decode_pool = ThreadPoolExecutor(max_workers=settings.decode_workers, thread_name_prefix="decode")
 
-    async def pixels(self, data: bytes) -> np.ndarray:
+    async def pixels(self, data: bytes) -> np.ndarray | bytes:
         """Decode and preprocess one upload: small images right here (a hand-off to a thread costs more
-        than their decoding), larger ones on the decode threads (Pillow releases the GIL there)."""
+        than their decoding), larger ones on the decode threads (Pillow releases the GIL there). With
+        decode=engine a plain JPEG, its header checked, is returned as it is: the engine decodes it."""
         image = self.preprocess.open(data)
+        if self.settings.decode == "engine" and plain_jpeg(image):
+            return data
         if image.width * image.height <= INLINE_DECODE_PIXELS:
             return self.preprocess.finish(image)
         return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self.preprocess.finish, image)

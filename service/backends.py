@@ -117,7 +117,7 @@ class TorchImageTower:
 
 
 class PixelNormalizer:
-    """uint8 pixels [B, H, W, 3] (CPU) -> normalised fp32 images [B, 3, H, W] on the device.
+    """uint8 pixels [B, H, W, 3] (CPU, or already on the device) -> normalised fp32 images [B, 3, H, W] on the device.
 
     The same operations as open_clip's ToTensor + Normalize (divide by 255, subtract the mean, divide
     by the std, in fp32), run on the device after the copy: bit-identical to open_clip's transform,
@@ -132,7 +132,7 @@ class PixelNormalizer:
         self._staging: Tensor | None = None
 
     def __call__(self, pixels: Tensor) -> Tensor:
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and pixels.device.type == "cpu":
             n = pixels.numel()
             if self._staging is None or self._staging.numel() < n:
                 self._staging = torch.empty(n, dtype=torch.uint8, pin_memory=True)

@@ -24,6 +24,7 @@ from mmap_model.prompts import check_name
 from mmap_model.promptset import read_file_within
 
 from .backends import PixelNormalizer, make_image_tower
+from .device_decode import DeviceDecoder, UndecodableJpeg
 from .metrics import Metrics
 from .registry import MAX_SAMPLE_BYTES, SAMPLE_TYPES, PromptSlot, Registry, TaskHandle
 from .settings import Settings
@@ -40,7 +41,9 @@ class Pending:
     """One image waiting for its batch."""
 
     request: int  # the id its answer carries
-    pixels: np.ndarray  # [H, W, 3] uint8 (a view of a worker's slot: copied when the batch is built)
+    # [H, W, 3] uint8: a view of a worker's slot (copied when the batch is built), or (decode=engine) the JPEG
+    # upload itself, replaced by its decoded pixels on the device when the batch is built
+    pixels: np.ndarray | bytes | Tensor
     handle: TaskHandle | None  # of the snapshot the request arrived in: a swap never breaks it (None: no task)
     slot: PromptSlot
     top_k: int
@@ -72,6 +75,7 @@ class InferenceCore:
         self.tower = make_image_tower(settings.backend, backbone, settings)
         cfg = backbone.preprocess_cfg
         self.normalize = PixelNormalizer(backbone.device, cfg["mean"], cfg["std"])
+        self.decoder = DeviceDecoder(cfg, backbone.device) if settings.decode == "engine" else None
         self.prompted = PromptedCLIP(backbone.model)
         self.logit_scale = float(self.prompted.logit_scale)
         self.label_cache: OrderedDict[tuple[str, str, str, tuple[str, ...]], Tensor] = OrderedDict()
@@ -93,10 +97,11 @@ class InferenceCore:
                           fingerprint=self.backbone.fingerprint, device=str(self.backbone.device),
                           precision=self.settings.precision, backend=self.settings.backend)
 
-    def admit(self, request: int, task: str, pixels: np.ndarray, top_k: int, queued: int,
+    def admit(self, request: int, task: str, pixels: np.ndarray | bytes, top_k: int, queued: int,
               labels: list[str] | None = None, embed: bool = False) -> Pending | Failed:
         """A request for the queue, or its refusal: unknown task, not ready, queue full (`queued` waiting).
 
+        `pixels`: uint8 [H, W, 3], or with decode=engine the JPEG file (decoded with its batch).
         `labels`: score against these class names (the worker checked them) with the task's prompts and
         template; their text features are computed here on first use and kept in an LRU cache. `embed`:
         answer the image embedding; with task "" the unprompted tower's."""
@@ -107,6 +112,8 @@ class InferenceCore:
             return Failed(request, 404, "unknown_task", f"unknown task {task!r}; loaded tasks: {loaded}")
         if not self.ready:
             return Failed(request, 503, "not_ready", self.not_ready_reason() or "", 1)
+        if isinstance(pixels, bytes) and self.decoder is None:
+            return Failed(request, 500, "protocol_error", "a JPEG file sent to an engine that does not decode")
         if queued >= self.settings.queue_size:
             retry = max(1, int(np.ceil(queued / self.settings.max_batch_size * self.last_forward_s)))
             return Failed(request, 503, "overloaded", f"the request queue is full; retry in {retry} s", retry)
@@ -141,9 +148,11 @@ class InferenceCore:
     def score(self, items: list[Pending]) -> list[Scored | Failed]:
         """Answers in the order of `items`: one forward per prompt bank, each row scored over its own task."""
         answers: list[Scored | Failed] = [None] * len(items)  # type: ignore[list-item]
+        self._decode(items, answers)
         groups: dict[int, list[int]] = {}
         for i, item in enumerate(items):
-            groups.setdefault(id(item.slot.bank), []).append(i)
+            if answers[i] is None:  # not failed by its decoding
+                groups.setdefault(id(item.slot.bank), []).append(i)
         for rows in groups.values():
             group = [items[i] for i in rows]
             start = time.perf_counter()
@@ -161,12 +170,37 @@ class InferenceCore:
             self.metrics.forward_per_image.observe(elapsed / len(group))
         return answers
 
+    def _decode(self, items: list[Pending], answers: list[Scored | Failed]) -> None:
+        """decode=engine: the batch's JPEG files -> pixels on the device, in one decoder call; a file that
+        cannot be decoded gets its own 422 in `answers`."""
+        rows = [i for i, item in enumerate(items) if isinstance(item.pixels, bytes)]
+        if not rows:
+            return
+        start = time.perf_counter()
+        try:
+            images = self.decoder([items[i].pixels for i in rows])
+        except Exception as e:  # the decoder itself broke (not a bad file): its images fail, the rest go on
+            log.exception("decoding %d JPEG files failed", len(rows))
+            images = [e] * len(rows)
+        for i, image in zip(rows, images, strict=True):
+            if isinstance(image, UndecodableJpeg):
+                answers[i] = Failed(items[i].request, 422, "corrupt",
+                                    f"cannot decode this JPEG image (truncated or corrupt): {image}")
+            elif isinstance(image, Exception):
+                answers[i] = Failed(items[i].request, 500, "decode_failed", f"{type(image).__name__}: {image}")
+            else:
+                items[i].pixels = image
+        self.metrics.decode_per_image.observe((time.perf_counter() - start) / len(rows))
+
     def _forward(self, items: list[Pending]) -> list[Scored | Embedded]:
         """One forward for items of one prompt bank, then each row scored over its own class texts (a task's,
         or a caller's label set), or answered with its embedding."""
         bank = items[0].slot.bank
         with torch.inference_mode():
-            pixels = torch.from_numpy(np.stack([item.pixels for item in items]))  # copies out of the slots
+            if all(isinstance(item.pixels, np.ndarray) for item in items):
+                pixels = torch.from_numpy(np.stack([item.pixels for item in items]))  # copies out of the slots
+            else:  # some were decoded on the device
+                pixels = torch.stack([torch.as_tensor(item.pixels).to(self.backbone.device) for item in items])
             prompts = None if bank is None else bank[torch.tensor([i.slot.index for i in items], device=bank.device)]
             features = self.tower(self.normalize(pixels), prompts).to(self.backbone.device)
             rows_of: dict[int, list[int]] = {}

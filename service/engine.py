@@ -179,8 +179,9 @@ class Engine:
         if worker is None or not 0 <= infer.slot < worker.ring.slots:
             self._send(client, Failed(infer.id, 500, "protocol_error", "request from an unknown worker or slot"))
             return
-        admitted = self.core.admit(infer.id, infer.task, worker.ring.pixels[infer.slot], infer.top_k, len(self.queue),
-                                   infer.labels, infer.embed)
+        pixels = worker.ring.pixels[infer.slot] if infer.jpeg is None else infer.jpeg
+        admitted = self.core.admit(infer.id, infer.task, pixels, infer.top_k, len(self.queue), infer.labels,
+                                   infer.embed)
         if isinstance(admitted, Failed):
             self._send(client, admitted)
         else:

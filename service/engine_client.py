@@ -21,6 +21,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from .errors import ServiceError
+from .images import ImageRejected
 from .transport import (
     SHM_DIR,
     Call,
@@ -59,6 +60,8 @@ class InferenceTimeout(ServiceError):
 
 def failure(message: Failed | Reply) -> ServiceError:
     retry = getattr(message, "retry_after_s", None)
+    if message.error == "corrupt":  # an upload the engine could not decode (decode=engine): counted as rejected
+        return ImageRejected(message.status, message.error, message.detail or "")
     return ServiceError(message.status, message.error or "error", message.detail or "",
                         {"Retry-After": str(retry)} if retry else None)
 
@@ -119,10 +122,10 @@ class EngineClient:
         finally:
             self.ring.add_incoming(-1)
 
-    async def infer(self, pixels: np.ndarray, task: str, top_k: int, timeout_s: float, labels: list[str] | None = None,
-                    embed: bool = False) -> Scored | Embedded:
-        """Scores of one image [H, W, 3] uint8 for one task (over `labels` if given), or with `embed` its
-        embedding; ServiceError with the engine's refusal."""
+    async def infer(self, pixels: np.ndarray | bytes, task: str, top_k: int, timeout_s: float,
+                    labels: list[str] | None = None, embed: bool = False) -> Scored | Embedded:
+        """Scores of one image [H, W, 3] uint8 (or a JPEG file the engine decodes) for one task (over `labels`
+        if given), or with `embed` its embedding; ServiceError with the engine's refusal."""
         if self.down:
             raise EngineUnavailable()
         if not self._free:
@@ -130,10 +133,12 @@ class EngineClient:
                                {"Retry-After": "1"})
         request = next(self._ids)
         slot = self._free[-1]
+        jpeg = pixels if isinstance(pixels, bytes) else None
         message = encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K), labels=labels,
-                               embed=embed))
+                               embed=embed, jpeg=jpeg))
         self._free.pop()
-        self.ring.pixels[slot] = pixels
+        if jpeg is None:
+            self.ring.pixels[slot] = pixels
         answer: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[request] = (answer, slot)  # the slot is released when the engine answers, even late
         await self._send(message)

@@ -14,7 +14,7 @@ import logging
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import ServiceError
 
@@ -84,6 +84,17 @@ def load_image(image: Image.Image) -> Image.Image:
         raise ImageRejected(422, "corrupt",
                             f"cannot decode this {image.format} image (truncated or corrupt): "
                             f"{type(e).__name__}: {e}") from e
+
+
+def plain_jpeg(image: Image.Image) -> bool:
+    """A JPEG (from `open_image`) that decodes to the same RGB on any decoder: RGB or greyscale, no EXIF
+    rotation (the engine's decoder neither converts CMYK like Pillow nor rotates on CUDA)."""
+    if image.format != "JPEG" or image.mode not in ("RGB", "L"):
+        return False
+    try:
+        return image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+    except Exception:  # unreadable EXIF: let the worker's Pillow path decide, as it does for every other file
+        return False
 
 
 def _claimed_format(data: bytes) -> str | None:

@@ -42,6 +42,9 @@ class Metrics:
         self.forward_per_image = Histogram("mmap_forward_seconds_per_image",
                                            "one image-tower forward and scoring divided by its images",
                                            buckets=_PER_IMAGE_BUCKETS, registry=r)
+        self.decode_per_image = Histogram("mmap_engine_decode_seconds_per_image",
+                                          "JPEG decoding and resizing on the engine (decode=engine), per image",
+                                          buckets=_PER_IMAGE_BUCKETS, registry=r)
         self.tasks_loaded = Gauge("mmap_tasks_loaded", "tasks in the serving snapshot", registry=r,
                                   multiprocess_mode="livemax")
         self.prompt_set_loads = Counter("mmap_prompt_set_loads", "prompt-set (re)load attempts by result",

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
                            "(reduce-overhead = CUDA graphs of Inductor's kernels)")
     cuda_graphs: bool = Field(False, description="torch backend on CUDA: replay the eager image tower as CUDA graphs "
                                                  "captured per batch bucket and prompt shape at warm-up")
+    decode: Literal["worker", "engine"] = Field(
+        "worker", description="where JPEG uploads are decoded: worker = Pillow in the HTTP workers (bit-identical to "
+                              "open_clip's transform); engine = batched on the engine's device (nvjpeg on CUDA), "
+                              "within a stated pixel tolerance; other formats always decode in the workers")
     max_batch_size: int = Field(32, ge=1, description="most images in one image-tower forward")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill while more requests are on "
                                                        "their way")

@@ -13,7 +13,8 @@ operations, sample files). Engine -> worker: `Welcome` (answers Hello), `Catalog
 pushed to every worker after each change), `Scored` / `Embedded` / `Failed` (answer an Infer; those of
 one batch travel together as `Results`), `Reply` (answers a Call). One `Infer` carries one image: a
 request with several images sends several, and one with its own class names (`labels`) or asking
-for the embedding says so in fields of its Infer.
+for the embedding says so in fields of its Infer. With `decode = "engine"` an Infer may carry the
+JPEG upload itself instead of pixels in its slot (device_decode.py).
 """
 
 from __future__ import annotations
@@ -112,6 +113,7 @@ class Infer(msgspec.Struct, tag=True):
     top_k: int
     labels: list[str] | None = None  # score against these class names, with the task's prompts and template
     embed: bool = False  # answer the image embedding (`Embedded`), not scores
+    jpeg: bytes | None = None  # decode=engine: the upload itself, decoded by the engine (the slot stays unused)
 
 
 class Call(msgspec.Struct, tag=True):

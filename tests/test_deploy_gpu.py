@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from itertools import pairwise
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,14 +127,38 @@ def test_onnxruntime_cuda_provider_matches_torch(tmp_path, precision, tolerance)
     assert (got - TorchImageTower(backbone)(images, prompts.cuda())).abs().max() <= tolerance
 
 
+GPU_DECODE_MAX, GPU_DECODE_MEAN = 16, 1.0  # 8-bit levels between nvjpeg + resize on CUDA and the Pillow path
+
+
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("cuda_graphs", [False, True])
-def test_service_on_cuda_fp16_scores_like_the_cpu_reference(tiny, tmp_path, cuda_graphs):
+def test_nvjpeg_decoding_is_within_the_stated_tolerance_and_fails_only_the_bad_file(vitb32):
+    from helpers.service import jpeg, truncated
+
+    from service.device_decode import DeviceDecoder, UndecodableJpeg
+    from service.uploads import Preprocessor
+
+    cfg = vitb32.preprocess_cfg
+    pillow, engine = Preprocessor(cfg, 10**8), DeviceDecoder(cfg, torch.device("cuda"))
+    files = [jpeg(1, (298, 224)), jpeg(2, (1365, 1024)), jpeg(3, (224, 224), "L"),
+             jpeg(4, (640, 480), progressive=True), jpeg(5, (100, 80))]
+    decoded = engine([*files[:2], truncated(jpeg(6, (640, 480))), *files[2:]])
+    assert isinstance(decoded[2], UndecodableJpeg)
+    for data, pixels in zip(files, decoded[:2] + decoded[3:], strict=True):
+        assert pixels.device.type == "cuda" and pixels.dtype == torch.uint8
+        error = np.abs(pixels.cpu().numpy().astype(int) - pillow(data))
+        print(f"nvjpeg vs Pillow: max |Δ| {error.max()} mean |Δ| {error.mean():.3f} levels ({len(data)} bytes)")
+        assert error.max() <= GPU_DECODE_MAX and error.mean() <= GPU_DECODE_MEAN
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cuda_graphs,decode", [(False, "worker"), (True, "worker"), (False, "engine")])
+def test_service_on_cuda_fp16_scores_like_the_cpu_reference(tiny, tmp_path, cuda_graphs, decode):
     from helpers.service import (
         OFFICE,
         classify,
-        image_bytes,
+        jpeg,
         make_set,
         publish,
         reference_scores,
@@ -147,10 +172,10 @@ def test_service_on_cuda_fp16_scores_like_the_cpu_reference(tiny, tmp_path, cuda
     publish(office, tmp_path)
 
     async def scenario():
-        config = service_settings(tmp_path, device="cuda", precision="fp16", cuda_graphs=cuda_graphs)
+        config = service_settings(tmp_path, device="cuda", precision="fp16", cuda_graphs=cuda_graphs, decode=decode)
         async with serve(config) as client:
             for seed, task in enumerate(["clipart", "real"]):
-                data = image_bytes(seed)
+                data = jpeg(seed, (300, 200))
                 got = scores(await classify(client, task, data))
                 expected = reference_scores(tiny, office, task, data)
                 assert max(abs(got[k] - expected[k]) for k in expected) <= 2e-2

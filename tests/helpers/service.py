@@ -76,6 +76,18 @@ def image_bytes(seed: int, size: tuple[int, int] = (48, 40), fmt: str = "PNG") -
     return buffer.getvalue()
 
 
+def jpeg(seed: int, size: tuple[int, int] = (48, 40), mode: str = "RGB", **options) -> bytes:
+    """`image_bytes`'s image as a JPEG (quality 90) in Pillow mode `mode`; `options` go to Pillow's save."""
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(image_bytes(seed, size))).convert(mode).save(buffer, "JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def truncated(data: bytes) -> bytes:
+    """A JPEG whose header is whole (it passes the workers' checks) and whose scan data stops halfway."""
+    return data[: len(data) // 2]
+
+
 def settings(prompts_dir: Path, **overrides: Any) -> Settings:
     values = {**SERVED, "prompts": prompts_dir, "device": "cpu", "watch_interval_s": 0, "workers": 1, **overrides}
     return Settings(**values)
