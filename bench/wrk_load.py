@@ -5,13 +5,16 @@
     python bench/wrk_load.py --model ViT-B-32 --device cuda --precision fp16   # a GPU host (no --landed needed)
 
 `--landed DIR` is a checkout of the single-process service to compare with (`git worktree add DIR
-<commit>`); it runs from DIR on this interpreter. The embedded tiny model's operations are short, like
+<commit>`); it runs from DIR on this interpreter. `--variant FLAGS` serves this checkout a second
+time with those service flags added (`--variant "--decode engine"`, `--variant "--cuda-graphs true"`)
+and compares it the same way. The embedded tiny model's operations are short, like
 GPU kernel launches, so with one engine thread (as the engine runs on a GPU) it is this machine's proxy
 for GPU serving. Both services are started once and alternate,
 round by round: the one not measured is frozen (SIGSTOP), so each window has the machine to itself.
 Per window: wrk (pinned to the last core, `--connections` keep-alive connections, raw image/jpeg
 bodies over all tasks) gives req/s; /metrics before and after gives the forward time per image inside
-the service (inference_duration_sum / batch_size_sum) and the mean batch; /proc gives the CPU
+the service (inference_duration_sum / batch_size_sum), the mean batch, and with decode=engine the
+engine's decoding time per image (averaged over batches); /proc gives the CPU
 seconds of the HTTP side (the workers; the landed service's one process does everything) per
 request. The same forward alone (the service's own tower, normalisation and scoring, at the mean
 batch, the engine's thread count) is timed in this process with the services frozen. Then
@@ -25,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -162,7 +166,12 @@ def measure(server: Server, script: Path, targets: Path, args: argparse.Namespac
     images = after["mmap_batch_size_sum"] - before["mmap_batch_size_sum"]
     batches = after["mmap_batch_size_count"] - before["mmap_batch_size_count"]
     seconds = after["mmap_inference_duration_seconds_sum"] - before["mmap_inference_duration_seconds_sum"]
+    decoded = after.get("mmap_engine_decode_seconds_per_image_count", 0) - before.get(
+        "mmap_engine_decode_seconds_per_image_count", 0)
+    decode_s = after.get("mmap_engine_decode_seconds_per_image_sum", 0) - before.get(
+        "mmap_engine_decode_seconds_per_image_sum", 0)
     return {**result, "forward_per_image_ms": 1000 * seconds / images, "mean_batch": images / batches,
+            "engine_decode_per_image_ms": 1000 * decode_s / decoded if decoded else 0.0,
             "http_cpu_ms_per_request": 1000 * cpu / result["requests"],
             "all_cpu_ms_per_request": 1000 * all_cpu / result["requests"], "cores_used": all_cpu / args.window_s}
 
@@ -230,6 +239,9 @@ def main() -> None:
     parser.add_argument("--torch-compile", default="off", help="the service's torch_compile mode")
     parser.add_argument("--cuda-graphs", action="store_true", help="the service's cuda_graphs (CUDA)")
     parser.add_argument("--decode", choices=["worker", "engine"], default="worker", help="the service's decode")
+    parser.add_argument("--variant", type=shlex.split, default=None, metavar="FLAGS",
+                        help="also serve this checkout with these service flags added (e.g. '--cuda-graphs true'), "
+                             "alternated with the first, as 'variant'")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32, help="max_batch_size of both services")
     parser.add_argument("--rounds", type=int, default=3)
@@ -271,14 +283,17 @@ def main() -> None:
         common = ["--model", args.model, "--pretrained", pretrained, "--prompts", str(prompts), "--device", args.device,
                   "--precision", args.precision, "--max-batch-size", str(args.batch), "--watch-interval-s", "0",
                   "--log-level", "warning"]
-        servers = [Server("engine", REPO, [*common, "--workers", str(args.workers), "--engine-threads",
-                                           str(args.engine_threads), "--torch-compile", args.torch_compile,
-                                           "--cuda-graphs", str(args.cuda_graphs), "--decode", args.decode],
-                          18080, tmp / "engine.log", env)]
-        stack.callback(servers[0].stop)
+        engine_args = [*common, "--workers", str(args.workers), "--engine-threads", str(args.engine_threads),
+                       "--torch-compile", args.torch_compile, "--cuda-graphs", str(args.cuda_graphs),
+                       "--decode", args.decode]
+        servers = [Server("engine", REPO, engine_args, 18080, tmp / "engine.log", env)]
+        stack.callback(servers[-1].stop)
         if args.landed:
             servers.append(Server("landed", args.landed, common, 18081, tmp / "landed.log", env))
-            stack.callback(servers[1].stop)
+            stack.callback(servers[-1].stop)
+        if args.variant:
+            servers.append(Server("variant", REPO, [*engine_args, *args.variant], 18082, tmp / "variant.log", env))
+            stack.callback(servers[-1].stop)
         engine_threads = args.engine_threads or (1 if args.device == "cuda" else os.cpu_count() or 1)
         raw = RawForward(backbone, prompts, bodies, args.batch, args.cuda_graphs)
         rounds: list[dict] = []
@@ -331,6 +346,11 @@ def main() -> None:
                "p50_concurrency_1_ms": singles, "raw_single_forward_ms": raw_single_ms,
                "predicted_16_core_http_rps": 15 * 1000 / engine["http_cpu_ms_per_request"],
                "predicted_16_core_cpu_rps": 16 * 1000 / engine["all_cpu_ms_per_request"]}
+    if args.variant:
+        summary["variant_flags"] = args.variant
+        summary["variant"] = {k: med("variant", k) for k in rounds[0]["variant"]}
+        summary["variant_over_engine_rps"] = statistics.median(
+            row["variant"]["rps"] / row["engine"]["rps"] for row in rounds)
     if args.landed:
         summary["landed"] = {k: med("landed", k) for k in rounds[0]["landed"]}
         summary["engine_over_landed_rps"] = statistics.median(

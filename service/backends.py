@@ -107,7 +107,7 @@ class TorchImageTower:
             return features[:batch].float()
 
     def _to_device(self, images: Tensor) -> Tensor:
-        if not self.cuda or images.device == self.device:
+        if not self.cuda or images.device.type == "cuda":  # (torch.device("cuda") != the tensors' "cuda:0")
             return images.to(self.device, self.dtype)
         n = images.numel()
         if self._staging is None or self._staging.numel() < n:

@@ -66,7 +66,9 @@ class CudaGraphs:
                 self.forward(static_images, static_prompts)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the engine's loader thread may run the text tower on the GPU during a capture (a hot swap
+        # that brings a new prompt shape); that is not part of this graph and must not fail it
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             output = self.forward(static_images, static_prompts)
         captured = _Captured(graph, static_images, static_prompts, output)
         self.graphs[key] = captured

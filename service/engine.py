@@ -1,8 +1,9 @@
 """The engine process: the ONE frozen CLIP, the prompt-set registry, and the batching loop.
 
 `python -m service` starts it (see launcher.py); it is not a command of its own. Its main thread
-runs `Engine.run`: a plain ZeroMQ poll loop with no event loop, no HTTP and no decoding, so a
-forward never waits for another thread's GIL. It takes the HTTP workers' `Infer` messages into one
+runs `Engine.run`: a plain ZeroMQ poll loop with no event loop, no HTTP and no Pillow decoding, so
+a forward never waits for another thread's GIL (with decode=engine it decodes JPEG batches on its
+device, device_decode.py). It takes the HTTP workers' `Infer` messages into one
 queue, and when a batch is due (`max_batch_size` images, or `max_wait_ms` since the oldest, or no
 upload on its way in any worker) it runs it: the pixels are copied from the workers' shared-memory
 slots, moved to the device as uint8 and normalised there, grouped by prompt bank (tasks of equal
