@@ -24,6 +24,9 @@
 # then installs .gpu/wheels into /tmp/site itself when `import fastapi` fails.
 # Every step has its own timeout, so a hang costs that step only. Exit status: that of the tests
 # (2 when torch sees no CUDA device).
+#
+# GPU_CHECK_DRY=1 runs every step's plumbing on this CPU instead, with the embedded mmap-tiny, fp32 and
+# short windows (the gpu tests skip, the compile step is left out): to try the script before a device run.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -36,6 +39,14 @@ if ! "$PY" -c "import fastapi" 2> /dev/null && [ -d .gpu/wheels ]; then
 fi
 BUDGET_S=${GPU_CHECK_BUDGET_S:-460}
 BATCHES=${GPU_CHECK_BATCHES:-"1 8 32 128 256"}
+DEVICE=cuda PRECISION=fp16 MODELS="ViT-B-32 ViT-B-16" IMAGE=224 DECODE_DEVICES="cpu cuda"
+LOAD_OPTS=(--batch 64 --connections 256 --workers 12 --wrk-cores 14,15 --rounds 2 --warm-s 2 --window-s 8 --single 50)
+DRY=${GPU_CHECK_DRY:-0}
+if [ "$DRY" = 1 ]; then
+  DEVICE=cpu PRECISION=fp32 MODELS="mmap-tiny" IMAGE=48 BATCHES="1 8" DECODE_DEVICES=cpu
+  LOAD_OPTS=(--batch 32 --connections 16 --workers 1 --wrk-cores 1 --rounds 1 --warm-s 1 --window-s 3 --single 5)
+fi
+FIRST=${MODELS%% *}  # the model of the decode comparison
 mkdir -p "$REPORT"
 START=$(date +%s)
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -56,7 +67,7 @@ except ImportError:
 EOF
 } > "$REPORT/environment.txt" 2>&1
 cat "$REPORT/environment.txt"
-if ! timeout 60 "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+if [ "$DRY" != 1 ] && ! timeout 60 "$PY" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
   log "no CUDA device visible to torch: nothing to check"
   printf '# GPU check\n\nNo CUDA device visible to torch on this host.\n\n```\n%s\n```\n' "$(cat "$REPORT/environment.txt")" > "$REPORT/report.md"
   [ -z "${OUT:-}" ] || cp "$REPORT/report.md" "$OUT/"
@@ -91,42 +102,42 @@ bench_step() {
   [ $rc = 0 ] || tail -n 20 "$REPORT/bench-$name.log" | tee -a "$REPORT/bench-$name.md"
 }
 
-for MODEL in ViT-B-32 ViT-B-16; do
+for MODEL in $MODELS; do
   # shellcheck disable=SC2086
-  bench_step "$MODEL" 60 "$PY" bench/backends.py --model "$MODEL" --device cuda --precision fp16 \
-    --batch-sizes $BATCHES --backends $TOWERS --repeats 3 --min-round-s 0.3 \
-    --json "$REPORT/bench-$MODEL.json"
+  bench_step "$MODEL" 60 "$PY" bench/backends.py --model "$MODEL" --device $DEVICE --precision $PRECISION \
+    --batch-sizes $BATCHES --backends $TOWERS --repeats 3 --min-round-s 0.3 --json "$REPORT/bench-$MODEL.json"
 done
 
 # The service under wrk: launcher + engine + HTTP workers; 12 workers and wrk on two cores of 16.
 if [ -z "${WRK:-}" ] && ! command -v wrk > /dev/null && [ -x .gpu/bin/wrk ]; then
   export WRK=$PWD/.gpu/bin/wrk LD_LIBRARY_PATH=$PWD/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
-LOAD=("$PY" bench/wrk_load.py --device cuda --precision fp16 --image-size 224 --batch 64 --connections 256
-      --workers 12 --wrk-cores 14,15 --rounds 2 --warm-s 2 --window-s 8 --single 50)
+LOAD=("$PY" bench/wrk_load.py --device $DEVICE --precision $PRECISION --image-size $IMAGE "${LOAD_OPTS[@]}")
 GRAPHS=()
-if [ $GRAPHS_OK = 1 ]; then
-  for MODEL in ViT-B-32 ViT-B-16; do
+for MODEL in $MODELS; do
+  if [ $GRAPHS_OK = 1 ]; then
     bench_step "load-$MODEL" 90 "${LOAD[@]}" --model "$MODEL" --variant "--cuda-graphs true" \
       --json "$REPORT/load-$MODEL.json"
-  done
-  # the faster of the two (req/s, ViT-B-32) serves the decode comparison
-  "$PY" - "$REPORT/load-ViT-B-32.json" <<'EOF' > /dev/null 2>&1 && GRAPHS=(--cuda-graphs)
-import json, sys
-sys.exit(0 if json.load(open(sys.argv[1])).get("variant_over_engine_rps", 0) > 1 else 1)
-EOF
-else
-  for MODEL in ViT-B-32 ViT-B-16; do
+  else
     bench_step "load-$MODEL" 70 "${LOAD[@]}" --model "$MODEL" --json "$REPORT/load-$MODEL.json"
-  done
+  fi
+done
+# the faster of eager and cuda_graphs (req/s) serves the decode comparison
+if [ $GRAPHS_OK = 1 ] && "$PY" -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['variant_over_engine_rps'] <= 1)" \
+    "$REPORT/load-$FIRST.json" 2> /dev/null; then
+  GRAPHS=(--cuda-graphs)
 fi
-bench_step load-ViT-B-32-decode 90 "${LOAD[@]}" --model ViT-B-32 "${GRAPHS[@]}" --variant "--decode engine" \
-  --json "$REPORT/load-ViT-B-32-decode.json"
-bench_step decode 40 "$PY" bench/decode.py --sizes 224 1024 --images 128 --batch 32 128 --json "$REPORT/decode.json"
-# compiling takes tens of seconds per batch size: a short sweep only
-bench_step compile 120 "$PY" bench/backends.py --model ViT-B-32 --device cuda --precision fp16 \
-  --batch-sizes 32 128 --backends "${TOWERS% onnx}" torch-compile --repeats 3 --min-round-s 0.3 \
-  --json "$REPORT/bench-compile.json"
+bench_step "load-$FIRST-decode" 90 "${LOAD[@]}" --model "$FIRST" "${GRAPHS[@]}" --variant "--decode engine" \
+  --json "$REPORT/load-$FIRST-decode.json"
+# shellcheck disable=SC2086
+bench_step decode 40 "$PY" bench/decode.py --model "$FIRST" --devices $DECODE_DEVICES --sizes $IMAGE 1024 --images 128 \
+  --batch 32 128 --json "$REPORT/decode.json"
+if [ "$DRY" != 1 ]; then  # compiling takes tens of seconds per batch size: a short sweep only, last
+  # shellcheck disable=SC2086
+  bench_step compile 120 "$PY" bench/backends.py --model ViT-B-32 --device cuda --precision fp16 \
+    --batch-sizes 32 128 --backends ${TOWERS% onnx} torch-compile --repeats 3 --min-round-s 0.3 \
+    --json "$REPORT/bench-compile.json"
+fi
 
 {
   echo "# GPU check $(date -u +%Y-%m-%dT%H:%MZ)"
