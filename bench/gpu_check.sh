@@ -14,7 +14,7 @@
 #    p50 at concurrency 1 <= raw single forward + 3 ms. wrk: Debian's, or .gpu/bin/wrk (bench/gpu_prepare.sh)
 # 5. upload decoding alone: Pillow on a thread pool vs nvjpeg + tensor resize (bench/decode.py)
 # 6. torch eager vs cuda_graphs vs torch.compile(reduce-overhead), ViT-B-32 fp16 (compiling is slow: last)
-# Steps 3-6 run only while the time budget (GPU_CHECK_BUDGET_S, default 460 s, counted from the start) lasts.
+# Steps 3-6 run only while the time budget (GPU_CHECK_BUDGET_S, default 480 s, counted from the start) lasts.
 # Writes REPORT_DIR/report.md (+ the logs and JSON it came from); REPORT_DIR defaults to
 # runs/gpu-check-<time>. When $OUT is set (the device runner's output folder, which returns 8 files at
 # most) report.md and gpu-check.tar.gz (the whole report dir) are copied there.
@@ -35,9 +35,14 @@ REPORT=${1:-runs/gpu-check-$(date +%Y%m%d-%H%M%S)}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # the project, installed or not
 if ! "$PY" -c "import fastapi" 2> /dev/null && [ -d .gpu/wheels ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
-  export PYTHONPATH=$PYTHONPATH:/tmp/site  # after the image's own packages: only what they lack comes from here
+  export PYTHONPATH=$PYTHONPATH:/tmp/site  # (before site-packages: these win where the image has a package too)
 fi
-BUDGET_S=${GPU_CHECK_BUDGET_S:-460}
+if ! "$PY" -c "import fastapi, uvicorn, zmq, msgspec, open_clip, service.app, service.engine"; then
+  echo "gpu_check: the project's dependencies do not import (above); on a host without a registry run" \
+       "bench/gpu_prepare.sh where pip works and bring .gpu/" >&2
+  exit 3
+fi
+BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 BATCHES=${GPU_CHECK_BATCHES:-"1 8 32 128 256"}
 DEVICE=cuda PRECISION=fp16 MODELS="ViT-B-32 ViT-B-16" IMAGE=224 DECODE_DEVICES="cpu cuda"
 LOAD_OPTS=(--batch 64 --connections 256 --workers 12 --wrk-cores 14,15 --rounds 2 --warm-s 2 --window-s 8 --single 50)
@@ -75,14 +80,17 @@ if [ "$DRY" != 1 ] && ! timeout 60 "$PY" -c "import sys, torch; sys.exit(not tor
 fi
 
 log "gpu-marked tests"
-timeout 300 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider tests/test_deploy_gpu.py tests/test_training_gpu.py \
-  > "$REPORT/pytest-gpu.log" 2>&1
+# SIGINT at the limit: pytest still prints its summary, which says whether the CUDA-graph test passed. The
+# torch.compile test is left out (minutes of compiling); step 6 measures compiled towers and their difference.
+timeout -s INT -k 10 240 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider -k "not compiled_buckets" \
+  tests/test_deploy_gpu.py tests/test_training_gpu.py > "$REPORT/pytest-gpu.log" 2>&1
 TESTS_RC=$?
 grep -E "accuracy .* vs fp32|max \|Δ\|" "$REPORT/pytest-gpu.log" > "$REPORT/pytest-numbers.txt"
 tail -n 15 "$REPORT/pytest-gpu.log"; cat "$REPORT/pytest-numbers.txt"
 
 GRAPHS_OK=0  # the load runs and tower rows use cuda_graphs only when its GPU test passed
-grep -q "^PASSED.*test_captured_cuda_graphs_match_eager" "$REPORT/pytest-gpu.log" && GRAPHS_OK=1
+grep -q "^PASSED.*test_captured_cuda_graphs_match_eager.*\[fp16\]" "$REPORT/pytest-gpu.log" \
+  && ! grep -q "^FAILED.*cuda_graphs" "$REPORT/pytest-gpu.log" && GRAPHS_OK=1
 [ $GRAPHS_OK = 1 ] || log "the CUDA-graph test did not pass: eager only from here"
 HAS_ORT_CUDA=$(timeout 60 "$PY" -c "import onnxruntime as o; print(int('CUDAExecutionProvider' in o.get_available_providers()))" 2>/dev/null || echo 0)
 TOWERS="torch"

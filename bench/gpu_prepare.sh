@@ -15,7 +15,7 @@ PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
 PYTHON_VERSION=${GPU_PYTHON_VERSION:-3.12}
 NAMES=(open_clip_torch ftfy wcwidth fastapi starlette annotated-doc uvicorn httptools pyzmq msgspec pydantic
        pydantic_core pydantic-settings python-dotenv annotated-types typing-inspection typing_extensions
-       python-multipart fastapi_offline)
+       python-multipart fastapi_offline opentelemetry-api)
 
 rm -rf .gpu/wheels && mkdir -p .gpu/wheels .gpu/bin .gpu/lib
 pins=()

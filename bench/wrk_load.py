@@ -93,7 +93,8 @@ class Server:
     def __init__(self, name: str, cwd: Path, args: list[str], port: int, log: Path, env: dict[str, str]):
         self.name, self.base = name, f"http://127.0.0.1:{port}"
         self.process = subprocess.Popen([sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port),
-                                         *args], cwd=cwd, env={**env, "PYTHONPATH": str(cwd)},
+                                         *args], cwd=cwd, env={**env, "PYTHONPATH": os.pathsep.join(
+                                            p for p in (str(cwd), env.get("PYTHONPATH", "")) if p)},
                                         stdout=log.open("w"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 300
         while True:
@@ -255,6 +256,8 @@ def main() -> None:
                         help="cores wrk is pinned to, one wrk thread each (a taskset list: 14,15)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
+    # a timeout's SIGTERM must still stop the services (and thaw a frozen one): run the exit stack
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
 
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="wrk-load-")))

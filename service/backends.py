@@ -103,8 +103,9 @@ class TorchImageTower:
                 return self.graphs(images, prompts, size).float()
             if self.cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            features = self._forward(images, prompts)
-            return features[:batch].float()
+            features = self._forward(images, prompts)[:batch]
+            # torch.compile's CUDA graphs own their output and overwrite it on the next run: copy it out
+            return features.clone().float() if self.cudagraphs else features.float()
 
     def _to_device(self, images: Tensor) -> Tensor:
         if not self.cuda or images.device.type == "cuda":  # (torch.device("cuda") != the tensors' "cuda:0")

@@ -199,8 +199,14 @@ class InferenceCore:
         with torch.inference_mode():
             if all(isinstance(item.pixels, np.ndarray) for item in items):
                 pixels = torch.from_numpy(np.stack([item.pixels for item in items]))  # copies out of the slots
-            else:  # some were decoded on the device
-                pixels = torch.stack([torch.as_tensor(item.pixels).to(self.backbone.device) for item in items])
+            else:  # some were decoded on the device: the others cross to it in one copy
+                pixels = torch.empty(len(items), *items[0].pixels.shape, dtype=torch.uint8, device=self.backbone.device)
+                host = [row for row, item in enumerate(items) if isinstance(item.pixels, np.ndarray)]
+                if host:
+                    pixels[host] = torch.from_numpy(np.stack([items[row].pixels for row in host])).to(pixels.device)
+                for row, item in enumerate(items):
+                    if isinstance(item.pixels, Tensor):
+                        pixels[row] = item.pixels
             prompts = None if bank is None else bank[torch.tensor([i.slot.index for i in items], device=bank.device)]
             features = self.tower(self.normalize(pixels), prompts).to(self.backbone.device)
             rows_of: dict[int, list[int]] = {}

@@ -10,7 +10,8 @@ workers' Pillow path gives, within the tolerance stated in docs/architecture.md 
 engine"): the decoders and resamplers are not Pillow's.
 
 A file that cannot be decoded fails alone: when the batched call raises, each image is decoded on its
-own, and on CUDA one that nvjpeg refuses is tried once more on the CPU before it is called corrupt.
+own, and on CUDA one that nvjpeg refuses is tried once more on the CPU before it is called corrupt. A
+file without JPEG's end-of-image marker (cut short) is decoded on the CPU only, on its own.
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ from torchvision.transforms.v2 import functional as TF
 
 # torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec; they are what this pins.
 warnings.filterwarnings("ignore", message=".*image decoding and encoding capabilities of TorchVision.*")
+
+
+def ends_whole(jpeg: bytes) -> bool:
+    """The file ends with JPEG's end-of-image marker (trailing zero padding aside)."""
+    return jpeg.rstrip(b"\0").endswith(b"\xff\xd9")
 
 
 class UndecodableJpeg(Exception):
@@ -47,15 +53,25 @@ class DeviceDecoder:
     def __call__(self, jpegs: list[bytes]) -> list[Tensor | UndecodableJpeg]:
         """Each file's pixels [H, W, 3] uint8 on the device, or why it could not be decoded."""
         data = [torch.frombuffer(bytearray(jpeg), dtype=torch.uint8) for jpeg in jpegs]  # writable: no warning
-        try:
-            images: list[Tensor | UndecodableJpeg] = list(decode_jpeg(data, mode=ImageReadMode.RGB,
-                                                                     device=self.device))
-        except RuntimeError:  # one bad file fails the whole call: find it
-            images = [self._decode_one(d) for d in data]
+        images: list[Tensor | UndecodableJpeg | None] = [None] * len(jpegs)
+        # nvjpeg's hardware path may "decode" a file cut short without an error: such files (no end-of-image
+        # marker) go to the CPU decoder, which refuses a truncated scan as Pillow does
+        whole = [i for i, jpeg in enumerate(jpegs) if ends_whole(jpeg)]
+        for i in sorted(set(range(len(jpegs))) - set(whole)):
+            images[i] = self._decode_one(data[i], [torch.device("cpu")])
+        if whole:
+            if self.device.type == "cuda":  # nvjpeg writes on its own stream into memory taken on ours: let ours
+                torch.cuda.current_stream(self.device).synchronize()  # finish what still reads such memory
+            try:
+                decoded = list(decode_jpeg([data[i] for i in whole], mode=ImageReadMode.RGB, device=self.device))
+            except RuntimeError:  # one bad file fails the whole call: find it; on CUDA, what nvjpeg refuses
+                devices = [self.device] + ([torch.device("cpu")] if self.device.type != "cpu" else [])
+                decoded = [self._decode_one(data[i], devices) for i in whole]  # gets a second try on the CPU
+            for i, image in zip(whole, decoded, strict=True):
+                images[i] = image
         return [image if isinstance(image, UndecodableJpeg) else self.preprocess(image) for image in images]
 
-    def _decode_one(self, data: Tensor) -> Tensor | UndecodableJpeg:
-        devices = [self.device] + ([torch.device("cpu")] if self.device.type != "cpu" else [])
+    def _decode_one(self, data: Tensor, devices: list[torch.device]) -> Tensor | UndecodableJpeg:
         error: RuntimeError | None = None
         for device in devices:
             try:

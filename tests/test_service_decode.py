@@ -29,8 +29,10 @@ from helpers.service import (
 from helpers.service import settings as service_settings
 from PIL import Image, ImageOps
 
-from service.device_decode import DeviceDecoder, UndecodableJpeg
+from service.core import InferenceCore
+from service.device_decode import DeviceDecoder, UndecodableJpeg, ends_whole
 from service.images import open_image, plain_jpeg
+from service.metrics import Metrics
 from service.uploads import Preprocessor
 
 CPU_MAX, CPU_MEAN = 2, 0.05  # 8-bit levels between the engine's CPU decode + tensor resize and Pillow's
@@ -60,10 +62,37 @@ def test_engine_decoding_matches_the_workers_pillow_path_within_the_tolerance(ti
 def test_a_file_that_cannot_be_decoded_fails_alone(tiny):
     engine = DeviceDecoder(tiny.preprocess_cfg, torch.device("cpu"))
     good = [jpeg(1), jpeg(2)]
-    decoded = engine([good[0], truncated(jpeg(3, (300, 200))), good[1]])
+    cut = truncated(jpeg(3, (300, 200)))
+    broken = bytearray(jpeg(4, (300, 200)))
+    broken[600:700] = bytes(100)  # the scan's start zeroed, its end-of-image marker kept: the batched call fails
+    assert not ends_whole(cut) and ends_whole(bytes(broken)) and ends_whole(good[0] + bytes(3))
+    decoded = engine([good[0], cut, good[1], bytes(broken)])
     assert isinstance(decoded[1], UndecodableJpeg) and "truncated" in str(decoded[1]).lower()
+    assert isinstance(decoded[3], UndecodableJpeg)
     for data, pixels in zip(good, (decoded[0], decoded[2]), strict=True):
         assert torch.equal(pixels, engine([data])[0])
+
+
+def test_one_batch_mixes_engine_decoded_jpegs_with_worker_pixels_and_a_bad_file(tiny, tmp_path):
+    office = make_set(tiny, "office", OFFICE, 1)
+    publish(office, tmp_path)
+    core = InferenceCore(service_settings(tmp_path, decode="engine"), tiny, Metrics())
+    core.registry.scan()
+    core.warm_up()
+    core.ready = True
+    png, photo, grey = image_bytes(1), jpeg(2, (300, 200)), jpeg(3, mode="L")
+    pixels = Preprocessor(tiny.preprocess_cfg, 10**8)(png)  # what a worker puts in its slot
+    # clipart's rows share one forward: slot pixels and device-decoded pixels in one batch
+    sent = [(pixels, png, "clipart"), (photo, photo, "clipart"), (truncated(photo), None, "clipart"),
+            (grey, grey, "real")]
+    items = [core.admit(i, task, data, 100, 0) for i, (data, _, task) in enumerate(sent)]
+    answers = core.score(items)
+    assert [type(a).__name__ for a in answers] == ["Scored", "Scored", "Failed", "Scored"]
+    assert answers[2].status == 422 and answers[2].error == "corrupt"
+    for answer, (_, original, task) in zip(answers, sent, strict=True):
+        if original is not None:
+            expected = reference_scores(tiny, office, task, original)
+            assert max(abs(s - expected[label]) for label, s in zip(answer.labels, answer.scores, strict=True)) <= 5e-5
 
 
 def test_only_plain_jpegs_are_left_to_the_engine():
