@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -123,7 +124,8 @@ class PixelNormalizer:
     The same operations as open_clip's ToTensor + Normalize (divide by 255, subtract the mean, divide
     by the std, in fp32), run on the device after the copy: bit-identical to open_clip's transform,
     with a quarter of the bytes crossing to the device. On CUDA the copy goes through a reused pinned
-    buffer, without blocking.
+    buffer, without blocking; `stack` fills that buffer straight from the images, one host copy in all.
+    Callers read results back (a sync) before the next call reuses the buffer.
     """
 
     def __init__(self, device: torch.device, mean: Sequence[float], std: Sequence[float]):
@@ -132,14 +134,26 @@ class PixelNormalizer:
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
         self._staging: Tensor | None = None
 
+    def stack(self, images: Sequence[np.ndarray]) -> Tensor:
+        """Images [H, W, 3] uint8 -> one batch [B, H, W, 3]: in the pinned buffer on CUDA (then on its way to the
+        device), a new CPU tensor otherwise."""
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.stack(images))
+        host = self._pinned(len(images) * images[0].size).view(len(images), *images[0].shape)
+        np.stack(images, out=host.numpy())
+        return host.to(self.device, non_blocking=True)
+
     def __call__(self, pixels: Tensor) -> Tensor:
         if self.device.type == "cuda" and pixels.device.type == "cpu":
-            n = pixels.numel()
-            if self._staging is None or self._staging.numel() < n:
-                self._staging = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-            pixels = self._staging[:n].view_as(pixels).copy_(pixels).to(self.device, non_blocking=True)
+            staged = self._pinned(pixels.numel()).view_as(pixels).copy_(pixels)
+            pixels = staged.to(self.device, non_blocking=True)
         images = pixels.permute(0, 3, 1, 2).to(torch.float32).div(255)
         return images.sub_(self.mean).div_(self.std)
+
+    def _pinned(self, n: int) -> Tensor:
+        if self._staging is None or self._staging.numel() < n:
+            self._staging = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        return self._staging[:n]
 
 
 def _torch(backbone: Backbone, settings: Settings) -> ImageTower:

@@ -198,12 +198,12 @@ class InferenceCore:
         bank = items[0].slot.bank
         with torch.inference_mode():
             if all(isinstance(item.pixels, np.ndarray) for item in items):
-                pixels = torch.from_numpy(np.stack([item.pixels for item in items]))  # copies out of the slots
+                pixels = self.normalize.stack([item.pixels for item in items])  # copies out of the slots
             else:  # some were decoded on the device: the others cross to it in one copy
                 pixels = torch.empty(len(items), *items[0].pixels.shape, dtype=torch.uint8, device=self.backbone.device)
                 host = [row for row, item in enumerate(items) if isinstance(item.pixels, np.ndarray)]
                 if host:
-                    pixels[host] = torch.from_numpy(np.stack([items[row].pixels for row in host])).to(pixels.device)
+                    pixels[host] = self.normalize.stack([items[row].pixels for row in host]).to(pixels.device)
                 for row, item in enumerate(items):
                     if isinstance(item.pixels, Tensor):
                         pixels[row] = item.pixels

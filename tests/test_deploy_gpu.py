@@ -129,6 +129,24 @@ def test_onnxruntime_cuda_provider_matches_torch(tmp_path, precision, tolerance)
     assert (got - TorchImageTower(backbone)(images, prompts.cuda()).cpu()).abs().max() <= tolerance
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_pixels_cross_to_the_gpu_through_one_reused_pinned_buffer():
+    from service.backends import PixelNormalizer
+
+    mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.4]
+    normalize = PixelNormalizer(torch.device("cuda"), mean, std)
+    images = [np.random.default_rng(i).integers(0, 256, (224, 224, 3), dtype=np.uint8) for i in range(5)]
+    batch = normalize.stack(images)
+    assert batch.device.type == "cuda" and torch.equal(batch.cpu(), torch.from_numpy(np.stack(images)))
+    staging = normalize._staging
+    assert staging is not None and staging.is_pinned()
+    expected = PixelNormalizer(torch.device("cpu"), mean, std)(torch.from_numpy(np.stack(images)))
+    assert torch.allclose(normalize(batch).cpu(), expected, atol=1e-6)
+    assert torch.equal(normalize.stack(images[:2]).cpu(), torch.from_numpy(np.stack(images[:2])))
+    assert normalize._staging is staging  # reused, not reallocated
+
+
 GPU_DECODE_MAX, GPU_DECODE_MEAN = 16, 1.0  # 8-bit levels between nvjpeg + resize on CUDA and the Pillow path
 
 
