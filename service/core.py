@@ -53,17 +53,6 @@ class Pending:
     client: Any = None  # who to answer (the engine loop's business)
 
 
-@dataclass
-class LabelsNeeded:
-    """A request admitted but for the text features of its caller's label set, which are not cached: the engine
-    computes them off its loop (`compute_label_features`), caches them (`cache_label_features`) and then queues
-    `pending` with them."""
-
-    key: tuple[str, str, str, tuple[str, ...]]
-    handle: TaskHandle
-    pending: Pending
-
-
 class CallRefused(Exception):
     """An admin or sample call refused with an HTTP status (the worker answers it as is)."""
 
@@ -109,15 +98,13 @@ class InferenceCore:
                           precision=self.settings.precision, backend=self.settings.backend)
 
     def admit(self, request: int, task: str, pixels: np.ndarray | bytes, top_k: int, queued: int,
-              labels: list[str] | None = None, embed: bool = False,
-              defer_labels: bool = False) -> Pending | Failed | LabelsNeeded:
+              labels: list[str] | None = None, embed: bool = False) -> Pending | Failed:
         """A request for the queue, or its refusal: unknown task, not ready, queue full (`queued` waiting).
 
         `pixels`: uint8 [H, W, 3], or with decode=engine the JPEG file (decoded with its batch).
         `labels`: score against these class names (the worker checked them) with the task's prompts and
-        template; their text features are kept in an LRU cache. On a miss they are computed here, or with
-        `defer_labels` left to the caller (`LabelsNeeded`). `embed`: answer the image embedding; with task ""
-        the unprompted tower's."""
+        template; their text features are computed here on first use and kept in an LRU cache. `embed`:
+        answer the image embedding; with task "" the unprompted tower's."""
         snapshot = self.registry.snapshot
         handle = snapshot.tasks.get(task)
         if handle is None and not (embed and task == ""):
@@ -136,34 +123,27 @@ class InferenceCore:
         if embed:
             return Pending(request, pixels, handle, slot, 0, arrived=time.monotonic())
         if labels is None:
-            return Pending(request, pixels, handle, slot, top_k, handle.classnames, handle.text_features,
-                           time.monotonic())
-        classes = tuple(labels)
-        key = (handle.prompt_set, handle.version, handle.task, classes)
-        text = self.label_cache.get(key)
-        self.metrics.label_cache.labels("hit" if text is not None else "miss").inc()
-        if text is not None:
-            self.label_cache.move_to_end(key)
-        elif defer_labels:
-            return LabelsNeeded(key, handle, Pending(request, pixels, handle, slot, top_k, classes, None,
-                                                     time.monotonic()))
+            classes, text = handle.classnames, handle.text_features
         else:
-            text = self.compute_label_features(handle, classes)
-            self.cache_label_features(key, text)
+            classes, text = tuple(labels), self.label_features(handle, classes=tuple(labels))
         return Pending(request, pixels, handle, slot, top_k, classes, text, time.monotonic())
 
-    def compute_label_features(self, handle: TaskHandle, classes: tuple[str, ...]) -> Tensor:
-        """Text features of a caller's class names under the task's template and text prompts: one text-tower
-        forward (thread-safe: it reads the model and the handle only)."""
+    def label_features(self, handle: TaskHandle, classes: tuple[str, ...]) -> Tensor:
+        """Text features of the caller's class names under the task's template and text prompts (LRU-cached:
+        the first call runs the text tower, about as long as one image-tower forward of that many images)."""
+        key = (handle.prompt_set, handle.version, handle.task, classes)
+        cached = self.label_cache.get(key)
+        self.metrics.label_cache.labels("hit" if cached is not None else "miss").inc()
+        if cached is not None:
+            self.label_cache.move_to_end(key)
+            return cached
         with torch.inference_mode():
-            return class_text_features(self.prompted, self.backbone.tokenizer, list(classes), handle.template,
+            text = class_text_features(self.prompted, self.backbone.tokenizer, list(classes), handle.template,
                                        handle.text_prompts).float()
-
-    def cache_label_features(self, key: tuple[str, str, str, tuple[str, ...]], text: Tensor) -> None:
-        """Keep a label set's features, dropping the least recently used set beyond `label_cache_size`."""
         self.label_cache[key] = text
         if len(self.label_cache) > self.settings.label_cache_size:
             self.label_cache.popitem(last=False)
+        return text
 
     def score(self, items: list[Pending]) -> list[Scored | Failed]:
         """Answers in the order of `items`: one forward per prompt bank, each row scored over its own task."""

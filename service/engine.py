@@ -11,10 +11,9 @@ visual-prompt shape share one forward, their per-sample prompts gathered by inde
 scored on the device against its own task's class texts. Only the top-k labels and scores go back.
 
 Prompt-set work (start-up scan, the directory watcher, admin loads, sample files) runs on one
-loader thread, so a load never stalls a batch; the text features of a caller's label set that is
-not cached are computed on a labelling thread, so a new label set never stalls a batch either (its
-requests wait for it, together). Results come back to the loop through a queue and an inproc socket
-that wakes the poll. After every change the loop pushes the new `Catalog` to all workers.
+loader thread, so a load never stalls a batch; its results come back to the loop through a queue
+and an inproc socket that wakes the poll. After every change the loop pushes the new `Catalog` to
+all workers.
 """
 
 from __future__ import annotations
@@ -36,10 +35,9 @@ from typing import Any
 
 import torch
 import zmq
-from torch import Tensor
 
 from .backbone import load_configured_backbone
-from .core import CallRefused, InferenceCore, LabelsNeeded, Pending
+from .core import CallRefused, InferenceCore, Pending
 from .logs import configure_logging
 from .metrics import Metrics
 from .settings import Settings, settings_from_env
@@ -88,8 +86,6 @@ class Engine:
         self._poll_due = float("inf")
         self._polling = False
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptsets")
-        self._labeller = ThreadPoolExecutor(max_workers=1, thread_name_prefix="labels")
-        self.awaiting_labels: dict[tuple, list[Pending]] = {}  # label-set key -> requests waiting for its features
         self._results: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._context = zmq.Context()
         self._router = self._context.socket(zmq.ROUTER)
@@ -98,7 +94,7 @@ class Engine:
         self._router.bind(address)
         self._wake_rx = self._context.socket(zmq.PULL)
         self._wake_rx.bind("inproc://loader-done")
-        self._wake_tx = threading.local()  # each background thread's own PUSH socket (sockets are not thread-safe)
+        self._wake_tx: zmq.Socket | None = None  # created and used on the loader thread only
 
     # ---- life cycle ----
 
@@ -110,12 +106,10 @@ class Engine:
         self._stopping = True
 
     def close(self) -> None:
-        for item in [*self.queue, *(p for waiting in self.awaiting_labels.values() for p in waiting)]:
+        for item in self.queue:
             self._send(item.client, Failed(item.request, 503, "stopping", "the service is shutting down", 1))
         self.queue.clear()
-        self.awaiting_labels.clear()
         self._loader.shutdown(wait=False, cancel_futures=True)
-        self._labeller.shutdown(wait=False, cancel_futures=True)
         self._router.close(linger=0)
         self._wake_rx.close(linger=0)
 
@@ -187,42 +181,13 @@ class Engine:
             self._send(client, Failed(infer.id, 500, "protocol_error", "request from an unknown worker or slot"))
             return
         pixels = worker.ring.pixels[infer.slot] if infer.jpeg is None else infer.jpeg
-        queued = len(self.queue) + sum(len(waiting) for waiting in self.awaiting_labels.values())
-        admitted = self.core.admit(infer.id, infer.task, pixels, infer.top_k, queued, infer.labels, infer.embed,
-                                   defer_labels=True)
+        admitted = self.core.admit(infer.id, infer.task, pixels, infer.top_k, len(self.queue), infer.labels,
+                                   infer.embed)
         if isinstance(admitted, Failed):
             self._send(client, admitted)
-        elif isinstance(admitted, LabelsNeeded):
-            self._await_labels(client, admitted)
         else:
             admitted.client = client
             self.queue.append(admitted)
-
-    def _await_labels(self, client: bytes, needed: LabelsNeeded) -> None:
-        """A label set not cached: its text tower runs on the labelling thread while the loop goes on batching;
-        requests for the same set wait together, and all join the queue once its features are cached."""
-        needed.pending.client = client
-        waiting = self.awaiting_labels.setdefault(needed.key, [])
-        waiting.append(needed.pending)
-        if len(waiting) > 1:
-            return
-        handle, classes = needed.handle, needed.pending.classes
-
-        def done(text: Tensor | None, error: BaseException | None) -> None:
-            waiting = self.awaiting_labels.pop(needed.key, [])
-            if error is not None:
-                log.error("text features of a caller's labels failed: %s: %s", type(error).__name__, error)
-            else:
-                self.core.cache_label_features(needed.key, text)
-            for item in waiting:
-                if error is not None:
-                    self._send(item.client, Failed(item.request, 500, "inference_failed",
-                                                   f"the labels' text features: {type(error).__name__}: {error}"))
-                else:
-                    item.text = text
-                    self.queue.append(item)
-
-        self._background(lambda: self.core.compute_label_features(handle, classes), done, self._labeller)
 
     # ---- batching ----
 
@@ -250,9 +215,8 @@ class Engine:
             self._send(client, Results(answers))
 
     # ---- prompt sets, on the loader thread ----
-    def _background(self, work: Callable[[], Any], then: Callable[[Any, BaseException | None], Any],
-                    executor: ThreadPoolExecutor | None = None) -> None:
-        """Run `work` on the loader thread (or `executor`'s); `then(result, error)` runs on the loop afterwards."""
+    def _background(self, work: Callable[[], Any], then: Callable[[Any, BaseException | None], Any]) -> None:
+        """Run `work` on the loader thread; `then(result, error)` runs on the loop afterwards."""
 
         def job() -> None:
             try:
@@ -260,13 +224,12 @@ class Engine:
             except BaseException as e:  # handed to `then`, which decides
                 result, error = None, e
             self._results.put(lambda: then(result, error))
-            wake = getattr(self._wake_tx, "socket", None)
-            if wake is None:
-                wake = self._wake_tx.socket = self._context.socket(zmq.PUSH)
-                wake.connect("inproc://loader-done")
-            wake.send(b"")
+            if self._wake_tx is None:
+                self._wake_tx = self._context.socket(zmq.PUSH)
+                self._wake_tx.connect("inproc://loader-done")
+            self._wake_tx.send(b"")
 
-        (executor or self._loader).submit(job)
+        self._loader.submit(job)
 
     def _finish_background(self) -> None:
         while True:
