@@ -53,6 +53,15 @@ class Pending:
     client: Any = None  # who to answer (the engine loop's business)
 
 
+@dataclass
+class LabelsNeeded:
+    """A request admitted but for the text features of its caller's label set, which are not cached:
+    `complete_labels` computes them (together with the other sets that arrived with it) and sets `pending.text`."""
+
+    key: tuple[str, str, str, tuple[str, ...]]  # (prompt set, version, task, class names)
+    pending: Pending
+
+
 class CallRefused(Exception):
     """An admin or sample call refused with an HTTP status (the worker answers it as is)."""
 
@@ -98,13 +107,15 @@ class InferenceCore:
                           precision=self.settings.precision, backend=self.settings.backend)
 
     def admit(self, request: int, task: str, pixels: np.ndarray | bytes, top_k: int, queued: int,
-              labels: list[str] | None = None, embed: bool = False) -> Pending | Failed:
+              labels: list[str] | None = None, embed: bool = False,
+              defer_labels: bool = False) -> Pending | Failed | LabelsNeeded:
         """A request for the queue, or its refusal: unknown task, not ready, queue full (`queued` waiting).
 
         `pixels`: uint8 [H, W, 3], or with decode=engine the JPEG file (decoded with its batch).
         `labels`: score against these class names (the worker checked them) with the task's prompts and
-        template; their text features are computed here on first use and kept in an LRU cache. `embed`:
-        answer the image embedding; with task "" the unprompted tower's."""
+        template; their text features are kept in an LRU cache. On a miss they are computed here, or with
+        `defer_labels` the request comes back as `LabelsNeeded`, for `complete_labels` to compute with others.
+        `embed`: answer the image embedding; with task "" the unprompted tower's."""
         snapshot = self.registry.snapshot
         handle = snapshot.tasks.get(task)
         if handle is None and not (embed and task == ""):
@@ -123,27 +134,43 @@ class InferenceCore:
         if embed:
             return Pending(request, pixels, handle, slot, 0, arrived=time.monotonic())
         if labels is None:
-            classes, text = handle.classnames, handle.text_features
-        else:
-            classes, text = tuple(labels), self.label_features(handle, classes=tuple(labels))
-        return Pending(request, pixels, handle, slot, top_k, classes, text, time.monotonic())
-
-    def label_features(self, handle: TaskHandle, classes: tuple[str, ...]) -> Tensor:
-        """Text features of the caller's class names under the task's template and text prompts (LRU-cached:
-        the first call runs the text tower, about as long as one image-tower forward of that many images)."""
+            return Pending(request, pixels, handle, slot, top_k, handle.classnames, handle.text_features,
+                           time.monotonic())
+        classes = tuple(labels)
         key = (handle.prompt_set, handle.version, handle.task, classes)
-        cached = self.label_cache.get(key)
-        self.metrics.label_cache.labels("hit" if cached is not None else "miss").inc()
-        if cached is not None:
+        pending = Pending(request, pixels, handle, slot, top_k, classes, self.label_cache.get(key), time.monotonic())
+        self.metrics.label_cache.labels("hit" if pending.text is not None else "miss").inc()
+        if pending.text is not None:
             self.label_cache.move_to_end(key)
-            return cached
-        with torch.inference_mode():
-            text = class_text_features(self.prompted, self.backbone.tokenizer, list(classes), handle.template,
-                                       handle.text_prompts).float()
-        self.label_cache[key] = text
-        if len(self.label_cache) > self.settings.label_cache_size:
-            self.label_cache.popitem(last=False)
-        return text
+            return pending
+        needed = LabelsNeeded(key, pending)
+        if defer_labels:
+            return needed
+        self.complete_labels([needed])
+        return pending
+
+    def complete_labels(self, needed: list[LabelsNeeded]) -> None:
+        """The text features of the label sets these requests brought, cached, and each request's `text` set.
+
+        One text-tower forward per task and version for all its sets (they share its template and text
+        prompts; every name is its own row of the forward), so a burst of new label sets costs about one
+        forward, not one each."""
+        sets: dict[int, tuple[TaskHandle, dict[tuple, tuple[str, ...]]]] = {}
+        for n in needed:
+            sets.setdefault(id(n.pending.handle), (n.pending.handle, {}))[1][n.key] = n.pending.classes
+        features: dict[tuple, Tensor] = {}
+        for handle, of_task in sets.values():
+            names = [name for classes in of_task.values() for name in classes]
+            with torch.inference_mode():
+                text = class_text_features(self.prompted, self.backbone.tokenizer, names, handle.template,
+                                           handle.text_prompts).float()
+            for key, rows in zip(of_task, text.split([len(c) for c in of_task.values()]), strict=True):
+                features[key] = rows.clone()  # its own storage: the cache drops sets one by one
+                self.label_cache[key] = features[key]
+                if len(self.label_cache) > self.settings.label_cache_size:
+                    self.label_cache.popitem(last=False)
+        for n in needed:
+            n.pending.text = features[n.key]
 
     def score(self, items: list[Pending]) -> list[Scored | Failed]:
         """Answers in the order of `items`: one forward per prompt bank, each row scored over its own task."""

@@ -37,7 +37,7 @@ import torch
 import zmq
 
 from .backbone import load_configured_backbone
-from .core import CallRefused, InferenceCore, Pending
+from .core import CallRefused, InferenceCore, LabelsNeeded, Pending
 from .logs import configure_logging
 from .metrics import Metrics
 from .settings import Settings, settings_from_env
@@ -142,22 +142,37 @@ class Engine:
     # ---- messages ----
 
     def _receive(self) -> None:
+        """Every message waiting; the label sets new to the cache among them get their text features together."""
+        needed: list[LabelsNeeded] = []
         while True:
             try:
                 client, payload = self._router.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return
+                break
             try:
                 message = decode_to_engine(payload)
             except Exception as e:  # a bug in a worker must not stop the engine
                 log.error("undecodable message from worker %r: %s", client, e)
                 continue
             if isinstance(message, Infer):
-                self._enqueue(client, message)
+                self._enqueue(client, message, needed)
             elif isinstance(message, Hello):
                 self._hello(client, message)
             else:
                 self._call(client, message)
+        if needed:
+            self._complete_labels(needed)
+
+    def _complete_labels(self, needed: list[LabelsNeeded]) -> None:
+        try:
+            self.core.complete_labels(needed)
+        except Exception as e:  # its requests fail, the engine goes on
+            log.exception("text features of %d label sets failed", len(needed))
+            for n in needed:
+                self._send(n.pending.client, Failed(n.pending.request, 500, "inference_failed",
+                                                    f"the labels' text features: {type(e).__name__}: {e}"))
+            return
+        self.queue.extend(n.pending for n in needed)
 
     def _send(self, client: bytes, message: Any) -> None:
         self._router.send_multipart([client, encode(message)])
@@ -175,16 +190,19 @@ class Engine:
         log.info("worker %d (pid %d) connected", hello.worker, hello.pid)
         self._send(client, Welcome(engine_pid=os.getpid(), catalog=self.core.catalog(self.generation)))
 
-    def _enqueue(self, client: bytes, infer: Infer) -> None:
+    def _enqueue(self, client: bytes, infer: Infer, needed: list[LabelsNeeded]) -> None:
         worker = self.workers.get(client)
         if worker is None or not 0 <= infer.slot < worker.ring.slots:
             self._send(client, Failed(infer.id, 500, "protocol_error", "request from an unknown worker or slot"))
             return
         pixels = worker.ring.pixels[infer.slot] if infer.jpeg is None else infer.jpeg
-        admitted = self.core.admit(infer.id, infer.task, pixels, infer.top_k, len(self.queue), infer.labels,
-                                   infer.embed)
+        admitted = self.core.admit(infer.id, infer.task, pixels, infer.top_k, len(self.queue) + len(needed),
+                                   infer.labels, infer.embed, defer_labels=True)
         if isinstance(admitted, Failed):
             self._send(client, admitted)
+        elif isinstance(admitted, LabelsNeeded):
+            admitted.pending.client = client
+            needed.append(admitted)
         else:
             admitted.client = client
             self.queue.append(admitted)
