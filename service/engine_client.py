@@ -2,6 +2,9 @@
 
 Runs on the worker's event loop. `infer` puts one preprocessed image in a free slot, sends an
 `Infer` and awaits the answer; a reader task resolves answers by id and keeps the catalog current.
+When every slot is taken, requests wait for one in arrival order, within their request timeout: the
+listening socket is shared, so one worker can hold more connections than its slots while others
+sit idle (wrk's 256 connections over 12 workers did), and its excess must not be refused for that.
 A monitor on the socket sees the engine's connection drop (the engine died): every waiting
 request fails at once with 503 and new ones are refused, instead of hanging until their timeout.
 """
@@ -13,6 +16,7 @@ import contextlib
 import itertools
 import logging
 import os
+from collections import deque
 from collections.abc import Iterator
 
 import numpy as np
@@ -80,6 +84,7 @@ class EngineClient:
         self.tasks: dict[str, TaskInfo] = {}
         self.down = True  # until the engine has welcomed this worker; again once its connection drops
         self._free = list(range(slots - 1, -1, -1))
+        self._slot_waiters: deque[asyncio.Future] = deque()  # requests waiting for a free slot, oldest first
         self._ids = itertools.count()
         self._pending: dict[int, tuple[asyncio.Future | None, int | None]] = {}  # id -> (answer, slot or None)
         self._context = zmq.asyncio.Context()
@@ -128,26 +133,48 @@ class EngineClient:
         if given), or with `embed` its embedding; ServiceError with the engine's refusal."""
         if self.down:
             raise EngineUnavailable()
-        if not self._free:
-            raise ServiceError(503, "overloaded", "too many requests in flight on this worker; retry in 1 s",
-                               {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        slot = await self._take_slot(timeout_s)
         request = next(self._ids)
-        slot = self._free[-1]
         jpeg = pixels if isinstance(pixels, bytes) else None
-        message = encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K), labels=labels,
-                               embed=embed, jpeg=jpeg))
-        self._free.pop()
         if jpeg is None:
             self.ring.pixels[slot] = pixels
-        answer: asyncio.Future = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future = loop.create_future()
         self._pending[request] = (answer, slot)  # the slot is released when the engine answers, even late
-        await self._send(message)
+        await self._send(encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K), labels=labels,
+                                      embed=embed, jpeg=jpeg)))
         try:
-            return await asyncio.wait_for(asyncio.shield(answer), timeout_s)
+            return await asyncio.wait_for(asyncio.shield(answer), max(0.0, deadline - loop.time()))
         except TimeoutError:
             if request in self._pending:
                 self._pending[request] = (None, slot)  # a late answer only frees the slot
             raise InferenceTimeout(timeout_s) from None
+
+    async def _take_slot(self, timeout_s: float) -> int:
+        """A free slot of the ring; when none is, wait in line for one (InferenceTimeout past `timeout_s`,
+        EngineUnavailable when the engine goes away meanwhile)."""
+        if self._free and not self._slot_waiters:
+            return self._free.pop()
+        waiter: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._slot_waiters.append(waiter)
+        try:
+            return await asyncio.wait_for(waiter, timeout_s)
+        except BaseException as error:
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                self._release(waiter.result())  # handed a slot just as the wait was given up: pass it on
+            if isinstance(error, TimeoutError):
+                raise InferenceTimeout(timeout_s) from None
+            raise
+
+    def _release(self, slot: int) -> None:
+        """A slot is free again: to the longest-waiting request, else back to the free list."""
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(slot)
+                return
+        self._free.append(slot)
 
     async def call(self, op: str, timeout_s: float = 120.0, **args: str) -> Reply:
         """An operation off the hot path (admin, samples); the engine's refusals come back as ServiceError."""
@@ -192,7 +219,7 @@ class EngineClient:
             key = message.id  # type: ignore[attr-defined]
         answer, slot = self._pending.pop(key, (None, None))
         if slot is not None:
-            self._free.append(slot)
+            self._release(slot)
         if answer is None or answer.done():
             return
         if isinstance(message, Failed):
@@ -217,9 +244,13 @@ class EngineClient:
 
     def _fail_all(self, error: ServiceError) -> None:
         pending, self._pending = self._pending, {}
+        waiters, self._slot_waiters = self._slot_waiters, deque()
         for answer, slot in pending.values():
             if slot is not None:
                 self._free.append(slot)
             if answer is not None and not answer.done():
                 answer.set_exception(error)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(error)
 

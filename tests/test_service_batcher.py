@@ -1,4 +1,5 @@
-"""Back-pressure and deadlines of the batcher, over HTTP: a full queue is 503 + Retry-After, a late answer 504."""
+"""Back-pressure and deadlines of the batcher, over HTTP: a full queue is 503 + Retry-After, a late answer 504,
+a full worker ring makes requests wait for a slot."""
 
 from __future__ import annotations
 
@@ -6,7 +7,19 @@ import asyncio
 from pathlib import Path
 
 import pytest
-from helpers.service import OFFICE, classify, image_bytes, make_set, metric, publish, run, serve, settings
+from helpers.service import (
+    OFFICE,
+    classify,
+    engine_pid,
+    frozen,
+    image_bytes,
+    make_set,
+    metric,
+    publish,
+    run,
+    serve,
+    settings,
+)
 
 
 @pytest.fixture(scope="module")
@@ -42,5 +55,27 @@ def test_request_past_its_timeout_answers_504(prompts_dir):
             assert "timeout" in late.json()["detail"]
             text = (await client.get("/metrics")).text
             assert metric(text, "mmap_requests_total", task="clipart", status="504") == 1
+
+    run(scenario())
+
+
+def test_a_full_ring_makes_requests_wait_for_a_slot_within_their_timeout(prompts_dir):
+    """Two slots, 24 requests at once on one worker: 22 wait in line and all are answered 200. A wait past the
+    request timeout is 504, and the slots come back once the engine answers late (no slot is lost)."""
+    async def scenario():
+        async with serve(settings(prompts_dir, worker_slots=2, max_batch_size=4, request_timeout_s=5)) as client:
+            engine = engine_pid(client)
+            with frozen(engine):
+                burst = [asyncio.create_task(classify(client, "clipart", image_bytes(i % 4))) for i in range(24)]
+                await asyncio.sleep(1.0)
+                assert not any(t.done() for t in burst)
+            assert [r.status_code for r in await asyncio.gather(*burst)] == [200] * 24
+            with frozen(engine):
+                late = await asyncio.gather(*(classify(client, "clipart", image_bytes(i % 4)) for i in range(6)))
+            assert [(r.status_code, r.json()["error"]) for r in late] == [(504, "timeout")] * 6
+            again = await asyncio.gather(*(classify(client, "clipart", image_bytes(i % 4)) for i in range(8)))
+            assert [r.status_code for r in again] == [200] * 8
+            text = (await client.get("/metrics")).text
+            assert metric(text, "mmap_requests_total", task="clipart", status="503") == 0
 
     run(scenario())
