@@ -4,14 +4,18 @@
 # 1. environment (nvidia-smi, torch, onnxruntime providers)
 # 2. the gpu-marked tests (pytest -m gpu): fp16/bf16 autocast, pinned staging, compiled buckets, captured CUDA
 #    graphs (cuda_graphs), nvjpeg decoding within its stated tolerance (decode=engine), onnxruntime's CUDA
-#    provider, the service on CUDA (eager, cuda_graphs, decode=engine), bf16/fp16 training, nccl + DDP
+#    provider, the service on CUDA (eager, cuda_graphs, decode=engine), the engine loop with two batches in
+#    flight, bf16/fp16 training, nccl + DDP
 # 3. image-tower throughput, ViT-B-32 and ViT-B-16 (random weights), fp16, batch sweep: eager vs the same
 #    forward replayed as CUDA graphs (+ onnxruntime-gpu when installed) (bench/backends.py)
-# 4. the service under wrk on the GPU (bench/wrk_load.py --device cuda, 224-px JPEG uploads, fp16), each run
-#    alternating two configurations: ViT-B-32 eager vs cuda_graphs; ViT-B-16 likewise; then the better of
-#    the two for ViT-B-32 with decode=worker vs decode=engine (nvjpeg). Goals (issue: engine process):
-#    ViT-B-32 >= 6,000 req/s and >= 0.5x its raw tower at the best batch (step 3), ViT-B-16 >= 0.85x,
-#    p50 at concurrency 1 <= raw single forward + 3 ms. wrk: Debian's, or .gpu/bin/wrk (bench/gpu_prepare.sh)
+# 4. the service under wrk on the GPU (bench/wrk_load.py --device cuda, 224-px JPEG uploads, fp16, max batch
+#    128, 512 connections), each run alternating two configurations: ViT-B-32 with the service's defaults
+#    (CUDA graphs) vs batches_in_flight 2 (the next batch launched while the GPU computes the last); ViT-B-16
+#    likewise; then, with the better of the two, ViT-B-32 decode=worker vs decode=engine (nvjpeg). (Eager
+#    against cuda_graphs was measured on 2026-11-30: docs/benchmarks.md, "On one H200".) Goals
+#    (issue: engine process): ViT-B-32 >= 6,000 req/s and >= 0.5x its raw tower at the best batch (step 3),
+#    ViT-B-16 >= 0.85x, p50 at concurrency 1 <= raw single forward + 3 ms. wrk: Debian's, or .gpu/bin/wrk
+#    (bench/gpu_prepare.sh)
 # 5. upload decoding alone: Pillow on a thread pool vs nvjpeg + tensor resize (bench/decode.py)
 # 6. torch eager vs cuda_graphs vs torch.compile(reduce-overhead), ViT-B-32 fp16 (compiling is slow: last)
 # Steps 3-6 run only while the time budget (GPU_CHECK_BUDGET_S, default 480 s, counted from the start) lasts.
@@ -45,7 +49,7 @@ fi
 BUDGET_S=${GPU_CHECK_BUDGET_S:-480}
 BATCHES=${GPU_CHECK_BATCHES:-"1 8 32 128 256"}
 DEVICE=cuda PRECISION=fp16 MODELS="ViT-B-32 ViT-B-16" IMAGE=224 DECODE_DEVICES="cpu cuda"
-LOAD_OPTS=(--batch 64 --connections 256 --workers 12 --wrk-cores 14,15 --rounds 2 --warm-s 2 --window-s 8 --single 50)
+LOAD_OPTS=(--batch 128 --connections 512 --workers 12 --wrk-cores 14,15 --rounds 2 --warm-s 2 --window-s 8 --single 50)
 DRY=${GPU_CHECK_DRY:-0}
 if [ "$DRY" = 1 ]; then
   DEVICE=cpu PRECISION=fp32 MODELS="mmap-tiny" IMAGE=48 BATCHES="1 8" DECODE_DEVICES=cpu
@@ -83,7 +87,7 @@ log "gpu-marked tests"
 # SIGINT at the limit: pytest still prints its summary, which says whether the CUDA-graph test passed. The
 # torch.compile test is left out (minutes of compiling); step 6 measures compiled towers and their difference.
 timeout -s INT -k 10 240 "$PY" -m pytest -m gpu -q -rA -p no:cacheprovider -k "not compiled_buckets" \
-  tests/test_deploy_gpu.py tests/test_training_gpu.py > "$REPORT/pytest-gpu.log" 2>&1
+  tests/test_deploy_gpu.py tests/test_training_gpu.py tests/test_service_engine_loop.py > "$REPORT/pytest-gpu.log" 2>&1
 TESTS_RC=$?
 grep -E "accuracy .* vs fp32|max \|Δ\|" "$REPORT/pytest-gpu.log" > "$REPORT/pytest-numbers.txt"
 tail -n 15 "$REPORT/pytest-gpu.log"; cat "$REPORT/pytest-numbers.txt"
@@ -121,22 +125,19 @@ if [ -z "${WRK:-}" ] && ! command -v wrk > /dev/null && [ -x .gpu/bin/wrk ]; the
   export WRK=$PWD/.gpu/bin/wrk LD_LIBRARY_PATH=$PWD/.gpu/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
 LOAD=("$PY" bench/wrk_load.py --device $DEVICE --precision $PRECISION --image-size $IMAGE "${LOAD_OPTS[@]}")
-GRAPHS=()
-for MODEL in $MODELS; do
-  if [ $GRAPHS_OK = 1 ]; then
-    bench_step "load-$MODEL" 90 "${LOAD[@]}" --model "$MODEL" --variant "--cuda-graphs true" \
-      --json "$REPORT/load-$MODEL.json"
-  else
-    bench_step "load-$MODEL" 70 "${LOAD[@]}" --model "$MODEL" --json "$REPORT/load-$MODEL.json"
-  fi
+GRAPHS=(--cuda-graphs auto)  # the service's default on CUDA; eager when the CUDA-graph test failed
+[ $GRAPHS_OK = 1 ] || GRAPHS=(--cuda-graphs false)
+SECOND=${MODELS#"$FIRST"}; SECOND=${SECOND# }
+for MODEL in $FIRST $SECOND; do
+  bench_step "load-$MODEL" 90 "${LOAD[@]}" --model "$MODEL" "${GRAPHS[@]}" --variant "--batches-in-flight 2" \
+    --json "$REPORT/load-$MODEL.json"
 done
-# the faster of eager and cuda_graphs (req/s) serves the decode comparison
-if [ $GRAPHS_OK = 1 ] && "$PY" -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['variant_over_engine_rps'] <= 1)" \
-    "$REPORT/load-$FIRST.json" 2> /dev/null; then
-  GRAPHS=(--cuda-graphs)
-fi
-bench_step "load-$FIRST-decode" 90 "${LOAD[@]}" --model "$FIRST" "${GRAPHS[@]}" --variant "--decode engine" \
-  --json "$REPORT/load-$FIRST-decode.json"
+# the faster of one and two batches in flight (req/s) serves the decode comparison
+IN_FLIGHT=1
+"$PY" -c "import json, sys; sys.exit(json.load(open(sys.argv[1]))['variant_over_engine_rps'] <= 1)" \
+  "$REPORT/load-$FIRST.json" 2> /dev/null && IN_FLIGHT=2
+bench_step "load-$FIRST-decode" 90 "${LOAD[@]}" --model "$FIRST" "${GRAPHS[@]}" --flags "--batches-in-flight $IN_FLIGHT" \
+  --variant "--decode engine" --json "$REPORT/load-$FIRST-decode.json"
 # shellcheck disable=SC2086
 bench_step decode 40 "$PY" bench/decode.py --model "$FIRST" --devices $DECODE_DEVICES --sizes $IMAGE 1024 --images 128 \
   --batch 32 128 --json "$REPORT/decode.json"

@@ -18,7 +18,8 @@ engine's decoding time per image (averaged over batches); /proc gives the CPU
 seconds of the HTTP side (the workers; the landed service's one process does everything) per
 request. The same forward alone (the service's own tower, normalisation and scoring, at the mean
 batch, the engine's thread count) is timed in this process with the services frozen. Then
-sequential requests (one connection) give p50 at concurrency 1 against a raw single-image forward.
+sequential requests (one connection: an httpx client, then wrk) give p50 at concurrency 1 against a raw
+single-image forward.
 wrk's own percentiles are corrected for coordinated omission; they are reported as wrk prints them.
 """
 
@@ -238,8 +239,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
     parser.add_argument("--engine-threads", type=int, default=0, help="the service's engine_threads (0 = its default)")
     parser.add_argument("--torch-compile", default="off", help="the service's torch_compile mode")
-    parser.add_argument("--cuda-graphs", action="store_true", help="the service's cuda_graphs (CUDA)")
+    parser.add_argument("--cuda-graphs", choices=["auto", "true", "false"], default="auto",
+                        help="the service's cuda_graphs (auto = its default: on with CUDA unless torch_compile)")
     parser.add_argument("--decode", choices=["worker", "engine"], default="worker", help="the service's decode")
+    parser.add_argument("--flags", type=shlex.split, default=[], metavar="FLAGS",
+                        help="more flags for this checkout's service (and its variant): '--batches-in-flight 2'")
     parser.add_argument("--variant", type=shlex.split, default=None, metavar="FLAGS",
                         help="also serve this checkout with these service flags added (e.g. '--cuda-graphs true'), "
                              "alternated with the first, as 'variant'")
@@ -248,7 +252,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warm-s", type=int, default=3)
     parser.add_argument("--window-s", type=int, default=15)
-    parser.add_argument("--single", type=int, default=100, help="sequential requests at concurrency 1")
+    parser.add_argument("--single", type=int, default=100, help="sequential requests at concurrency 1 (httpx)")
+    parser.add_argument("--single-s", type=float, default=3.0,
+                        help="seconds of wrk with one connection: p50 at concurrency 1 without a Python client's cost")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp32")
     parser.add_argument("--image-size", type=int, default=None, help="side of the JPEG uploads (default: model input)")
@@ -283,12 +289,15 @@ def main() -> None:
         script.write_text(LUA)
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("MMAP_")}
+        # every connection may wait in the engine's queue: the run measures throughput, not refusals
         common = ["--model", args.model, "--pretrained", pretrained, "--prompts", str(prompts), "--device", args.device,
                   "--precision", args.precision, "--max-batch-size", str(args.batch), "--watch-interval-s", "0",
-                  "--log-level", "warning"]
+                  "--queue-size", str(max(256, args.connections)), "--log-level", "warning"]
+        graphs = args.cuda_graphs == "true" or (args.cuda_graphs == "auto" and args.device == "cuda"
+                                                 and args.torch_compile == "off")
         engine_args = [*common, "--workers", str(args.workers), "--engine-threads", str(args.engine_threads),
-                       "--torch-compile", args.torch_compile, "--cuda-graphs", str(args.cuda_graphs),
-                       "--decode", args.decode]
+                       "--torch-compile", args.torch_compile, "--cuda-graphs", str(graphs), "--decode", args.decode,
+                       *args.flags]
         servers = [Server("engine", REPO, engine_args, 18080, tmp / "engine.log", env)]
         stack.callback(servers[-1].stop)
         if args.landed:
@@ -298,7 +307,7 @@ def main() -> None:
             servers.append(Server("variant", REPO, [*engine_args, *args.variant], 18082, tmp / "variant.log", env))
             stack.callback(servers[-1].stop)
         engine_threads = args.engine_threads or (1 if args.device == "cuda" else os.cpu_count() or 1)
-        raw = RawForward(backbone, prompts, bodies, args.batch, args.cuda_graphs)
+        raw = RawForward(backbone, prompts, bodies, args.batch, graphs)
         rounds: list[dict] = []
         for r in range(args.rounds):
             row: dict = {}
@@ -320,13 +329,16 @@ def main() -> None:
             print(f"round {r}: {json.dumps(row)}", flush=True)
             rounds.append(row)
 
-        singles = {}
+        singles, wrk_singles = {}, {}
         for server in servers:
             with ExitStack() as frozen:
                 for other in servers:
                     if other is not server:
                         frozen.enter_context(other.frozen())
                 singles[server.name] = statistics.median(single_requests(server.base, targets, args.single))
+                if args.single_s > 0:
+                    wrk_singles[server.name] = wrk(server.base, script, listing, 1, args.single_s,
+                                                   args.wrk_cores.split(",")[0])["p50_ms"]
         with ExitStack() as frozen:
             for server in servers:
                 frozen.enter_context(server.frozen())
@@ -338,7 +350,8 @@ def main() -> None:
 
     engine = {k: med("engine", k) for k in rounds[0]["engine"]}
     summary = {"model": args.model, "device": args.device, "precision": args.precision, "workers": args.workers,
-               "engine_threads": engine_threads, "torch_compile": args.torch_compile, "cuda_graphs": args.cuda_graphs,
+               "engine_threads": engine_threads, "torch_compile": args.torch_compile, "cuda_graphs": graphs,
+               "flags": args.flags,
                "decode": args.decode,
                "connections": args.connections, "cores": os.cpu_count(),
                "image_size": size, "rounds": rounds, "engine": engine,
@@ -346,7 +359,8 @@ def main() -> None:
                    row["engine"]["forward_per_image_ms"] / row["raw_per_image_ms"] for row in rounds),
                "service_over_raw_at_mean_batch": statistics.median(
                    row["engine"]["rps"] * row["raw_per_image_ms"] / 1000 for row in rounds),
-               "p50_concurrency_1_ms": singles, "raw_single_forward_ms": raw_single_ms,
+               "p50_concurrency_1_ms": singles, "p50_concurrency_1_wrk_ms": wrk_singles,
+               "raw_single_forward_ms": raw_single_ms,
                "predicted_16_core_http_rps": 15 * 1000 / engine["http_cpu_ms_per_request"],
                "predicted_16_core_cpu_rps": 16 * 1000 / engine["all_cpu_ms_per_request"]}
     if args.variant:

@@ -9,6 +9,7 @@ backend implements the same call and is registered in `BACKENDS`: `torch` (defau
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -20,6 +21,39 @@ from mmap_model import Backbone, PromptedCLIP
 
 from .cuda_graphs import CudaGraphs
 from .settings import Settings
+
+
+class PinnedStaging:
+    """Host -> CUDA copies that do not block: through pinned host buffers, reused, `count` of them in turn.
+
+    An event recorded after each copy guards its buffer: a buffer is refilled only once the device has
+    read it, so the next batch, prepared while the last one is still queued on the device, cannot
+    overwrite pixels that have not crossed yet.
+    """
+
+    def __init__(self, device: torch.device, count: int = 2):
+        self.device = device
+        self.buffers: list[Tensor | None] = [None] * count
+        self._copied: list[torch.cuda.Event | None] = [None] * count
+        self._turn = 0
+
+    def upload(self, shape: Sequence[int], dtype: torch.dtype, fill: Callable[[Tensor], object],
+               device_dtype: torch.dtype | None = None) -> Tensor:
+        """`fill` writes a host tensor of `shape` and `dtype`; its copy on the device (as `device_dtype`) is
+        returned, on its way."""
+        self._turn = (self._turn + 1) % len(self.buffers)
+        copied = self._copied[self._turn]
+        if copied is not None:
+            copied.synchronize()
+        n, buffer = math.prod(shape), self.buffers[self._turn]
+        if buffer is None or buffer.numel() < n or buffer.dtype != dtype:
+            buffer = self.buffers[self._turn] = torch.empty(n, dtype=dtype, pin_memory=True)
+        host = buffer[:n].view(*shape)
+        fill(host)
+        on_device = host.to(self.device, device_dtype or dtype, non_blocking=True)
+        self._copied[self._turn] = copied = torch.cuda.Event()
+        copied.record()
+        return on_device
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -72,8 +106,7 @@ class TorchImageTower:
         self.cudagraphs = compile in ("reduce-overhead", "max-autotune")
         self.graphs = CudaGraphs(self._encode) if cuda_graphs else None
         self._forward = self._encode if compile == "off" else torch.compile(self._encode, mode=compile, dynamic=False)
-        # pinned host buffer, reused: callers read results back (a sync) between calls
-        self._staging: Tensor | None = None
+        self._staging = PinnedStaging(self.device) if self.cuda else None  # images that arrive on the host
         self._prepared: set[tuple[int, ...]] = set()  # prompt shapes whose buckets are compiled or captured
 
     def _encode(self, images: Tensor, prompts: Tensor | None) -> Tensor:
@@ -109,13 +142,9 @@ class TorchImageTower:
             return features.clone().float() if self.cudagraphs else features.float()
 
     def _to_device(self, images: Tensor) -> Tensor:
-        if not self.cuda or images.device.type == "cuda":  # (torch.device("cuda") != the tensors' "cuda:0")
+        if self._staging is None or images.device.type == "cuda":  # (torch.device("cuda") != the tensors' "cuda:0")
             return images.to(self.device, self.dtype)
-        n = images.numel()
-        if self._staging is None or self._staging.numel() < n:
-            self._staging = torch.empty(n, dtype=images.dtype, pin_memory=True)
-        staged = self._staging[:n].view_as(images).copy_(images)
-        return staged.to(self.device, self.dtype, non_blocking=True)
+        return self._staging.upload(images.shape, images.dtype, lambda host: host.copy_(images), self.dtype)
 
 
 class PixelNormalizer:
@@ -123,41 +152,37 @@ class PixelNormalizer:
 
     The same operations as open_clip's ToTensor + Normalize (divide by 255, subtract the mean, divide
     by the std, in fp32), run on the device after the copy: bit-identical to open_clip's transform,
-    with a quarter of the bytes crossing to the device. On CUDA the copy goes through a reused pinned
-    buffer, without blocking; `stack` fills that buffer straight from the images, one host copy in all.
-    Callers read results back (a sync) before the next call reuses the buffer.
+    with a quarter of the bytes crossing to the device. On CUDA the copy goes through reused pinned
+    buffers (`PinnedStaging`), without blocking; `stack` fills one straight from the images, one host copy
+    in all.
     """
 
     def __init__(self, device: torch.device, mean: Sequence[float], std: Sequence[float]):
         self.device = device
         self.mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
         self.std = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
-        self._staging: Tensor | None = None
+        self._staging = PinnedStaging(device) if device.type == "cuda" else None
 
     def stack(self, images: Sequence[np.ndarray]) -> Tensor:
-        """Images [H, W, 3] uint8 -> one batch [B, H, W, 3]: in the pinned buffer on CUDA (then on its way to the
-        device), a new CPU tensor otherwise."""
-        if self.device.type != "cuda":
+        """Images [H, W, 3] uint8 -> one batch [B, H, W, 3]: on its way to the device on CUDA (through a pinned
+        buffer), a new CPU tensor otherwise."""
+        if self._staging is None:
             return torch.from_numpy(np.stack(images))
-        host = self._pinned(len(images) * images[0].size).view(len(images), *images[0].shape)
-        np.stack(images, out=host.numpy())
-        return host.to(self.device, non_blocking=True)
+        return self._staging.upload((len(images), *images[0].shape), torch.uint8,
+                                    lambda host: np.stack(images, out=host.numpy()))
 
     def __call__(self, pixels: Tensor) -> Tensor:
-        if self.device.type == "cuda" and pixels.device.type == "cpu":
-            staged = self._pinned(pixels.numel()).view_as(pixels).copy_(pixels)
-            pixels = staged.to(self.device, non_blocking=True)
+        if self._staging is not None and pixels.device.type == "cpu":
+            pixels = self._staging.upload(pixels.shape, pixels.dtype, lambda host: host.copy_(pixels))
         images = pixels.permute(0, 3, 1, 2).to(torch.float32).div(255)
         return images.sub_(self.mean).div_(self.std)
 
-    def _pinned(self, n: int) -> Tensor:
-        if self._staging is None or self._staging.numel() < n:
-            self._staging = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-        return self._staging[:n]
-
 
 def _torch(backbone: Backbone, settings: Settings) -> ImageTower:
-    return TorchImageTower(backbone, settings.torch_compile, settings.max_batch_size, settings.cuda_graphs)
+    graphs = settings.cuda_graphs
+    if graphs is None:  # the default: on wherever it can run
+        graphs = backbone.device.type == "cuda" and settings.torch_compile == "off"
+    return TorchImageTower(backbone, settings.torch_compile, settings.max_batch_size, graphs)
 
 
 def _onnx(backbone: Backbone, settings: Settings) -> ImageTower:

@@ -62,6 +62,50 @@ class LabelsNeeded:
     pending: Pending
 
 
+def _to_host(tensor: Tensor) -> Tensor:
+    """A device tensor's copy on the host, on its way without blocking (pinned memory) on CUDA."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor, non_blocking=True)
+
+
+@dataclass
+class _Forward:
+    """One prompt bank's forward, queued: its results' host copies, complete once `copied` has happened."""
+
+    items: list[Pending]
+    scored: list[tuple[list[int], Tensor, Tensor]] = dataclasses.field(default_factory=list)  # rows, top-k, labels
+    embedded: list[tuple[list[int], Tensor]] = dataclasses.field(default_factory=list)  # rows, embeddings
+    copied: Any = None  # torch.cuda.Event on CUDA
+
+    def answers(self) -> list[Scored | Embedded]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        answers: list[Scored | Embedded] = [None] * len(self.items)  # type: ignore[list-item]
+        for rows, scores, labels in self.scored:
+            for row, row_scores, row_labels in zip(rows, scores.tolist(), labels.tolist(), strict=True):
+                item, n = self.items[row], min(self.items[row].top_k, len(row_scores))
+                h = item.handle
+                answers[row] = Scored(item.request, h.task, h.version, h.prompt_set, h.method,
+                                      [item.classes[i] for i in row_labels[:n]], row_scores[:n])
+        for rows, vectors in self.embedded:
+            for row, vector in zip(rows, vectors.numpy().astype("<f4"), strict=True):
+                h = self.items[row].handle
+                answers[row] = Embedded(self.items[row].request, h.task if h else "", h.version if h else "",
+                                        h.prompt_set if h else "", vector.tobytes())
+        return answers
+
+
+@dataclass
+class Launched:
+    """A batch whose work is queued on the device (`InferenceCore.launch`); `InferenceCore.finish` answers it."""
+
+    items: list[Pending]
+    answers: list[Scored | Embedded | Failed | None]  # decoding failures already in
+    groups: list[tuple[list[int], _Forward | Exception, float]] = dataclasses.field(default_factory=list)
+
+
 class CallRefused(Exception):
     """An admin or sample call refused with an HTTP status (the worker answers it as is)."""
 
@@ -172,21 +216,41 @@ class InferenceCore:
         for n in needed:
             n.pending.text = features[n.key]
 
-    def score(self, items: list[Pending]) -> list[Scored | Failed]:
+    def score(self, items: list[Pending]) -> list[Scored | Embedded | Failed]:
         """Answers in the order of `items`: one forward per prompt bank, each row scored over its own task."""
-        answers: list[Scored | Failed] = [None] * len(items)  # type: ignore[list-item]
+        return self.finish(self.launch(items))
+
+    def launch(self, items: list[Pending]) -> Launched:
+        """Queue a batch's work on the device (decoding, one forward per prompt bank, scoring) and start copying
+        its results back; `finish` reads them. On a CPU the work is done when this returns; on CUDA the next
+        batch can be prepared and launched while the device still computes this one."""
+        answers: list[Scored | Embedded | Failed | None] = [None] * len(items)
         self._decode(items, answers)
         groups: dict[int, list[int]] = {}
         for i, item in enumerate(items):
             if answers[i] is None:  # not failed by its decoding
                 groups.setdefault(id(item.slot.bank), []).append(i)
+        launched = Launched(items, answers)
         for rows in groups.values():
-            group = [items[i] for i in rows]
             start = time.perf_counter()
             try:
-                results: list[Scored | Failed] = list(self._forward(group))
+                work: _Forward | Exception = self._forward([items[i] for i in rows])
             except Exception as e:  # a failing forward fails its own requests, not the service
-                log.exception("inference failed for a batch of %d", len(group))
+                work = e
+            launched.groups.append((rows, work, start))
+        return launched
+
+    def finish(self, launched: Launched) -> list[Scored | Embedded | Failed]:
+        """A launched batch's answers, in the order of its items (waits for the device)."""
+        answers = launched.answers
+        for rows, work, start in launched.groups:
+            group = [launched.items[i] for i in rows]
+            try:
+                if isinstance(work, Exception):
+                    raise work
+                results: list[Scored | Embedded | Failed] = list(work.answers())
+            except Exception as e:
+                log.exception("inference failed for a batch of %d", len(group), exc_info=e)
                 results = [Failed(i.request, 500, "inference_failed", f"{type(e).__name__}: {e}") for i in group]
             elapsed = time.perf_counter() - start
             for i, result in zip(rows, results, strict=True):
@@ -195,7 +259,7 @@ class InferenceCore:
             self.metrics.batch_size.observe(len(group))
             self.metrics.inference_duration.observe(elapsed)
             self.metrics.forward_per_image.observe(elapsed / len(group))
-        return answers
+        return answers  # type: ignore[return-value]
 
     def _decode(self, items: list[Pending], answers: list[Scored | Failed]) -> None:
         """decode=engine: the batch's JPEG files -> pixels on the device, in one decoder call; a file that
@@ -220,9 +284,9 @@ class InferenceCore:
                 items[i].pixels = image
         self.metrics.decode_per_image.observe((time.perf_counter() - start) / len(rows))
 
-    def _forward(self, items: list[Pending]) -> list[Scored | Embedded]:
+    def _forward(self, items: list[Pending]) -> _Forward:
         """One forward for items of one prompt bank, then each row scored over its own class texts (a task's,
-        or a caller's label set), or answered with its embedding."""
+        or a caller's label set), or its embedding; the results start on their way to the host."""
         bank = items[0].slot.bank
         with torch.inference_mode():
             if all(isinstance(item.pixels, np.ndarray) for item in items):
@@ -240,27 +304,21 @@ class InferenceCore:
             rows_of: dict[int, list[int]] = {}
             for row, item in enumerate(items):
                 rows_of.setdefault(id(item.text), []).append(row)
-            answers: list[Scored | Embedded] = [None] * len(items)  # type: ignore[list-item]
+            forward = _Forward(items)
             for rows in rows_of.values():
                 first = items[rows[0]]
                 index = torch.tensor(rows, device=features.device)
                 if first.text is None:
-                    vectors = features[index].float().cpu().numpy().astype("<f4")
-                    for row, vector in zip(rows, vectors, strict=True):
-                        h = items[row].handle
-                        answers[row] = Embedded(items[row].request, h.task if h else "", h.version if h else "",
-                                                h.prompt_set if h else "", vector.tobytes())
+                    forward.embedded.append((rows, _to_host(features[index].float())))
                     continue
                 probs = (self.logit_scale * features[index] @ first.text.T).softmax(dim=-1)
                 k = min(max(items[r].top_k for r in rows), len(first.classes))
-                scores, labels = (t.tolist() for t in probs.topk(k))
-                for row, row_scores, row_labels in zip(rows, scores, labels, strict=True):
-                    item, n = items[row], min(items[row].top_k, k)
-                    h = item.handle
-                    answers[row] = Scored(item.request, h.task, h.version, h.prompt_set, h.method,
-                                          [item.classes[i] for i in row_labels[:n]], row_scores[:n])
-        return answers
-
+                scores, labels = probs.topk(k)
+                forward.scored.append((rows, _to_host(scores), _to_host(labels)))
+            if features.device.type == "cuda":
+                forward.copied = torch.cuda.Event()
+                forward.copied.record()
+        return forward
 
     def warm_up(self) -> None:
         """One forward per prompt bank (and one unprompted), off the metrics: first-call costs go here."""

@@ -9,6 +9,8 @@ upload on its way in any worker) it runs it: the pixels are copied from the work
 slots, moved to the device as uint8 and normalised there, grouped by prompt bank (tasks of equal
 visual-prompt shape share one forward, their per-sample prompts gathered by index), and each row is
 scored on the device against its own task's class texts. Only the top-k labels and scores go back.
+With `batches_in_flight` 2 the loop launches the next batch before it reads the last one's results
+back, so that on CUDA the device computes while the loop answers, receives and prepares.
 
 Prompt-set work (start-up scan, the directory watcher, admin loads, sample files) runs on one
 loader thread, so a load never stalls a batch; its results come back to the loop through a queue
@@ -37,7 +39,7 @@ import torch
 import zmq
 
 from .backbone import load_configured_backbone
-from .core import CallRefused, InferenceCore, LabelsNeeded, Pending
+from .core import CallRefused, InferenceCore, LabelsNeeded, Launched, Pending
 from .logs import configure_logging
 from .metrics import Metrics
 from .settings import Settings, settings_from_env
@@ -79,6 +81,7 @@ class Engine:
         self.core = core
         self.address = address
         self.queue: deque[Pending] = deque()
+        self.in_flight: deque[Launched] = deque()  # launched on the device, not yet answered
         self.workers: dict[bytes, _Worker] = {}
         self.generation = 0
         self._published: tuple[int, bool, str | None] | None = None  # (snapshot id, ready, failure) last pushed
@@ -127,8 +130,12 @@ class Engine:
                 self._polling = True
                 self._background(lambda: self.core.registry.poll(time.monotonic()), self._after_poll)
             while self.queue and self._batch_due(time.monotonic()):
-                self._run_batch()
+                self.in_flight.append(self._launch_batch())
+                while len(self.in_flight) >= self.settings.batches_in_flight:
+                    self._answer(self.in_flight.popleft())
                 self._receive()  # what arrived during the forward joins the next batch
+            while self.in_flight:  # nothing more is due: answer what is launched before the poll waits
+                self._answer(self.in_flight.popleft())
             self._publish_catalog()
 
     def _timeout_ms(self) -> int:
@@ -216,7 +223,7 @@ class Engine:
             return True
         return not any(w.ring.incoming > 0 for w in self.workers.values())  # nothing on its way: don't wait
 
-    def _run_batch(self) -> None:
+    def _launch_batch(self) -> Launched:
         now = time.monotonic()
         items: list[Pending] = []
         while self.queue and len(items) < self.settings.max_batch_size:
@@ -226,8 +233,11 @@ class Engine:
                 continue
             items.append(item)
             self.core.metrics.queue_wait.observe(now - item.arrived)
+        return self.core.launch(items)
+
+    def _answer(self, launched: Launched) -> None:
         replies: dict[bytes, list[Scored | Embedded | Failed]] = {}
-        for item, answer in zip(items, self.core.score(items), strict=True):
+        for item, answer in zip(launched.items, self.core.finish(launched), strict=True):
             replies.setdefault(item.client, []).append(answer)
         for client, answers in replies.items():
             self._send(client, Results(answers))

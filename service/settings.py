@@ -47,13 +47,18 @@ class Settings(BaseSettings):
     torch_compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
         "off", description="torch backend: torch.compile mode for the image tower at batch buckets "
                            "(reduce-overhead = CUDA graphs of Inductor's kernels)")
-    cuda_graphs: bool = Field(False, description="torch backend on CUDA: replay the eager image tower as CUDA graphs "
-                                                 "captured per batch bucket and prompt shape at warm-up")
+    cuda_graphs: bool | None = Field(
+        None, description="torch backend on CUDA: replay the eager image tower as CUDA graphs captured per batch "
+                          "bucket and prompt shape at warm-up; unset = on when the model runs on CUDA and "
+                          "torch_compile is off (measured faster: docs/benchmarks.md, GPU)")
     decode: Literal["worker", "engine"] = Field(
         "worker", description="where JPEG uploads are decoded: worker = Pillow in the HTTP workers (bit-identical to "
                               "open_clip's transform); engine = batched on the engine's device (nvjpeg on CUDA), "
                               "within a stated pixel tolerance; other formats always decode in the workers")
     max_batch_size: int = Field(32, ge=1, description="most images in one image-tower forward")
+    batches_in_flight: int = Field(1, ge=1, le=4, description="batches the engine launches before it reads the "
+                                                             "oldest one's results back: 2 = prepare and launch the "
+                                                             "next batch while the device computes the last (CUDA)")
     max_wait_ms: float = Field(5.0, ge=0, description="longest wait for a batch to fill while more requests are on "
                                                        "their way")
     queue_size: int = Field(256, ge=1, description="decoded images waiting for the model; beyond it requests get 503")

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mmap_model import Backbone, load_backbone
-from service.backends import TorchImageTower, batch_buckets
+from service.backends import TorchImageTower, batch_buckets, make_image_tower
 from service.settings import Settings
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -57,8 +57,20 @@ def test_batch_buckets_are_finer_than_powers_of_two_and_hold_the_largest_batch()
 def test_cuda_graphs_are_refused_clearly_without_cuda_or_with_torch_compile(tiny):
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         TorchImageTower(tiny, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        make_image_tower("torch", tiny, Settings(cuda_graphs=True))
     with pytest.raises(ValueError, match="exclude each other"):
         Settings(cuda_graphs=True, torch_compile="reduce-overhead")
+    assert make_image_tower("torch", tiny, Settings()).graphs is None  # the default on a CPU: eager
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graphs_are_the_default_on_cuda_unless_torch_compile_or_turned_off():
+    backbone = cuda_backbone("ViT-B-32", "fp16")
+    assert make_image_tower("torch", backbone, Settings()).graphs is not None
+    assert make_image_tower("torch", backbone, Settings(cuda_graphs=False)).graphs is None
+    assert make_image_tower("torch", backbone, Settings(torch_compile="default")).graphs is None
 
 
 @pytest.mark.gpu
@@ -72,12 +84,14 @@ def test_torch_backend_half_precision_on_cuda_matches_fp32(vitb32, precision):
     expected = TorchImageTower(vitb32)(images, prompts)
     assert got.dtype == torch.float32 and got.device.type == "cuda"  # the engine scores on the device
     assert F.cosine_similarity(got.cpu(), expected).min() > 0.999
-    assert tower._staging is not None and tower._staging.is_pinned()
     staging = tower._staging
-    smaller = tower(images[:2], prompts[:2].cuda())  # the pinned buffer is reused, not reallocated
-    assert tower._staging is staging and torch.allclose(smaller, got[:2], atol=2e-2)
-    tower._staging = None  # images already on the device (the engine's) go straight in, never through the host
-    assert torch.allclose(tower(images.cuda(), prompts.cuda()), got, atol=2e-2) and tower._staging is None
+    first = [b for b in staging.buffers if b is not None]
+    assert len(first) == 1 and first[0].is_pinned()
+    tower(images[:2], prompts[:2].cuda())  # the second buffer
+    smaller = tower(images[:2], prompts[:2].cuda())  # the first again: reused, not reallocated
+    assert any(b is first[0] for b in staging.buffers) and torch.allclose(smaller, got[:2], atol=2e-2)
+    turn = staging._turn  # images already on the device (the engine's) go straight in, never through the host
+    assert torch.allclose(tower(images.cuda(), prompts.cuda()), got, atol=2e-2) and staging._turn == turn
 
 
 @pytest.mark.gpu
@@ -131,7 +145,7 @@ def test_onnxruntime_cuda_provider_matches_torch(tmp_path, precision, tolerance)
 
 @pytest.mark.gpu
 @needs_cuda
-def test_pixels_cross_to_the_gpu_through_one_reused_pinned_buffer():
+def test_pixels_cross_to_the_gpu_through_reused_pinned_buffers():
     from service.backends import PixelNormalizer
 
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.4]
@@ -139,12 +153,33 @@ def test_pixels_cross_to_the_gpu_through_one_reused_pinned_buffer():
     images = [np.random.default_rng(i).integers(0, 256, (224, 224, 3), dtype=np.uint8) for i in range(5)]
     batch = normalize.stack(images)
     assert batch.device.type == "cuda" and torch.equal(batch.cpu(), torch.from_numpy(np.stack(images)))
-    staging = normalize._staging
-    assert staging is not None and staging.is_pinned()
+    first = [b for b in normalize._staging.buffers if b is not None]
+    assert len(first) == 1 and first[0].is_pinned()
     expected = PixelNormalizer(torch.device("cpu"), mean, std)(torch.from_numpy(np.stack(images)))
     assert torch.allclose(normalize(batch).cpu(), expected, atol=1e-6)
-    assert torch.equal(normalize.stack(images[:2]).cpu(), torch.from_numpy(np.stack(images[:2])))
-    assert normalize._staging is staging  # reused, not reallocated
+    for n in (2, 3):
+        assert torch.equal(normalize.stack(images[:n]).cpu(), torch.from_numpy(np.stack(images[:n])))
+    assert any(b is first[0] for b in normalize._staging.buffers)  # reused, not reallocated
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_a_batch_staged_while_the_last_is_still_queued_does_not_overwrite_its_pixels():
+    """The engine launches the next batch before the last one's copy has run (batches_in_flight 2): with the GPU
+    kept busy, every batch staged in turn must still arrive as it was."""
+    from service.backends import PixelNormalizer
+
+    normalize = PixelNormalizer(torch.device("cuda"), [0.5] * 3, [0.2] * 3)
+    batches = [[np.full((224, 224, 3), 10 * k + i, np.uint8) for i in range(8)] for k in range(5)]
+    busy = torch.randn(4096, 4096, device="cuda")
+    for _ in range(3):
+        on_device = []
+        for images in batches:
+            for _ in range(20):  # ~tens of ms of queued work: the copies wait behind it
+                busy = busy @ busy.T / 4096
+            on_device.append(normalize.stack(images))
+        for images, got in zip(batches, on_device, strict=True):
+            assert torch.equal(got.cpu(), torch.from_numpy(np.stack(images)))
 
 
 GPU_DECODE_MAX, GPU_DECODE_MEAN = 16, 1.0  # 8-bit levels between nvjpeg + resize on CUDA and the Pillow path
@@ -173,7 +208,7 @@ def test_nvjpeg_decoding_is_within_the_stated_tolerance_and_fails_only_the_bad_f
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("cuda_graphs,decode", [(False, "worker"), (True, "worker"), (False, "engine")])
+@pytest.mark.parametrize("cuda_graphs,decode", [(None, "worker"), (False, "worker"), (None, "engine")])
 def test_service_on_cuda_fp16_scores_like_the_cpu_reference(tiny, tmp_path, cuda_graphs, decode):
     from helpers.service import (
         OFFICE,

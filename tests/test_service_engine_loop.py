@@ -1,16 +1,21 @@
 """The engine's loop, in this process, driven through its real socket and shared-memory ring as an HTTP worker
-drives it: label sets new to the cache that arrive together get their text features from one forward."""
+drives it: label sets new to the cache that arrive together get their text features from one forward, and with
+two batches in flight the next batch is launched before the last is answered."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
 import torch
 import zmq
 from helpers.service import OFFICE, image_bytes, make_set, publish
 from helpers.service import settings as service_settings
 
-from mmap_model import PromptedCLIP, class_text_features
+from mmap_model import Backbone, PromptedCLIP, class_text_features, load_backbone
 from service.core import InferenceCore
 from service.engine import Engine
 from service.metrics import Metrics
@@ -32,48 +37,66 @@ def answers(socket: zmq.Socket, n: int) -> dict[int, object]:
     return got
 
 
-def test_new_label_sets_arriving_together_share_one_text_forward(tiny, tmp_path):
-    office = make_set(tiny, "office", OFFICE, 1)
-    publish(office, tmp_path / "prompts")
-    core = InferenceCore(service_settings(tmp_path / "prompts"), tiny, Metrics())
-    forwards = []  # the text tower's calls, counted around the real one
-    encode_text = core.prompted.encode_text
-    core.prompted.encode_text = lambda tokens, *a, **k: forwards.append(len(tokens)) or encode_text(tokens, *a, **k)
+@contextlib.contextmanager
+def engine_loop(tiny, tmp_path: Path, slots: int = 8, backbone: Backbone | None = None,
+                **overrides) -> Iterator[tuple[Engine, zmq.Socket, PixelRing]]:
+    """The office set's engine loop on a thread (its model: `backbone`, else `tiny`), with its first launched
+    batch held until `engine.hold` is set, and one worker's socket and ring connected to it, once it is ready."""
+    publish(make_set(tiny, "office", OFFICE, 1), tmp_path / "prompts")
+    core = InferenceCore(service_settings(tmp_path / "prompts", **overrides), backbone or tiny, Metrics())
     hold, held = threading.Event(), threading.Event()
-    score = core.score
+    launch = core.launch
 
-    def first_batch_held(items):  # the loop is busy with a batch while the label requests arrive
+    def first_batch_held(items):  # the loop is busy with a batch while the next requests arrive
         if not held.is_set():
             held.set()
             assert hold.wait(20)
-        return score(items)
+        return launch(items)
 
-    core.score = first_batch_held
+    core.launch = first_batch_held
     engine = Engine(core.settings, core, f"ipc://{tmp_path}/engine")
+    engine.hold, engine.held = hold, held
     engine.start()
     loop = threading.Thread(target=engine.run)
     loop.start()
     context = zmq.Context()
     worker = context.socket(zmq.DEALER)
     height, width = tiny.preprocess_cfg["size"]
-    ring = PixelRing(tmp_path / "ring", 8, height, width, create=True)
+    ring = PixelRing(tmp_path / "ring", slots, height, width, create=True)
     try:
         worker.connect(engine.address)
-        worker.send(encode(Hello(worker=0, pid=0, ring=str(ring.path), slots=8)))
+        worker.send(encode(Hello(worker=0, pid=0, ring=str(ring.path), slots=slots)))
         while True:  # ready once the prompt sets are loaded and the model warmed up
             assert worker.poll(30_000)
             message = decode_to_worker(worker.recv())
             catalog = message.catalog if isinstance(message, Welcome) else message
             if isinstance(catalog, Catalog) and catalog.ready:
                 break
+        yield engine, worker, ring
+    finally:
+        hold.set()
+        engine.stop()
+        loop.join(30)
+        engine.close()
+        worker.close(linger=0)
+        context.term()
+        ring.unlink()
+
+
+def test_new_label_sets_arriving_together_share_one_text_forward(tiny, tmp_path):
+    with engine_loop(tiny, tmp_path) as (engine, worker, ring):
+        core = engine.core
+        forwards = []  # the text tower's calls, counted around the real one
+        encode_text = core.prompted.encode_text
+        core.prompted.encode_text = lambda tokens, *a, **k: forwards.append(len(tokens)) or encode_text(tokens, *a,
+                                                                                                         **k)
         pixels = Preprocessor(tiny.preprocess_cfg, 10**8)(image_bytes(1))
         ring.pixels[:] = pixels
         worker.send(encode(Infer(id=0, slot=0, task="clipart", top_k=3)))
-        assert held.wait(20)
-        forwards.clear()  # warm-up and start-up forwards are not this test's
+        assert engine.held.wait(20)
         for i, labels in enumerate(SETS, start=1):
             worker.send(encode(Infer(id=i, slot=i, task="clipart", top_k=5, labels=list(labels))))
-        hold.set()
+        engine.hold.set()
         got = answers(worker, 1 + len(SETS))
         assert forwards == [sum(len(s) for s in dict.fromkeys(SETS))]  # one forward, each new set's names once
         image = core.normalize(torch.from_numpy(pixels[None].copy()))
@@ -90,11 +113,37 @@ def test_new_label_sets_arriving_together_share_one_text_forward(tiny, tmp_path)
                 assert max(abs(s - expected[label]) for label, s in zip(answer.labels, answer.scores,
                                                                        strict=True)) <= 1e-5
         assert len(core.label_cache) == len(dict.fromkeys(SETS))
-    finally:
-        hold.set()
-        engine.stop()
-        loop.join(30)
-        engine.close()
-        worker.close(linger=0)
-        context.term()
-        ring.unlink()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_two_batches_in_flight_launch_the_next_before_answering_the_last_and_answer_alike(tiny, tmp_path, device):
+    """batches_in_flight 2: the loop launches batch N+1 before it answers batch N, and every answer is what one
+    batch at a time gives (the same requests scored by the core directly). On CUDA the device still computes a
+    batch while the next one's pixels are staged and copied."""
+    tasks = ["clipart", "real", "product"]
+    backbone, tolerance = (None, 1e-5) if device == "cpu" else (load_backbone("mmap-tiny", None, "cuda", "fp16",
+                                                                              seed=0), 2e-2)
+    with engine_loop(tiny, tmp_path, slots=24, backbone=backbone, device=device, max_batch_size=4,
+                     batches_in_flight=2) as (engine, worker, ring):
+        core = engine.core
+        waiting = []  # batches launched and not yet answered, seen at each launch
+        launch = core.launch
+        core.launch = lambda items: waiting.append(len(engine.in_flight)) or launch(items)
+        preprocess = Preprocessor(tiny.preprocess_cfg, 10**8)
+        for i in range(24):
+            ring.pixels[i] = preprocess(image_bytes(i % 6))
+        worker.send(encode(Infer(id=0, slot=0, task=tasks[0], top_k=3)))
+        assert engine.held.wait(20)
+        for i in range(1, 24):  # queued while the first batch is held: five more batches in a row
+            worker.send(encode(Infer(id=i, slot=i, task=tasks[i % 3], top_k=3)))
+        engine.hold.set()
+        got = answers(worker, 24)
+        assert max(waiting) == 1 and not engine.in_flight  # the next launched while one was in flight; none left
+        admitted = [core.admit(i, tasks[i % 3], ring.pixels[i], 3, 0) for i in range(24)]
+        for item, expected in zip(admitted, core.score(admitted), strict=True):
+            answer = got[item.request]
+            assert isinstance(answer, Scored) and len(answer.labels) == 3, item.request
+            want = dict(zip(expected.labels, expected.scores, strict=True))
+            assert max(abs(score - want.get(label, 0.0)) for label, score in zip(answer.labels, answer.scores,
+                                                                                  strict=True)) <= tolerance
