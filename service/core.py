@@ -62,6 +62,12 @@ class LabelsNeeded:
     pending: Pending
 
 
+def _index(rows: list[int], device: torch.device) -> Tensor:
+    """Row numbers as an index tensor on `device`, without waiting for the device (`torch.tensor(rows,
+    device=cuda)` would copy synchronously: it waits for every batch already queued)."""
+    return torch.tensor(rows).to(device, non_blocking=True)
+
+
 def _to_host(tensor: Tensor) -> Tensor:
     """A device tensor's copy on the host, on its way without blocking (pinned memory) on CUDA."""
     if tensor.device.type != "cuda":
@@ -295,11 +301,11 @@ class InferenceCore:
                 pixels = torch.empty(len(items), *items[0].pixels.shape, dtype=torch.uint8, device=self.backbone.device)
                 host = [row for row, item in enumerate(items) if isinstance(item.pixels, np.ndarray)]
                 if host:
-                    pixels[host] = self.normalize.stack([items[row].pixels for row in host]).to(pixels.device)
+                    pixels[_index(host, pixels.device)] = self.normalize.stack([items[row].pixels for row in host])
                 for row, item in enumerate(items):
                     if isinstance(item.pixels, Tensor):
                         pixels[row] = item.pixels
-            prompts = None if bank is None else bank[torch.tensor([i.slot.index for i in items], device=bank.device)]
+            prompts = None if bank is None else bank[_index([i.slot.index for i in items], bank.device)]
             features = self.tower(self.normalize(pixels), prompts).to(self.backbone.device)
             rows_of: dict[int, list[int]] = {}
             for row, item in enumerate(items):
@@ -307,7 +313,7 @@ class InferenceCore:
             forward = _Forward(items)
             for rows in rows_of.values():
                 first = items[rows[0]]
-                index = torch.tensor(rows, device=features.device)
+                index = _index(rows, features.device)
                 if first.text is None:
                     forward.embedded.append((rows, _to_host(features[index].float())))
                     continue

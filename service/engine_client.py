@@ -5,6 +5,7 @@ Runs on the worker's event loop. `infer` puts one preprocessed image in a free s
 When every slot is taken, requests wait for one in arrival order, within their request timeout: the
 listening socket is shared, so one worker can hold more connections than its slots while others
 sit idle (wrk's 256 connections over 12 workers did), and its excess must not be refused for that.
+As many may wait as there are slots; beyond that the worker answers 503 `overloaded` at once.
 A monitor on the socket sees the engine's connection drop (the engine died): every waiting
 request fails at once with 503 and new ones are refused, instead of hanging until their timeout.
 """
@@ -138,12 +139,19 @@ class EngineClient:
         slot = await self._take_slot(timeout_s)
         request = next(self._ids)
         jpeg = pixels if isinstance(pixels, bytes) else None
+        try:
+            if self.down:  # the engine went away while this request waited for its slot
+                raise EngineUnavailable()
+            message = encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K), labels=labels,
+                                   embed=embed, jpeg=jpeg))
+        except BaseException:
+            self._release(slot)
+            raise
         if jpeg is None:
             self.ring.pixels[slot] = pixels
         answer: asyncio.Future = loop.create_future()
         self._pending[request] = (answer, slot)  # the slot is released when the engine answers, even late
-        await self._send(encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K), labels=labels,
-                                      embed=embed, jpeg=jpeg)))
+        await self._send(message)
         try:
             return await asyncio.wait_for(asyncio.shield(answer), max(0.0, deadline - loop.time()))
         except TimeoutError:
@@ -153,9 +161,13 @@ class EngineClient:
 
     async def _take_slot(self, timeout_s: float) -> int:
         """A free slot of the ring; when none is, wait in line for one (InferenceTimeout past `timeout_s`,
-        EngineUnavailable when the engine goes away meanwhile)."""
+        EngineUnavailable when the engine goes away meanwhile). As many requests as there are slots may wait;
+        beyond them the worker is overloaded: 503, at once."""
         if self._free and not self._slot_waiters:
             return self._free.pop()
+        if len(self._slot_waiters) >= self.slots:
+            raise ServiceError(503, "overloaded", "too many requests in flight on this worker; retry in 1 s",
+                               {"Retry-After": "1"})
         waiter: asyncio.Future = asyncio.get_running_loop().create_future()
         self._slot_waiters.append(waiter)
         try:
@@ -163,6 +175,8 @@ class EngineClient:
         except BaseException as error:
             if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self._release(waiter.result())  # handed a slot just as the wait was given up: pass it on
+            with contextlib.suppress(ValueError):
+                self._slot_waiters.remove(waiter)  # (a line of given-up waits must not grow while the engine stalls)
             if isinstance(error, TimeoutError):
                 raise InferenceTimeout(timeout_s) from None
             raise

@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     engine_threads: int = Field(0, ge=0, description="torch threads of the engine process; 0 = 1 on CUDA, every "
                                                      "core on CPU")
     worker_slots: int = Field(64, ge=1, description="images each HTTP worker may have in flight to the engine "
-                                                    "(shared-memory slots); beyond it requests wait for a slot")
+                                                    "(shared-memory slots); as many more may wait for one, "
+                                                    "beyond them 503")
     decode_workers: int = Field(2, ge=1, description="threads decoding images in each HTTP worker")
     body_timeout_s: float = Field(30.0, gt=0, description="longest pause between two pieces of an upload's body; "
                                                           "beyond it 408 and the connection is closed")

@@ -4,6 +4,9 @@ a full worker ring makes requests wait for a slot."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -60,22 +63,40 @@ def test_request_past_its_timeout_answers_504(prompts_dir):
 
 
 def test_a_full_ring_makes_requests_wait_for_a_slot_within_their_timeout(prompts_dir):
-    """Two slots, 24 requests at once on one worker: 22 wait in line and all are answered 200. A wait past the
-    request timeout is 504, and the slots come back once the engine answers late (no slot is lost)."""
+    """Four slots, 8 requests at once on one worker: 4 wait in line and all are answered 200. With the engine
+    stalled: 4 in the slots, 4 waiting, the rest refused 503 at once; a wait past the request timeout is 504, and
+    the slots come back once the engine answers late (no slot is lost)."""
     async def scenario():
-        async with serve(settings(prompts_dir, worker_slots=2, max_batch_size=4, request_timeout_s=5)) as client:
+        async with serve(settings(prompts_dir, worker_slots=4, max_batch_size=4, request_timeout_s=5)) as client:
             engine = engine_pid(client)
             with frozen(engine):
-                burst = [asyncio.create_task(classify(client, "clipart", image_bytes(i % 4))) for i in range(24)]
+                burst = [asyncio.create_task(classify(client, "clipart", image_bytes(i % 4))) for i in range(8)]
                 await asyncio.sleep(1.0)
                 assert not any(t.done() for t in burst)
-            assert [r.status_code for r in await asyncio.gather(*burst)] == [200] * 24
+            assert [r.status_code for r in await asyncio.gather(*burst)] == [200] * 8
             with frozen(engine):
-                late = await asyncio.gather(*(classify(client, "clipart", image_bytes(i % 4)) for i in range(6)))
-            assert [(r.status_code, r.json()["error"]) for r in late] == [(504, "timeout")] * 6
+                late = await asyncio.gather(*(classify(client, "clipart", image_bytes(i % 4)) for i in range(12)))
+            codes = sorted((r.status_code, r.json()["error"]) for r in late)
+            assert codes == [(503, "overloaded")] * 4 + [(504, "timeout")] * 8, codes
             again = await asyncio.gather(*(classify(client, "clipart", image_bytes(i % 4)) for i in range(8)))
             assert [r.status_code for r in again] == [200] * 8
             text = (await client.get("/metrics")).text
-            assert metric(text, "mmap_requests_total", task="clipart", status="503") == 0
+            assert metric(text, "mmap_requests_total", task="clipart", status="503") == 4
+
+    run(scenario())
+
+
+def test_requests_waiting_for_a_slot_fail_at_once_when_the_engine_dies(prompts_dir):
+    async def scenario():
+        async with serve(settings(prompts_dir, worker_slots=2)) as client:
+            engine = engine_pid(client)
+            with frozen(engine):  # 2 requests in the slots, 2 waiting for one
+                waiting = [asyncio.create_task(classify(client, "clipart", image_bytes(i))) for i in range(4)]
+                await asyncio.sleep(1.0)
+                killed_at = time.monotonic()
+                os.kill(engine, signal.SIGKILL)
+            answers = await asyncio.gather(*waiting)
+            assert time.monotonic() - killed_at < 2.0
+            assert [(a.status_code, a.json()["error"]) for a in answers] == [(503, "engine_unavailable")] * 4
 
     run(scenario())

@@ -133,8 +133,7 @@ def test_a_worker_killed_with_9_is_replaced_while_the_other_serves(prompts_dir):
 
 def test_a_killed_engine_fails_requests_at_once_and_stops_the_service_non_zero(prompts_dir):
     async def scenario():
-        # two slots a worker: of the 8 requests, those waiting for a slot must fail at once too
-        async with serve(settings(prompts_dir, workers=2, worker_slots=2)) as client:
+        async with serve(settings(prompts_dir, workers=2)) as client:
             base = str(client.base_url)
             process = launcher(client)
             engine = engine_pid(client)
