@@ -179,10 +179,8 @@ class PixelNormalizer:
 
 
 def _torch(backbone: Backbone, settings: Settings) -> ImageTower:
-    graphs = settings.cuda_graphs
-    if graphs is None:  # the default: on wherever it can run
-        graphs = backbone.device.type == "cuda" and settings.torch_compile == "off"
-    return TorchImageTower(backbone, settings.torch_compile, settings.max_batch_size, graphs)
+    settings = settings.resolved(backbone.device.type)
+    return TorchImageTower(backbone, settings.torch_compile, settings.max_batch_size, settings.cuda_graphs)
 
 
 def _onnx(backbone: Backbone, settings: Settings) -> ImageTower:

@@ -127,7 +127,7 @@ class InferenceCore:
     """The model, the registry and what is done with them; not thread-safe but for `call` (loader thread)."""
 
     def __init__(self, settings: Settings, backbone: Backbone, metrics: Metrics):
-        self.settings = settings
+        settings = self.settings = settings.resolved(backbone.device.type)  # the engine reads these, not its own
         self.backbone = backbone
         self.metrics = metrics
         self.registry = Registry(backbone, settings.prompts, metrics, settings.watch_debounce_s)

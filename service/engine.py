@@ -347,7 +347,7 @@ def main() -> None:
     try:
         backbone = load_configured_backbone(settings)
         core = InferenceCore(settings, backbone, Metrics())
-        engine = Engine(settings, core, os.environ[ENGINE_ADDRESS_ENV])
+        engine = Engine(core.settings, core, os.environ[ENGINE_ADDRESS_ENV])
     except Exception as e:
         log.error("%s", e)
         sys.exit(1)
@@ -356,8 +356,9 @@ def main() -> None:
         sys.exit(0)
     ready.write(engine_info_json(core.info(engine.address)) + b"\n")
     ready.close()
-    log.info("serving %s (%s) on %s with %d torch threads", backbone.model_name, backbone.device,
-             engine.address, torch.get_num_threads())
+    log.info("serving %s (%s) on %s with %d torch threads, max batch %d, CUDA graphs %s", backbone.model_name,
+             backbone.device, engine.address, torch.get_num_threads(), core.settings.max_batch_size,
+             "on" if core.settings.cuda_graphs else "off")
     engine.start()
     try:
         engine.run()

@@ -55,7 +55,9 @@ class Settings(BaseSettings):
         "worker", description="where JPEG uploads are decoded: worker = Pillow in the HTTP workers (bit-identical to "
                               "open_clip's transform); engine = batched on the engine's device (nvjpeg on CUDA), "
                               "within a stated pixel tolerance; other formats always decode in the workers")
-    max_batch_size: int = Field(32, ge=1, description="most images in one image-tower forward")
+    max_batch_size: int | None = Field(
+        None, ge=1, description="most images in one image-tower forward; unset = 128 on CUDA (near the tower's best "
+                                "throughput, docs/benchmarks.md), 32 on a CPU")
     batches_in_flight: int = Field(1, ge=1, le=4, description="batches the engine launches before it reads the "
                                                              "oldest one's results back: 2 = prepare and launch the "
                                                              "next batch while the device computes the last (CUDA)")
@@ -104,6 +106,16 @@ class Settings(BaseSettings):
         if self.cuda_graphs and self.torch_compile != "off":
             raise ValueError("cuda_graphs and torch_compile exclude each other: choose one")
         return self
+
+    def resolved(self, device_type: str) -> Settings:
+        """These settings with the defaults that depend on the model's device ("cuda" or "cpu") filled in."""
+        cuda = device_type == "cuda"
+        update: dict[str, object] = {}
+        if self.max_batch_size is None:
+            update["max_batch_size"] = 128 if cuda else 32
+        if self.cuda_graphs is None:  # on wherever it can run
+            update["cuda_graphs"] = cuda and self.backend == "torch" and self.torch_compile == "off"
+        return self.model_copy(update=update)
 
     @property
     def random_seed(self) -> int | None:

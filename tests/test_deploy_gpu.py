@@ -64,6 +64,17 @@ def test_cuda_graphs_are_refused_clearly_without_cuda_or_with_torch_compile(tiny
     assert make_image_tower("torch", tiny, Settings()).graphs is None  # the default on a CPU: eager
 
 
+def test_defaults_that_depend_on_the_device_are_filled_in_for_it():
+    cpu, cuda = Settings().resolved("cpu"), Settings().resolved("cuda")
+    assert (cpu.max_batch_size, cpu.cuda_graphs) == (32, False)
+    assert (cuda.max_batch_size, cuda.cuda_graphs) == (128, True)
+    assert Settings(torch_compile="default").resolved("cuda").cuda_graphs is False
+    assert Settings(backend="onnx").resolved("cuda").cuda_graphs is False
+    chosen = Settings(max_batch_size=48, cuda_graphs=False).resolved("cuda")
+    assert (chosen.max_batch_size, chosen.cuda_graphs) == (48, False)  # what the user set stays
+    assert Settings().max_batch_size is None  # unresolved until the model's device is known
+
+
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_graphs_are_the_default_on_cuda_unless_torch_compile_or_turned_off():

@@ -88,6 +88,7 @@ class MmapEngine:
         self.settings = Settings(**(settings or {}))
         torch.set_num_threads(engine_threads(self.settings))
         self.core = InferenceCore(self.settings, load_configured_backbone(self.settings), Metrics())
+        self.settings = self.core.settings  # with the device's defaults filled in
         self.core.registry.scan()
         self.core.warm_up()
         self.core.ready = True
