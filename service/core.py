@@ -50,6 +50,7 @@ class Pending:
     classes: tuple[str, ...] = ()  # what it is scored against: the task's classes or the caller's labels
     text: Tensor | None = None  # their text features [C, D]; None: answer the embedding instead
     arrived: float = 0.0  # time.monotonic()
+    expires: float = 0.0  # time.monotonic() past which nobody waits for the answer; 0 = request_timeout_s after arrival
     client: Any = None  # who to answer (the engine loop's business)
 
 

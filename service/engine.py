@@ -207,11 +207,13 @@ class Engine:
                                    infer.labels, infer.embed, defer_labels=True)
         if isinstance(admitted, Failed):
             self._send(client, admitted)
-        elif isinstance(admitted, LabelsNeeded):
-            admitted.pending.client = client
+            return
+        pending = admitted.pending if isinstance(admitted, LabelsNeeded) else admitted
+        pending.client = client
+        pending.expires = infer.expires or pending.arrived + self.settings.request_timeout_s
+        if isinstance(admitted, LabelsNeeded):
             needed.append(admitted)
         else:
-            admitted.client = client
             self.queue.append(admitted)
 
     # ---- batching ----
@@ -228,7 +230,7 @@ class Engine:
         items: list[Pending] = []
         while self.queue and len(items) < self.settings.max_batch_size:
             item = self.queue.popleft()
-            if now - item.arrived > self.settings.request_timeout_s:  # its worker has answered 504 already
+            if now > item.expires:  # its worker has answered 504 already (a wait for a slot there counts too)
                 self._send(item.client, Failed(item.request, 504, "timeout", "no result within the request timeout"))
                 continue
             items.append(item)

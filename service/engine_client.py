@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Iterator
 
@@ -134,8 +135,7 @@ class EngineClient:
         if given), or with `embed` its embedding; ServiceError with the engine's refusal."""
         if self.down:
             raise EngineUnavailable()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
+        deadline = time.monotonic() + timeout_s
         slot = await self._take_slot(timeout_s)
         request = next(self._ids)
         jpeg = pixels if isinstance(pixels, bytes) else None
@@ -143,17 +143,17 @@ class EngineClient:
             if self.down:  # the engine went away while this request waited for its slot
                 raise EngineUnavailable()
             message = encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K), labels=labels,
-                                   embed=embed, jpeg=jpeg))
+                                   embed=embed, jpeg=jpeg, expires=deadline))
         except BaseException:
             self._release(slot)
             raise
         if jpeg is None:
             self.ring.pixels[slot] = pixels
-        answer: asyncio.Future = loop.create_future()
+        answer: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[request] = (answer, slot)  # the slot is released when the engine answers, even late
         await self._send(message)
         try:
-            return await asyncio.wait_for(asyncio.shield(answer), max(0.0, deadline - loop.time()))
+            return await asyncio.wait_for(asyncio.shield(answer), max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             if request in self._pending:
                 self._pending[request] = (None, slot)  # a late answer only frees the slot

@@ -114,6 +114,7 @@ class Infer(msgspec.Struct, tag=True):
     labels: list[str] | None = None  # score against these class names, with the task's prompts and template
     embed: bool = False  # answer the image embedding (`Embedded`), not scores
     jpeg: bytes | None = None  # decode=engine: the upload itself, decoded by the engine (the slot stays unused)
+    expires: float = 0.0  # time.monotonic() (one clock for the host's processes) past which the worker has given up
 
 
 class Call(msgspec.Struct, tag=True):

@@ -65,7 +65,7 @@ def test_request_past_its_timeout_answers_504(prompts_dir):
 def test_a_full_ring_makes_requests_wait_for_a_slot_within_their_timeout(prompts_dir):
     """Four slots, 8 requests at once on one worker: 4 wait in line and all are answered 200. With the engine
     stalled: 4 in the slots, 4 waiting, the rest refused 503 at once; a wait past the request timeout is 504, and
-    the slots come back once the engine answers late (no slot is lost)."""
+    the slots come back once the engine answers late (no slot is lost), without computing what nobody waits for."""
     async def scenario():
         async with serve(settings(prompts_dir, worker_slots=4, max_batch_size=4, request_timeout_s=5)) as client:
             engine = engine_pid(client)
@@ -74,6 +74,7 @@ def test_a_full_ring_makes_requests_wait_for_a_slot_within_their_timeout(prompts
                 await asyncio.sleep(1.0)
                 assert not any(t.done() for t in burst)
             assert [r.status_code for r in await asyncio.gather(*burst)] == [200] * 8
+            computed = metric((await client.get("/metrics")).text, "mmap_batch_size_sum")
             with frozen(engine):
                 late = await asyncio.gather(*(classify(client, "clipart", image_bytes(i % 4)) for i in range(12)))
             codes = sorted((r.status_code, r.json()["error"]) for r in late)
@@ -82,6 +83,8 @@ def test_a_full_ring_makes_requests_wait_for_a_slot_within_their_timeout(prompts
             assert [r.status_code for r in again] == [200] * 8
             text = (await client.get("/metrics")).text
             assert metric(text, "mmap_requests_total", task="clipart", status="503") == 4
+            # the 4 sent before the stall reached the engine past their deadline: skipped, not computed
+            assert metric(text, "mmap_batch_size_sum") - computed == 8
 
     run(scenario())
 
