@@ -110,6 +110,7 @@ class Launched:
 
     items: list[Pending]
     answers: list[Scored | Embedded | Failed | None]  # decoding failures already in
+    # per prompt bank: its rows, its queued forward (or why it failed), the seconds its launch took
     groups: list[tuple[list[int], _Forward | Exception, float]] = dataclasses.field(default_factory=list)
 
 
@@ -244,13 +245,14 @@ class InferenceCore:
                 work: _Forward | Exception = self._forward([items[i] for i in rows])
             except Exception as e:  # a failing forward fails its own requests, not the service
                 work = e
-            launched.groups.append((rows, work, start))
+            launched.groups.append((rows, work, time.perf_counter() - start))
         return launched
 
     def finish(self, launched: Launched) -> list[Scored | Embedded | Failed]:
         """A launched batch's answers, in the order of its items (waits for the device)."""
         answers = launched.answers
-        for rows, work, start in launched.groups:
+        for rows, work, launch_s in launched.groups:
+            start = time.perf_counter()
             group = [launched.items[i] for i in rows]
             try:
                 if isinstance(work, Exception):
@@ -259,7 +261,8 @@ class InferenceCore:
             except Exception as e:
                 log.exception("inference failed for a batch of %d", len(group), exc_info=e)
                 results = [Failed(i.request, 500, "inference_failed", f"{type(e).__name__}: {e}") for i in group]
-            elapsed = time.perf_counter() - start
+            # launching + waiting for the device: not the time between, when the loop launched the next batch
+            elapsed = launch_s + time.perf_counter() - start
             for i, result in zip(rows, results, strict=True):
                 answers[i] = result
             self.last_forward_s = elapsed

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -147,3 +148,17 @@ def test_two_batches_in_flight_launch_the_next_before_answering_the_last_and_ans
             want = dict(zip(expected.labels, expected.scores, strict=True))
             assert max(abs(score - want.get(label, 0.0)) for label, score in zip(answer.labels, answer.scores,
                                                                                   strict=True)) <= tolerance
+
+
+def test_a_batch_forward_time_counts_launching_and_waiting_not_the_time_between(tiny, tmp_path):
+    """With batches in flight the loop does other work between a batch's launch and its answers: the forward
+    time (metrics, Retry-After) must not count it."""
+    publish(make_set(tiny, "office", OFFICE, 1), tmp_path)
+    core = InferenceCore(service_settings(tmp_path), tiny, Metrics())
+    core.registry.scan()
+    core.ready = True
+    pixels = Preprocessor(tiny.preprocess_cfg, 10**8)(image_bytes(1))
+    launched = core.launch([core.admit(i, "clipart", pixels, 3, 0) for i in range(4)])
+    time.sleep(0.5)
+    assert all(isinstance(answer, Scored) for answer in core.finish(launched))
+    assert 0 < core.last_forward_s < 0.5
