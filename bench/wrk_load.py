@@ -48,6 +48,7 @@ from uploads import synthetic_jpegs
 
 from mmap_model import EMBEDDED_PROMPTS_DIR, PromptedCLIP, PromptSet, load_backbone
 from service.backends import PixelNormalizer, TorchImageTower
+from service.settings import Settings
 from service.uploads import Preprocessor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -293,8 +294,8 @@ def main() -> None:
         common = ["--model", args.model, "--pretrained", pretrained, "--prompts", str(prompts), "--device", args.device,
                   "--precision", args.precision, "--max-batch-size", str(args.batch), "--watch-interval-s", "0",
                   "--queue-size", str(max(256, args.connections)), "--log-level", "warning"]
-        graphs = args.cuda_graphs == "true" or (args.cuda_graphs == "auto" and args.device == "cuda"
-                                                 and args.torch_compile == "off")
+        chosen = None if args.cuda_graphs == "auto" else args.cuda_graphs == "true"
+        graphs = Settings(cuda_graphs=chosen, torch_compile=args.torch_compile).resolved(args.device).cuda_graphs
         engine_args = [*common, "--workers", str(args.workers), "--engine-threads", str(args.engine_threads),
                        "--torch-compile", args.torch_compile, "--cuda-graphs", str(graphs), "--decode", args.decode,
                        *args.flags]

@@ -84,7 +84,7 @@ class _Forward:
     items: list[Pending]
     scored: list[tuple[list[int], Tensor, Tensor]] = dataclasses.field(default_factory=list)  # rows, top-k, labels
     embedded: list[tuple[list[int], Tensor]] = dataclasses.field(default_factory=list)  # rows, embeddings
-    copied: Any = None  # torch.cuda.Event on CUDA
+    copied: torch.cuda.Event | None = None  # on CUDA
 
     def answers(self) -> list[Scored | Embedded]:
         if self.copied is not None:
@@ -259,7 +259,7 @@ class InferenceCore:
                     raise work
                 results: list[Scored | Embedded | Failed] = list(work.answers())
             except Exception as e:
-                log.exception("inference failed for a batch of %d", len(group), exc_info=e)
+                log.exception("inference failed for a batch of %d", len(group))
                 results = [Failed(i.request, 500, "inference_failed", f"{type(e).__name__}: {e}") for i in group]
             # launching + waiting for the device: not the time between, when the loop launched the next batch
             elapsed = launch_s + time.perf_counter() - start
