@@ -84,7 +84,7 @@ class Engine:
         self.in_flight: deque[Launched] = deque()  # launched on the device, not yet answered
         self.workers: dict[bytes, _Worker] = {}
         self.generation = 0
-        self._published: tuple[int, bool, str | None] | None = None  # (snapshot id, ready, failure) last pushed
+        self._published: tuple[int, bool, str | None] | None = None  # (snapshot serial, ready, failure) last pushed
         self._stopping = False
         self._poll_due = float("inf")
         self._polling = False
@@ -129,21 +129,27 @@ class Engine:
             if time.monotonic() >= self._poll_due and not self._polling:
                 self._polling = True
                 self._background(lambda: self.core.registry.poll(time.monotonic()), self._after_poll)
-            while self.queue and self._batch_due(time.monotonic()):
+            # One batch a turn: between two batches the loop also takes the loader thread's results and pushes
+            # catalogs, or a load that keeps batches due would hold them back until it ends. What arrived
+            # during the forward joins the next batch (the next turn's poll does not wait while one is due).
+            if self.queue and self._batch_due(time.monotonic()):
                 self.in_flight.append(self._launch_batch())
                 while len(self.in_flight) >= self.settings.batches_in_flight:
                     self._answer(self.in_flight.popleft())
-                self._receive()  # what arrived during the forward joins the next batch
-            while self.in_flight:  # nothing more is due: answer what is launched before the poll waits
-                self._answer(self.in_flight.popleft())
+            else:  # nothing is due: answer what is launched before the poll waits
+                while self.in_flight:
+                    self._answer(self.in_flight.popleft())
             self._publish_catalog()
 
     def _timeout_ms(self) -> int:
+        now = time.monotonic()
+        if self.in_flight or (self.queue and self._batch_due(now)):  # the next turn launches or answers at once
+            return 0
         timeout = IDLE_POLL_MS / 1000
         if self.queue:
-            timeout = min(timeout, self.queue[0].arrived + self.settings.max_wait_ms / 1000 - time.monotonic())
+            timeout = min(timeout, self.queue[0].arrived + self.settings.max_wait_ms / 1000 - now)
         if not self._polling:
-            timeout = min(timeout, self._poll_due - time.monotonic())
+            timeout = min(timeout, self._poll_due - now)
         return max(0, int(timeout * 1000))
 
     # ---- messages ----
@@ -316,7 +322,7 @@ class Engine:
     # ---- the catalog ----
 
     def _publish_catalog(self) -> None:
-        state = (id(self.core.registry.snapshot), self.core.ready, self.core.failure)
+        state = (self.core.registry.snapshot.serial, self.core.ready, self.core.failure)
         if state == self._published:
             return
         self._published = state

@@ -115,9 +115,10 @@ class Snapshot:
     sets: Mapping[str, LoadedSet] = field(default_factory=dict)
     tasks: Mapping[str, TaskHandle] = field(default_factory=dict)
     slots: Mapping[str, PromptSlot] = field(default_factory=dict)
+    serial: int = 0  # 1, 2, 3, ... in the order published: tells two snapshots apart (an id() can be reused)
 
     @classmethod
-    def of(cls, sets: Mapping[str, LoadedSet]) -> Snapshot:
+    def of(cls, sets: Mapping[str, LoadedSet], serial: int) -> Snapshot:
         """Give each task to its newest publication, and stack the visual prompts of equal signature into one
         bank each."""
         tasks = {t: h for s in sorted(sets.values(), key=lambda s: s.precedence) for t, h in s.handles.items()}
@@ -129,7 +130,7 @@ class Snapshot:
         for names in by_signature.values():
             bank = torch.stack([tasks[t].visual_prompts for t in names])
             slots.update({t: PromptSlot(bank, i) for i, t in enumerate(names)})
-        return cls(MappingProxyType(dict(sets)), MappingProxyType(tasks), MappingProxyType(slots))
+        return cls(MappingProxyType(dict(sets)), MappingProxyType(tasks), MappingProxyType(slots), serial)
 
 
 @dataclass(frozen=True)
@@ -344,6 +345,6 @@ class Registry:
 
     def _publish(self, sets: Mapping[str, LoadedSet]) -> None:
         with torch.inference_mode():
-            snapshot = Snapshot.of(sets)
+            snapshot = Snapshot.of(sets, self._snapshot.serial + 1)
         self._snapshot = snapshot  # one reference assignment: readers see the old or the new, never a mix
         self.metrics.tasks_loaded.set(len(snapshot.tasks))

@@ -13,14 +13,26 @@ from pathlib import Path
 import pytest
 import torch
 import zmq
-from helpers.service import OFFICE, image_bytes, make_set, publish
+from helpers.service import DOODLES, OFFICE, image_bytes, make_set, publish
 from helpers.service import settings as service_settings
 
 from mmap_model import Backbone, PromptedCLIP, class_text_features, load_backbone
 from service.core import InferenceCore
 from service.engine import Engine
 from service.metrics import Metrics
-from service.transport import Catalog, Hello, Infer, PixelRing, Results, Scored, Welcome, decode_to_worker, encode
+from service.transport import (
+    Call,
+    Catalog,
+    Hello,
+    Infer,
+    PixelRing,
+    Reply,
+    Results,
+    Scored,
+    Welcome,
+    decode_to_worker,
+    encode,
+)
 from service.uploads import Preprocessor
 
 SETS = [("dog", "kettle"), ("owl", "lamp", "mug"), ("cat",), ("dog", "kettle", "zebra"), ("pen", "boat"),
@@ -162,3 +174,46 @@ def test_a_batch_forward_time_counts_launching_and_waiting_not_the_time_between(
     time.sleep(0.5)
     assert all(isinstance(answer, Scored) for answer in core.finish(launched))
     assert 0 < core.last_forward_s < 0.5
+
+
+def test_an_admin_call_is_answered_between_batches_while_batches_stay_due(tiny, tmp_path):
+    """Under a load that keeps a batch always due, the loader thread's results (admin calls, the watcher's
+    loads and their catalog pushes) still come back to the loop after the next batch, not once the load ends."""
+    requests = 200
+    with engine_loop(tiny, tmp_path, slots=1, max_batch_size=1) as (engine, worker, ring):
+        ring.pixels[0] = Preprocessor(tiny.preprocess_cfg, 10**8)(image_bytes(1))
+        worker.send(encode(Infer(id=0, slot=0, task="clipart", top_k=3)))
+        assert engine.held.wait(20)
+        for i in range(1, requests):  # one image a batch: 200 batches due in a row
+            worker.send(encode(Infer(id=i, slot=0, task="clipart", top_k=3)))
+        worker.send(encode(Call(id=7, op="admin.list")))
+        engine.hold.set()
+        answered, reply_after = 0, None
+        while answered < requests:
+            assert worker.poll(20_000), "no answer from the engine"
+            message = decode_to_worker(worker.recv())
+            if isinstance(message, Results):
+                answered += len(message.items)
+            elif isinstance(message, Reply):
+                assert message.status == 200 and message.body["prompt_sets"][0]["name"] == "office"
+                reply_after = answered
+        assert reply_after is not None and reply_after < requests // 2, reply_after
+
+
+def test_every_registry_change_is_a_new_catalog_for_the_workers(tiny, tmp_path):
+    """Each published snapshot has a new serial, and the loop pushes a catalog for each: telling snapshots apart
+    by id() missed changes whenever a freed snapshot's id came back (two changes between two pushes)."""
+    with engine_loop(tiny, tmp_path) as (engine, worker, ring):
+        registry, serials = engine.core.registry, [engine.core.registry.snapshot.serial]
+        publish(make_set(tiny, "doodles", DOODLES, 2), tmp_path / "prompts")
+        for change in (lambda: registry.load("doodles"), lambda: registry.unload("office"),
+                       lambda: registry.load("office")):
+            change()
+            serials.append(registry.snapshot.serial)
+        assert serials == list(range(serials[0], serials[0] + 4))
+        tasks: set[str] = set()
+        while worker.poll(2_000):  # the loop's pushes, the last with the final state
+            message = decode_to_worker(worker.recv())
+            if isinstance(message, Catalog):
+                tasks = {t.task for t in message.tasks}
+        assert tasks == set(OFFICE) | set(DOODLES)

@@ -110,7 +110,7 @@ class MmapEngine:
         return msgspec.json.encode(self.core.info("ray"))
 
     async def catalog(self) -> bytes:
-        state = (id(self.core.registry.snapshot), self.core.ready, self.core.failure)
+        state = (self.core.registry.snapshot.serial, self.core.ready, self.core.failure)
         if state != self._state:
             self._state, self._generation = state, self._generation + 1
         return transport.encode(self.core.catalog(self._generation))
