@@ -58,7 +58,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
     PACKAGE_VERSION = "0+unknown"
 EMBED_UNPROMPTED = "_unprompted"  # the metrics' task label of /embed without a task
-INLINE_DECODE_PIXELS = 256 * 256  # decoded on the event loop up to this size (about a millisecond at most)
+INLINE_DECODE_PIXELS = 256 * 256  # decoded and resized on the event loop up to this size, before and after the resize
 
 
 class Worker:
@@ -77,7 +77,8 @@ class Worker:
         image = self.preprocess.open(data)
         if self.settings.decode == "engine" and plain_jpeg(image):
             return data
-        if image.width * image.height <= INLINE_DECODE_PIXELS:
+        width, height = self.preprocess.resized_size(image)
+        if max(image.width * image.height, width * height) <= INLINE_DECODE_PIXELS:
             return self.preprocess.finish(image)
         return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self.preprocess.finish, image)
 

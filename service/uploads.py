@@ -23,7 +23,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
 from .errors import ServiceError
-from .images import ImageRejected, decode_image, load_image, open_image
+from .images import ImageRejected, load_image, open_image
 
 CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned
 MULTIPART_OVERHEAD = 64 << 10  # boundary and part headers around the file in a multipart body
@@ -121,24 +121,38 @@ class Preprocessor:
 
     def __call__(self, data: bytes) -> np.ndarray:
         """Decode (safely, see images.py) and preprocess one upload."""
-        return self.pixels(decode_image(data, self.max_pixels))
+        return self.finish(self.open(data))
 
     def open(self, data: bytes) -> Image.Image:
-        """The upload's checked header (see images.open_image); `finish` decodes and preprocesses it."""
-        return open_image(data, self.max_pixels)
+        """The upload's checked header (see images.open_image); `finish` decodes and preprocesses it.
+
+        Its resize is checked too: a short side of one pixel and a long side of a thousand (a 92-byte PNG)
+        resize to 224 x 224,000, seconds of CPU and 150 MB; beyond `max_pixels` that is a 413 as well."""
+        image = open_image(data, self.max_pixels)
+        width, height = self.resized_size(image)
+        if width * height > self.max_pixels:
+            raise ImageRejected(413, "too_many_pixels",
+                                f"image is {image.width}x{image.height}: its resize for the model would be "
+                                f"{width}x{height} = {width * height} pixels, and the limit is {self.max_pixels}; "
+                                "send it cropped to a less extreme aspect ratio")
+        return image
 
     def finish(self, image: Image.Image) -> np.ndarray:
         return self.pixels(load_image(image))
 
-    def pixels(self, image: Image.Image) -> np.ndarray:
+    def resized_size(self, image: Image.Image) -> tuple[int, int]:
+        """(width, height) of the image after the resize, before the crop."""
         width, height = image.size
         if self.mode == "squash":
-            target = (self.width, self.height)
-        else:  # torchvision's _compute_resized_output_size for an int size: the short side becomes `size`
-            short, long = (width, height) if width <= height else (height, width)
-            new_long = int(self.height * long / short)
-            target = (self.height, new_long) if width <= height else (new_long, self.height)
-        if target != (width, height):
+            return self.width, self.height
+        # torchvision's _compute_resized_output_size for an int size: the short side becomes `size`
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(self.height * long / short)
+        return (self.height, new_long) if width <= height else (new_long, self.height)
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        target = self.resized_size(image)
+        if target != image.size:
             image = image.resize(target, self.filter)
         if image.size != (self.width, self.height):  # torchvision's center_crop (the resize never undershoots)
             left = int(round((image.size[0] - self.width) / 2.0))

@@ -169,6 +169,11 @@ def corpus() -> list[Hostile]:
         Hostile("tiff 8000^2", tiff_claiming(8000, 8000), 413, "too_many_pixels"),
         Hostile("webp lossless 16384^2", webp_lossless_claiming(16_384, 16_384), 413, "too_many_pixels"),
         Hostile("webp extended canvas 16384^2", webp_extended_claiming(16_384, 16_384), 413, "too_many_pixels"),
+        # A few pixels whose resize for the model is huge: a short side of 1 px becomes 224.
+        Hostile("png 1x60000 (resized at 224 px: 224 x 13.4 M)", encode(halves((1, 60_000)), "PNG"), 413,
+                "too_many_pixels"),
+        Hostile("png 3000x40 panorama (resized at 224 px: 16,800 x 224)", encode(halves((3000, 40)), "PNG"), 200,
+                None),
         # Other formats posing as images (declared image/png, named .png).
         Hostile("svg with script", SVG, 415, "unsupported_type"),
         Hostile("svg raw as image/svg+xml", SVG, 415, "unsupported_type", raw_type="image/svg+xml"),
