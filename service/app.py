@@ -20,9 +20,9 @@ import hmac
 import importlib.metadata
 import importlib.resources
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -159,7 +159,7 @@ ErrorCode = Literal[
     "invalid_labels", "invalid_name", "missing_file", "empty", "corrupt", "unsupported_type", "upload_too_large",
     "too_many_pixels", "too_many_images", "body_timeout", "client_closed_request", "load_failed", "unauthorized",
     "forbidden", "not_ready", "not_running", "overloaded", "engine_unavailable", "shutting_down", "stopping",
-    "too_many_connections", "timeout", "inference_failed", "internal_error", "http_error"]
+    "too_many_connections", "timeout", "inference_failed", "internal_error", "protocol_error", "http_error"]
 
 
 class ErrorResponse(BaseModel):
@@ -229,7 +229,8 @@ def classify_query(request: Request) -> tuple[str, int]:
     if task is None:
         raise ServiceError(422, "invalid_request", "query.task: Field required")
     text = params.get("top_k", "5")
-    top_k = int(text) if text.strip().isdigit() else 0
+    digits = text.strip()  # ASCII digits only: "²".isdigit() holds, and int() refuses it
+    top_k = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 9 else 0
     if top_k < 1:
         raise ServiceError(422, "invalid_request", f"query.top_k: must be an integer of at least 1, not {text[:20]!r}")
     return task, top_k
@@ -242,11 +243,11 @@ def check_params(params: Mapping[str, str], allowed: frozenset[str]) -> None:
                                                      f"this route takes {', '.join(sorted(allowed))}")
 
 
-def check_serving(engine: EngineClient, task: str) -> None:
-    """Refusals known before the body is read: the engine down, an unknown task, not ready."""
+def check_serving(engine: EngineClient, task: str | None) -> None:
+    """Refusals known before the body is read: the engine down, an unknown task (None: no task asked), not ready."""
     if engine.down:
         raise EngineUnavailable()
-    if task and task not in engine.tasks:
+    if task is not None and task not in engine.tasks:
         raise unknown_task(task, engine.tasks)
     if not engine.catalog.ready:
         raise ServiceError(503, "not_ready", engine.catalog.reason or "", {"Retry-After": "1"})
@@ -263,6 +264,35 @@ def labels_of(request: Request, upload: Upload | None, settings: Settings) -> li
     return None if query is None else parse_labels(query, settings.max_labels, settings.max_label_chars)
 
 
+@contextmanager
+def counted(metrics: Metrics, task: str, start: float | None = None, failures_only: bool = False) -> Iterator[None]:
+    """Count one request (one image of a batch) under `task` with the status it ends with: 200, a ServiceError's
+    (an ImageRejected's reason counted too), 503 when the drain deadline cancels it, else 500; with `start`,
+    its duration too. `failures_only`: a success is not counted here (its images are, one by one)."""
+    status = 500
+    try:
+        yield
+        status = 200
+    except ServiceError as e:
+        status = e.status
+        if isinstance(e, ImageRejected):
+            metrics.images_rejected.labels(e.error).inc()
+        raise
+    except asyncio.CancelledError:  # cut at the drain deadline: RequestEdge answers 503
+        status = 503
+        raise
+    finally:
+        if status != 200 or not failures_only:
+            metrics.requests.labels(task, str(status)).inc()
+        if start is not None:
+            metrics.request_duration.labels(task).observe(time.perf_counter() - start)
+
+
+def task_label(task: str | None, engine: EngineClient) -> str:
+    """The metrics' label of a request's task: a loaded task, else UNKNOWN_TASK (bounded label values)."""
+    return task if task in engine.tasks else UNKNOWN_TASK
+
+
 def scored_body(result: Scored) -> dict[str, Any]:
     return {"task": result.task, "version": result.version, "prompt_set": result.prompt_set, "method": result.method,
             "predictions": [{"label": label, "score": score}
@@ -276,10 +306,7 @@ async def classify(request: Request) -> Response:
     start = time.perf_counter()
     worker = await _worker(request)  # not a dependency: resolving one costs more than this whole handler's own work
     engine, settings, metrics = worker.engine, worker.settings, request.app.state.metrics
-    task = request.query_params.get("task", "")
-    label = task if task in engine.tasks else UNKNOWN_TASK
-    status = 500
-    try:
+    with counted(metrics, task_label(request.query_params.get("task"), engine), start):
         task, top_k = classify_query(request)
         check_serving(engine, task)
         names = labels_of(request, None, settings)
@@ -288,18 +315,6 @@ async def classify(request: Request) -> Response:
             names = labels_of(request, upload, settings) if upload.fields else names
             pixels = await worker.pixels(upload.files[0])
         result = await engine.infer(pixels, task, top_k, settings.request_timeout_s, names)
-        status = 200
-    except ServiceError as e:
-        status = e.status
-        if isinstance(e, ImageRejected):
-            metrics.images_rejected.labels(e.error).inc()
-        raise
-    except asyncio.CancelledError:  # cut at the drain deadline: RequestEdge answers 503
-        status = 503
-        raise
-    finally:
-        metrics.requests.labels(label, str(status)).inc()
-        metrics.request_duration.labels(label).observe(time.perf_counter() - start)
     # Encoded here (ClassifyResponse documents it): FastAPI's validation of the model would cost more than the rest
     return Response(encode_json(scored_body(result)), media_type="application/json",
                     headers={WORKER_HEADER: str(engine.worker)})
@@ -310,33 +325,39 @@ async def classify(request: Request) -> Response:
 async def classify_batch(request: Request) -> Response:
     """Classify several images (multipart fields `file`, at most `max_images`) for one task. One result per image,
     in order: an image that cannot be used gets its own error (`status`, `error`, `detail`), the others their
-    predictions. Each image counts as one request in the metrics."""
+    predictions. Each image counts as one request in the metrics; a request refused whole (before its images are
+    known) counts as one."""
     worker = await _worker(request)
     engine, settings, metrics = worker.engine, worker.settings, request.app.state.metrics
-    task, top_k = classify_query(request)
-    check_serving(engine, task)
-    names = labels_of(request, None, settings)
-    with engine.incoming():
-        upload = await read_upload(request, settings.max_upload_bytes, settings.body_timeout_s, settings.max_images)
-    names = labels_of(request, upload, settings) if upload.fields else names
 
-    async def one(data: bytes) -> dict[str, Any]:
-        status = 500
+    async def prepared(data: bytes) -> np.ndarray | bytes | ServiceError:
         try:
             if len(data) > settings.max_upload_bytes:
                 raise ImageRejected(413, "upload_too_large", f"image larger than {settings.max_upload_bytes} bytes")
-            result = await engine.infer(await worker.pixels(data), task, top_k, settings.request_timeout_s, names)
-            status = 200
-            return {"status": 200, **scored_body(result)}
-        except ServiceError as e:
-            status = e.status
-            if isinstance(e, ImageRejected):
-                metrics.images_rejected.labels(e.error).inc()
-            return {"status": e.status, "error": e.error, "detail": e.detail}
-        finally:
-            metrics.requests.labels(task, str(status)).inc()
+            return await worker.pixels(data)
+        except ServiceError as e:  # this image's own answer
+            return e
 
-    results = await asyncio.gather(*(one(data) for data in upload.files))
+    async def one(pixels: np.ndarray | bytes | ServiceError) -> dict[str, Any]:
+        try:
+            with counted(metrics, task_label(task, engine)):
+                if isinstance(pixels, ServiceError):
+                    raise pixels
+                result = await engine.infer(pixels, task, top_k, settings.request_timeout_s, names)
+        except ServiceError as e:
+            return {"status": e.status, "error": e.error, "detail": e.detail}
+        return {"status": 200, **scored_body(result)}
+
+    with counted(metrics, task_label(request.query_params.get("task"), engine), failures_only=True):
+        task, top_k = classify_query(request)
+        check_serving(engine, task)
+        names = labels_of(request, None, settings)
+        with engine.incoming():  # decoded while the engine knows more images are on their way
+            upload = await read_upload(request, settings.max_upload_bytes, settings.body_timeout_s,
+                                       settings.max_images)
+            names = labels_of(request, upload, settings) if upload.fields else names
+            images = await asyncio.gather(*(prepared(data) for data in upload.files))
+    results = await asyncio.gather(*(one(pixels) for pixels in images))
     return Response(encode_json({"results": results}), media_type="application/json",
                     headers={WORKER_HEADER: str(engine.worker)})
 
@@ -353,21 +374,13 @@ async def embed(request: Request,
     `Accept: application/octet-stream` the raw float32 little-endian vector (`x-embedding-dim` header)."""
     worker = await _worker(request)
     engine, settings, metrics = worker.engine, worker.settings, request.app.state.metrics
-    status = 500
-    try:
+    with counted(metrics, task_label(task, engine) if task else EMBED_UNPROMPTED):
         check_params(request.query_params, frozenset({"task"}))
-        check_serving(engine, task or "")
+        check_serving(engine, task or None)
         with engine.incoming():
             upload = await read_upload(request, settings.max_upload_bytes, settings.body_timeout_s)
             pixels = await worker.pixels(upload.files[0])
         result: Embedded = await engine.infer(pixels, task or "", 0, settings.request_timeout_s, embed=True)
-        status = 200
-    except ServiceError as e:
-        status = e.status
-        raise
-    finally:
-        metrics.requests.labels(task if task in engine.tasks else EMBED_UNPROMPTED if not task else UNKNOWN_TASK,
-                                str(status)).inc()
     dim = len(result.vector) // 4
     if "application/octet-stream" in request.headers.get("accept", ""):
         headers = {"x-embedding-dim": str(dim)} | ({"x-mmap-version": result.version} if result.version else {})

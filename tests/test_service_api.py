@@ -22,6 +22,7 @@ from helpers.service import (
     image_bytes,
     make_set,
     metric,
+    metrics_added,
     publish,
     reference_scores,
     run,
@@ -243,9 +244,7 @@ def test_metrics_match_the_traffic(shared, sets):
             assert bad_top_k.status_code == 422
             assert (await c.post("/classify?top_k=x", content=b"")).status_code == 422  # no task at all
             after = (await c.get("/metrics")).text
-
-        def added(name: str, **labels: str) -> float:
-            return metric(after, name, **labels) - metric(before, name, **labels)
+        added = metrics_added(before, after)
 
         assert added("mmap_requests_total", task="clipart", status="200") == 3
         assert added("mmap_requests_total", task="sketch", status="200") == 2
@@ -262,6 +261,39 @@ def test_metrics_match_the_traffic(shared, sets):
         assert metric(after, "mmap_tasks_loaded") == sum(len(ps.tasks) for ps in sets.values())
         assert metric(after, "mmap_prompt_set_loads_total", result="success") == len(sets)
         assert metric(after, "mmap_prompt_set_loads_total", result="failure") == 0
+
+    run(scenario())
+
+
+def test_metrics_count_every_route_and_refusal(shared):
+    """/classify/batch counts each image, or once when refused whole; /embed counts its rejected images; odd
+    parameters are refused with 422/404 (never a 500), and each is counted."""
+    async def scenario():
+        async with client(shared) as c:
+            before = (await c.get("/metrics")).text
+            good, garbage = image_bytes(50), b"garbage"
+            batch = await c.post("/classify/batch?task=sketch", files=[("file", ("a.png", good)),
+                                                                       ("file", ("b.png", garbage))])
+            assert [r["status"] for r in batch.json()["results"]] == [200, 415]
+            refused = await c.post("/classify/batch?task=nope", files=[("file", ("a.png", good))] * 2)
+            assert refused.status_code == 404 and refused.json()["error"] == "unknown_task"
+            embedded = await c.post("/embed", content=garbage, headers={"content-type": "image/png"})
+            assert embedded.status_code == 415
+            for top_k in ("²", "9" * 5000, "1_0"):  # isdigit() but not int(); past int()'s digit limit; int()'s "10"
+                response = await c.post("/classify", params={"task": "sketch", "top_k": top_k}, content=good,
+                                        headers={"content-type": "image/png"})
+                assert response.status_code == 422 and "top_k" in response.json()["detail"], top_k
+            empty_task = await c.post("/classify?task=", content=good, headers={"content-type": "image/png"})
+            assert empty_task.status_code == 404 and empty_task.json()["error"] == "unknown_task"
+            after = (await c.get("/metrics")).text
+        added = metrics_added(before, after)
+
+        assert added("mmap_requests_total", task="sketch", status="200") == 1
+        assert added("mmap_requests_total", task="sketch", status="415") == 1
+        assert added("mmap_requests_total", task="_unknown", status="404") == 2
+        assert added("mmap_requests_total", task="_unprompted", status="415") == 1
+        assert added("mmap_requests_total", task="sketch", status="422") == 3
+        assert added("mmap_images_rejected_total", reason="unsupported_type") == 2
 
     run(scenario())
 

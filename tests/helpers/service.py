@@ -164,6 +164,11 @@ def metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def metrics_added(before: str, after: str) -> Callable[..., float]:
+    """added(name, **labels): how much a sample grew from the exposition `before` to `after`."""
+    return lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
