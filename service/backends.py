@@ -24,35 +24,44 @@ from .settings import Settings
 
 
 class PinnedStaging:
-    """Host -> CUDA copies that do not block: through pinned host buffers, reused, `count` of them in turn.
+    """Host -> CUDA copies that do not block: through pinned host buffers, reused.
 
-    An event recorded after each copy guards its buffer: a buffer is refilled only once the device has
-    read it, so the next batch, prepared while the last one is still queued on the device, cannot
-    overwrite pixels that have not crossed yet.
+    An event recorded after each copy guards its buffer: a buffer is refilled only once the device has read
+    it. A batch stages once per prompt bank, and the next batch may be staged while the last one is still
+    queued on the device (`batches_in_flight`), so a copy takes a buffer whose copy has passed (one large
+    enough first), and while none has, a new one, up to `most`; beyond that it waits for the oldest.
     """
 
-    def __init__(self, device: torch.device, count: int = 2):
+    def __init__(self, device: torch.device, most: int = 8):
         self.device = device
-        self.buffers: list[Tensor | None] = [None] * count
-        self._copied: list[torch.cuda.Event | None] = [None] * count
-        self._turn = 0
+        self.most = most
+        self.buffers: list[Tensor] = []  # least recently used first
+        self._copied: list[torch.cuda.Event] = []  # recorded after each buffer's last copy
 
     def upload(self, shape: Sequence[int], dtype: torch.dtype, fill: Callable[[Tensor], object],
                device_dtype: torch.dtype | None = None) -> Tensor:
         """`fill` writes a host tensor of `shape` and `dtype`; its copy on the device (as `device_dtype`) is
         returned, on its way."""
-        self._turn = (self._turn + 1) % len(self.buffers)
-        copied = self._copied[self._turn]
-        if copied is not None:
-            copied.synchronize()
-        n, buffer = math.prod(shape), self.buffers[self._turn]
+        n = math.prod(shape)
+        free = [i for i, copied in enumerate(self._copied) if copied.query()]
+        fits = [i for i in free if self.buffers[i].numel() >= n and self.buffers[i].dtype == dtype]
+        take = fits[0] if fits else free[0] if free else None
+        if take is None and len(self.buffers) >= self.most:
+            take = 0
+            self._copied[0].synchronize()
+        buffer = None
+        if take is not None:
+            buffer = self.buffers.pop(take)
+            del self._copied[take]
         if buffer is None or buffer.numel() < n or buffer.dtype != dtype:
-            buffer = self.buffers[self._turn] = torch.empty(n, dtype=dtype, pin_memory=True)
+            buffer = torch.empty(n, dtype=dtype, pin_memory=True)
         host = buffer[:n].view(*shape)
         fill(host)
         on_device = host.to(self.device, device_dtype or dtype, non_blocking=True)
-        self._copied[self._turn] = copied = torch.cuda.Event()
+        copied = torch.cuda.Event()
         copied.record()
+        self.buffers.append(buffer)
+        self._copied.append(copied)
         return on_device
 
 
