@@ -96,8 +96,8 @@ class TorchImageTower:
       a batch zero-padded to its bucket; "reduce-overhead" also captures CUDA graphs of Inductor's
       kernels.
     The first forward of a prompt shape prepares every bucket for it, so the service's warm-up (one
-    forward per prompt shape) captures or compiles them all before /readyz turns 200, and no request
-    waits for one.
+    forward per prompt shape) captures or compiles them all before /readyz turns 200; only a shape first
+    brought by a hot swap is prepared by the batch that first uses it.
     """
 
     def __init__(self, backbone: Backbone, compile: str = "off", max_batch_size: int = 32,
