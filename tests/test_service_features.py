@@ -269,6 +269,10 @@ def test_cors_answers_the_configured_origin_only(client):
     other = client.get("/tasks", headers={"origin": "https://elsewhere.example"})
     assert "access-control-allow-origin" not in other.headers
     assert client.get("/tasks", headers={"origin": ORIGIN}).headers["access-control-allow-origin"] == ORIGIN
+    for task, status in (("clipart", 200), ("nope", 404)):  # /classify's own path (app.ClassifyFastPath) too
+        posted = client.post(f"/classify?task={task}", content=image_bytes(3),
+                             headers={"origin": ORIGIN, "content-type": "image/png"})
+        assert posted.status_code == status and posted.headers["access-control-allow-origin"] == ORIGIN, task
 
 
 def test_head_and_favicon(client):
