@@ -59,7 +59,8 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
     PACKAGE_VERSION = "0+unknown"
 EMBED_UNPROMPTED = "_unprompted"  # the metrics' task label of /embed without a task
-INLINE_DECODE_PIXELS = 256 * 256  # decoded and resized on the event loop up to this size, before and after the resize
+INLINE_DECODE_PIXELS = 256 * 256  # decoded on the event loop up to this size (about a millisecond at most)
+INLINE_RESIZED_PIXELS = 512 * 512  # ... if its resize is no larger (a 4:3 image resized to 224 px is 298 x 224)
 
 
 class Worker:
@@ -79,7 +80,7 @@ class Worker:
         if self.settings.decode == "engine" and plain_jpeg(image):
             return data
         width, height = self.preprocess.resized_size(image)
-        if max(image.width * image.height, width * height) <= INLINE_DECODE_PIXELS:
+        if image.width * image.height <= INLINE_DECODE_PIXELS and width * height <= INLINE_RESIZED_PIXELS:
             return self.preprocess.finish(image)
         return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self.preprocess.finish, image)
 
@@ -231,7 +232,7 @@ def classify_query(request: Request) -> tuple[str, int]:
         raise ServiceError(422, "invalid_request", "query.task: Field required")
     text = params.get("top_k", "5")
     digits = text.strip()  # ASCII digits only: "²".isdigit() holds, and int() refuses it
-    top_k = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 9 else 0
+    top_k = int(digits) if digits.isascii() and digits.isdigit() and len(digits) <= 18 else 0  # an int64
     if top_k < 1:
         raise ServiceError(422, "invalid_request", f"query.top_k: must be an integer of at least 1, not {text[:20]!r}")
     return task, top_k

@@ -109,6 +109,8 @@ class Engine:
         self._stopping = True
 
     def close(self) -> None:
+        while self.in_flight:  # launched: their answers are on the device (two in flight leave one after a turn)
+            self._answer(self.in_flight.popleft())
         for item in self.queue:
             self._send(item.client, Failed(item.request, 503, "stopping", "the service is shutting down", 1))
         self.queue.clear()

@@ -28,6 +28,7 @@ from .images import ImageRejected, load_image, open_image
 CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned
 MULTIPART_OVERHEAD = 64 << 10  # boundary and part headers around the file in a multipart body
 RAW_TYPES = ("image/", "application/octet-stream")
+RESIZE_ALLOWANCE = 16  # a resize of up to 16x the model's input area is always allowed (a 16:1 panorama)
 PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
                "nearest": Image.Resampling.NEAREST}
 
@@ -127,10 +128,11 @@ class Preprocessor:
         """The upload's checked header (see images.open_image); `finish` decodes and preprocesses it.
 
         Its resize is checked too: a short side of one pixel and a long side of a thousand (a 92-byte PNG)
-        resize to 224 x 224,000, seconds of CPU and 150 MB; beyond `max_pixels` that is a 413 as well."""
+        resize to 224 x 224,000, seconds of CPU and 150 MB. A resize larger than `max_pixels` and than
+        `RESIZE_ALLOWANCE` times the model's input is a 413 as well."""
         image = open_image(data, self.max_pixels)
         width, height = self.resized_size(image)
-        if width * height > self.max_pixels:
+        if width * height > max(self.max_pixels, RESIZE_ALLOWANCE * self.height * self.width):
             raise ImageRejected(413, "too_many_pixels",
                                 f"image is {image.width}x{image.height}: its resize for the model would be "
                                 f"{width}x{height} = {width * height} pixels, and the limit is {self.max_pixels}; "

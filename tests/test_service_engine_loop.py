@@ -70,7 +70,7 @@ def engine_loop(tiny, tmp_path: Path, slots: int = 8, backbone: Backbone | None 
     engine = Engine(core.settings, core, f"ipc://{tmp_path}/engine")
     engine.hold, engine.held = hold, held
     engine.start()
-    loop = threading.Thread(target=engine.run)
+    loop = engine.thread = threading.Thread(target=engine.run)
     loop.start()
     context = zmq.Context()
     worker = context.socket(zmq.DEALER)
@@ -201,8 +201,9 @@ def test_an_admin_call_is_answered_between_batches_while_batches_stay_due(tiny, 
 
 
 def test_every_registry_change_is_a_new_catalog_for_the_workers(tiny, tmp_path):
-    """Each published snapshot has a new serial, and the loop pushes a catalog for each: telling snapshots apart
-    by id() missed changes whenever a freed snapshot's id came back (two changes between two pushes)."""
+    """Each published snapshot has a new serial, and the workers get the final state: the loop told snapshots
+    apart by id(), which missed a change whenever a freed snapshot's id came back (two changes between two
+    pushes; not reproducible on purpose here, so the serials are what this checks)."""
     with engine_loop(tiny, tmp_path) as (engine, worker, ring):
         registry, serials = engine.core.registry, [engine.core.registry.snapshot.serial]
         publish(make_set(tiny, "doodles", DOODLES, 2), tmp_path / "prompts")
@@ -217,3 +218,19 @@ def test_every_registry_change_is_a_new_catalog_for_the_workers(tiny, tmp_path):
             if isinstance(message, Catalog):
                 tasks = {t.task for t in message.tasks}
         assert tasks == set(OFFICE) | set(DOODLES)
+
+
+def test_a_batch_still_on_the_device_when_the_engine_stops_is_answered(tiny, tmp_path):
+    """With two batches in flight a turn of the loop can end with one launched and unanswered: if the engine stops
+    then, closing it answers that batch (before, its requests waited for their workers' timeout)."""
+    with engine_loop(tiny, tmp_path, max_batch_size=4, batches_in_flight=2) as (engine, worker, ring):
+        ring.pixels[0] = Preprocessor(tiny.preprocess_cfg, 10**8)(image_bytes(1))
+        worker.send(encode(Infer(id=0, slot=0, task="clipart", top_k=3)))
+        assert engine.held.wait(20)
+        engine.stop()
+        engine.hold.set()
+        engine.thread.join(20)
+        assert len(engine.in_flight) == 1  # launched, not answered when the loop ended
+        engine.close()
+        got = answers(worker, 1)
+        assert isinstance(got[0], Scored) and len(got[0].labels) == 3

@@ -111,6 +111,21 @@ def test_pixel_limit_is_exact():
         decode_image(data, 1999)
 
 
+def test_a_resize_beyond_the_limits_is_refused_but_the_models_own_size_is_not():
+    """A resize may reach `max_image_pixels` or 16x the model's input area (224 x 224 here), whichever is more:
+    a narrow strip's resize is refused; a small image under a limit below the model's own area is not."""
+    small_limit = Preprocessor({"size": 224}, max_pixels=40_000)
+    assert small_limit(image_bytes(1, size=(100, 100))).shape == (224, 224, 3)  # resized to 50,176 > 40,000
+    assert small_limit(image_bytes(1, size=(190, 12))).shape == (224, 224, 3)  # 3,546 x 224: under 16x
+    with pytest.raises(ImageRejected, match="its resize for the model would be 4480x224") as refused:
+        small_limit(image_bytes(1, size=(200, 10)))  # 200 x 10 = 2,000 pixels, resized: 4,480 x 224 > 16 x 224^2
+    assert refused.value.status == 413 and refused.value.error == "too_many_pixels"
+    default = Preprocessor({"size": 224}, max_pixels=40_000_000)
+    assert default(image_bytes(1, size=(600, 3))).shape == (224, 224, 3)  # 44,800 x 224 = 10 M pixels: allowed
+    with pytest.raises(ImageRejected):
+        default(image_bytes(1, size=(1000, 1)))  # 224,000 x 224 = 50 M pixels
+
+
 @pytest.mark.parametrize(("data", "status", "error"), [
     (b"%PDF-1.7 definitely not an image", 415, "unsupported_type"),
     (bytes(range(256)) * 4, 415, "unsupported_type"),
