@@ -99,9 +99,10 @@ def test_torch_backend_half_precision_on_cuda_matches_fp32(vitb32, precision):
     first = list(staging.buffers)
     assert len(first) == 1 and first[0].is_pinned()
     smaller = tower(images[:2], prompts[:2].cuda())  # its copy has passed (got.cpu()): reused, not reallocated
-    assert staging.buffers == first and torch.allclose(smaller, got[:2], atol=2e-2)
-    copied = list(staging._copied)  # images already on the device (the engine's) go straight in, not via the host
-    assert torch.allclose(tower(images.cuda(), prompts.cuda()), got, atol=2e-2) and staging._copied == copied
+    assert len(staging.buffers) == 1 and staging.buffers[0] is first[0] and torch.allclose(smaller, got[:2],
+                                                                                           atol=2e-2)
+    copied = staging._copied[0]  # images already on the device (the engine's) go straight in, not via the host
+    assert torch.allclose(tower(images.cuda(), prompts.cuda()), got, atol=2e-2) and staging._copied == [copied]
 
 
 @pytest.mark.gpu
