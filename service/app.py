@@ -59,8 +59,6 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
     PACKAGE_VERSION = "0+unknown"
 EMBED_UNPROMPTED = "_unprompted"  # the metrics' task label of /embed without a task
-INLINE_DECODE_PIXELS = 256 * 256  # decoded on the event loop up to this size (about a millisecond at most)
-INLINE_RESIZED_PIXELS = 512 * 512  # ... if its resize is no larger (a 4:3 image resized to 224 px is 298 x 224)
 
 
 class Worker:
@@ -79,8 +77,7 @@ class Worker:
         image = self.preprocess.open(data)
         if self.settings.decode == "engine" and plain_jpeg(image):
             return data
-        width, height = self.preprocess.resized_size(image)
-        if image.width * image.height <= INLINE_DECODE_PIXELS and width * height <= INLINE_RESIZED_PIXELS:
+        if self.preprocess.quick(image):
             return self.preprocess.finish(image)
         return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self.preprocess.finish, image)
 
