@@ -103,7 +103,9 @@ class Server:
             assert self.process.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, f"{name} not ready"
             try:
-                if httpx.get(f"{self.base}/readyz", timeout=5).status_code == 200:
+                response = httpx.get(f"{self.base}/readyz", timeout=5)
+                workers = response.json().get("workers") or {"serving": 1, "configured": 1}  # a checkout without it
+                if response.status_code == 200 and workers["serving"] == workers["configured"]:
                     break
             except httpx.TransportError:
                 pass

@@ -443,7 +443,8 @@ async def healthz(request: Request) -> JSONResponse:
 @router.api_route("/readyz", methods=["GET", "HEAD"], tags=["ops"],
                   responses={503: {"description": "not ready; `reason` says why"}})
 async def readyz(request: Request) -> JSONResponse:
-    """200 only when the engine runs, its prompt sets and warm-up are done, and a task is served."""
+    """200 only when the engine runs, its prompt sets and warm-up are done, and a task is served; `workers`: the
+    HTTP workers taking connections now (one is enough to serve; all of them once start-up is over)."""
     worker: Worker | None = getattr(request.app.state, "worker", None)
     if worker is None:
         reason, tasks = "starting: connecting to the engine", 0
@@ -452,8 +453,11 @@ async def readyz(request: Request) -> JSONResponse:
         reason = catalog.reason if worker.engine.down or not catalog.ready else None
         reason = "the engine is not running" if worker.engine.down else reason
         tasks = len(catalog.tasks)
-    return JSONResponse({"ready": reason is None, "reason": reason, "tasks": tasks},
-                        status_code=200 if reason is None else 503)
+    body: dict[str, Any] = {"ready": reason is None, "reason": reason, "tasks": tasks}
+    serving = request.app.state.workers_serving
+    if serving is not None:  # HTTP workers taking connections now, of those configured (balancer.py)
+        body["workers"] = {"serving": serving(), "configured": request.app.state.settings.workers}
+    return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
 @router.get("/metrics", tags=["ops"], response_class=Response)
@@ -536,8 +540,10 @@ class ClassifyFastPath:
         await response(scope, receive, send)
 
 
-def create_app(settings: Settings, connect: Callable[[], Awaitable[EngineClient]]) -> FastAPI:
-    """One worker's ASGI app; `connect()` runs when the app starts and returns the started engine client."""
+def create_app(settings: Settings, connect: Callable[[], Awaitable[EngineClient]],
+               workers_serving: Callable[[], int] | None = None) -> FastAPI:
+    """One worker's ASGI app; `connect()` runs when the app starts and returns the started engine client;
+    `workers_serving()`, where the launcher balances connections, counts the HTTP workers taking them."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -556,6 +562,7 @@ def create_app(settings: Settings, connect: Callable[[], Awaitable[EngineClient]
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.worker = None
+    app.state.workers_serving = workers_serving
     app.include_router(router)
     if settings.admin_token is not None:
         app.include_router(admin)

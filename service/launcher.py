@@ -4,12 +4,13 @@
 2. The engine process (engine.py) loads the backbone and binds its ZeroMQ socket in a private
    runtime directory; it then writes its `EngineInfo` on a pipe. A failure there ends the launcher
    with the engine's reason and exit status 1.
-3. `workers` HTTP worker processes (worker.py) inherit the listening socket and accept on it.
+3. `workers` HTTP worker processes (worker.py) start; the launcher accepts on the listening socket
+   and hands each connection to the worker holding the fewest (balancer.py).
 4. Supervision: a worker that dies is replaced (the others keep serving; a worker that keeps dying
    at start is restarted with a growing delay). If the engine dies, the workers have already
    answered 503 to what they held; the launcher stops them and exits 1 within a few seconds, so an
    orchestrator restarts the whole service.
-5. SIGTERM or SIGINT: the launcher closes its copy of the socket and passes SIGTERM on to the
+5. SIGTERM or SIGINT: the launcher closes the listening socket and passes SIGTERM on to the
    workers, which stop accepting and drain (`drain_timeout_s`); then the engine stops. Exit 0, no
    process left behind, nothing left in /dev/shm or the runtime directory.
 
@@ -32,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .balancer import Balancer
 from .logs import configure_logging
 from .metrics import MULTIPROC_ENV
 from .settings import SETTINGS_ENV, Settings, settings_to_env
@@ -40,7 +42,6 @@ from .transport import (
     ENGINE_INFO_ENV,
     ENGINE_READY_FD_ENV,
     LAUNCHER_PID_ENV,
-    LISTEN_FD_ENV,
     SHM_DIR,
     SHM_PREFIX,
     WORKER_INDEX_ENV,
@@ -69,7 +70,7 @@ def _die_with_parent() -> None:
 
 
 def bind(settings: Settings) -> socket.socket:
-    """The listening socket every worker accepts on."""
+    """The service's listening socket (the launcher accepts on it, balancer.py)."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -98,6 +99,7 @@ class Launcher:
         self.env = {**os.environ, SETTINGS_ENV: settings_to_env(settings), MULTIPROC_ENV: str(self.metrics_dir),
                     LAUNCHER_PID_ENV: str(os.getpid())}
         self.listener: socket.socket | None = None
+        self.balancer: Balancer | None = None
         self.engine: subprocess.Popen | None = None
         self.engine_info = b""
         self.workers: dict[int, _Child] = {}
@@ -115,6 +117,7 @@ class Launcher:
             self._start_engine()
             if self.stopping:
                 return 0
+            self.balancer = Balancer(self.listener, self.settings.workers)
             for index in range(self.settings.workers):
                 self._start_worker(index)
             log.info("serving on http://%s:%d with %d HTTP workers (pids %s) and the engine (pid %d)",
@@ -161,15 +164,19 @@ class Launcher:
         self.engine_info = engine_info_json(engine_info_from_json(line))  # checked, then handed on as is
 
     def _start_worker(self, index: int) -> None:
-        assert self.listener is not None
-        fd = self.listener.fileno()
-        env = {WORKER_INDEX_ENV: str(index), LISTEN_FD_ENV: str(fd), ENGINE_INFO_ENV: self.engine_info.decode()}
-        self.workers[index] = _Child(self._spawn("service.worker", env, (fd,)), time.monotonic())
+        assert self.balancer is not None
+        fds = self.balancer.worker_fds(index)
+        env = {WORKER_INDEX_ENV: str(index), ENGINE_INFO_ENV: self.engine_info.decode(),
+               **{name: str(fd) for name, fd in fds.items()}}
+        self.balancer.starting(index)
+        process = self._spawn("service.worker", env, tuple(fds.values()))
+        self.balancer.started(index, process.pid)
+        self.workers[index] = _Child(process, time.monotonic())
 
     def _supervise(self) -> int:
         restart_at: dict[int, float] = {}
         while not self.stopping:
-            time.sleep(TICK_S)
+            self.balancer.serve(TICK_S)
             if self.engine.poll() is not None:
                 log.error("the engine exited (status %s): stopping the workers; exit 1 so the service is restarted",
                           self.engine.returncode)
@@ -184,6 +191,7 @@ class Launcher:
                 log.error("worker %d (pid %d) exited with status %s: replacing it", index, child.process.pid,
                           child.process.returncode)
                 self._forget(child.process.pid)
+                self.balancer.died(index)
                 del self.workers[index]
                 failures = self._failures.get(index, 0)
                 self._failures[index] = failures + 1
@@ -216,8 +224,10 @@ class Launcher:
                 child.process.wait()
 
     def _shut_down(self) -> None:
+        if self.balancer is not None:
+            self.balancer.close()  # no new connection: refused from now on
         if self.listener is not None:
-            self.listener.close()  # the workers hold their own copies until they stop accepting
+            self.listener.close()
         self._stop_workers(self.settings.drain_timeout_s + 5.0)
         if self.engine is not None and self.engine.poll() is None:
             self.engine.send_signal(signal.SIGTERM)

@@ -30,6 +30,7 @@ from helpers.service import (
     scores,
     serve,
     settings,
+    wait_ready,
     worker_pids,
 )
 
@@ -110,8 +111,7 @@ def test_a_worker_killed_with_9_is_replaced_while_the_other_serves(prompts_dir):
             while not (len(new := worker_pids(client)) == 2 and old[0] not in new):
                 assert time.monotonic() < deadline, f"no replacement worker: {new}"
                 await asyncio.sleep(0.05)
-            while (await client.get("/readyz")).status_code != 200:
-                await asyncio.sleep(0.05)
+            await wait_ready(client, 20)  # the replacement takes connections too
             await asyncio.sleep(1.0)
             stop.set()
             await asyncio.gather(*loops)

@@ -104,10 +104,16 @@ def settings_env(config: Settings) -> dict[str, str]:
 
 
 async def wait_ready(client: httpx.AsyncClient, timeout_s: float = 60) -> None:
+    """/readyz is 200 with every HTTP worker taking connections."""
     deadline = time.monotonic() + timeout_s
-    while (response := await client.get("/readyz")).status_code != 200:
+    while not all_ready(response := await client.get("/readyz")):
         assert time.monotonic() < deadline, f"not ready after {timeout_s} s: {response.text}"
         await asyncio.sleep(0.02)
+
+
+def all_ready(response: httpx.Response) -> bool:
+    workers = response.json().get("workers") if response.status_code == 200 else None
+    return response.status_code == 200 and (workers is None or workers["serving"] == workers["configured"])
 
 
 @asynccontextmanager
@@ -285,7 +291,9 @@ def assert_nothing_left(launcher: int, children: list[int], timeout_s: float = 1
 
 
 def _answers(base: str, path: str) -> bool:
+    """`path` answers 200; for /readyz, with every HTTP worker taking connections (tests count on all of them)."""
     try:
-        return httpx.get(f"{base}{path}", timeout=5).status_code == 200
+        response = httpx.get(f"{base}{path}", timeout=5)
     except httpx.TransportError:
         return False  # not listening yet
+    return all_ready(response) if path == "/readyz" else response.status_code == 200
