@@ -14,21 +14,23 @@ _WHERE = {
     "Backbone": "backbone", "UnsupportedBackboneError": "backbone", "Widths": "backbone",
     "count_parameters": "backbone", "load_backbone": "backbone",
     "PromptedCLIP": "encoders", "class_text_features": "encoders", "prompt_texts": "encoders",
+    "ClassTexts": "encoders", "many_class_text_features": "encoders",
     "METHODS": "prompts", "MultiTaskPrompts": "prompts", "PromptConfig": "prompts", "PromptModule": "prompts",
     "Prompts": "prompts",
     "FORMAT_VERSION": "promptset", "PromptSet": "promptset", "PromptSetError": "promptset", "TaskSpec": "promptset",
 }
 __all__ = [
-    "EMBEDDED_MODEL", "EMBEDDED_PRETRAINED", "EMBEDDED_PROMPTS_DIR", "FORMAT_VERSION", "METHODS", "Backbone",
-    "MultiTaskPrompts",
+    "ClassTexts", "EMBEDDED_MODEL", "EMBEDDED_PRETRAINED", "EMBEDDED_PROMPTS_DIR", "FORMAT_VERSION", "METHODS",
+    "Backbone", "MultiTaskPrompts",
     "PromptConfig", "PromptModule", "PromptSet", "PromptSetError", "PromptedCLIP", "Prompts", "TaskSpec",
-    "UnsupportedBackboneError", "Widths", "class_text_features", "count_parameters", "load_backbone", "prompt_texts",
+    "UnsupportedBackboneError", "Widths", "class_text_features", "count_parameters", "load_backbone",
+    "many_class_text_features", "prompt_texts",
 ]
 
 if TYPE_CHECKING:
     from .backbone import Backbone, UnsupportedBackboneError, Widths, count_parameters, load_backbone
     from .embedded import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, EMBEDDED_PROMPTS_DIR
-    from .encoders import PromptedCLIP, class_text_features, prompt_texts
+    from .encoders import ClassTexts, PromptedCLIP, class_text_features, many_class_text_features, prompt_texts
     from .prompts import METHODS, MultiTaskPrompts, PromptConfig, PromptModule, Prompts
     from .promptset import FORMAT_VERSION, PromptSet, PromptSetError, TaskSpec
 

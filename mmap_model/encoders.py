@@ -17,6 +17,7 @@ With no prompts both reproduce open_clip's `encode_image` / `encode_text`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -146,32 +147,37 @@ class PromptedCLIP(nn.Module):
         return F.normalize(pooled, dim=-1) if normalize else pooled
 
     def encode_text(self, tokens: Tensor, prompts: Tensor | None = None, normalize: bool = False,
-                    truncate: bool = True, placeholder: int | None = None) -> Tensor:
+                    truncate: bool = True, placeholder: int | None = None, *, per_row: bool = False) -> Tensor:
         """Text features [N, D] for token ids [N, L].
 
-        prompts: None or [J, m, d_t], written at positions 1..m of every row. Those positions must hold
+        prompts: None; [J, m, d_t], written at positions 1..m of every row; or, with `per_row=True`,
+        [N, J, m, d_t], one per row (texts of several tasks in one forward). Those positions must hold
         the placeholder token (see `prompt_texts`; `placeholder`: its id, else the one at [0, 1]): a
         ValueError says so otherwise, instead of overwriting class-name tokens. `truncate` drops the
         positions after the last EOT, which is exact only under a causal mask (without one, it is off).
         """
         t = self._text
-        if prompts is not None and prompts.shape[1]:
-            _check_placeholders(tokens, prompts.shape[1], placeholder)
+        if prompts is not None and per_row and (prompts.dim() != 4 or prompts.shape[0] != tokens.shape[0]):
+            raise ValueError(f"per-row text prompts of shape {tuple(prompts.shape)} for {tokens.shape[0]} rows: "
+                             "expected [N, J, m, d_t]")
+        if prompts is not None and prompts.shape[-2]:
+            _check_placeholders(tokens, prompts.shape[-2], placeholder)
         eot = self._eot_index(tokens)
         if truncate and eot is not None and t.attn_mask is not None:
             tokens = tokens[:, : int(eot.max()) + 1]
         length = tokens.shape[1]
         cast_dtype = t.transformer.get_cast_dtype()
         x = t.token_embedding(tokens).to(cast_dtype)
-        depth = 0 if prompts is None else prompts.shape[0]
+        depth = 0 if prompts is None else prompts.shape[-3]
         if depth:
             prompts = prompts.to(cast_dtype)
-            x = _replace_slots(x, prompts[0], 1)
+            layer = (lambda j: prompts[:, j]) if per_row else (lambda j: prompts[j])
+            x = _replace_slots(x, layer(0), 1)
         x = x + t.positional_embedding[:length].to(cast_dtype)
         mask = None if t.attn_mask is None else t.attn_mask[:length, :length]
         for j, block in enumerate(t.transformer.resblocks):
             if 0 < j < depth:
-                x = _replace_slots(x, prompts[j], 1)
+                x = _replace_slots(x, layer(j), 1)
             x = _run_block(t.transformer, block, x, mask)
         x = t.ln_final(x)
         pooled = text_global_pool(x, tokens, t.pool_type, eos_token_id=t.eos_id)
@@ -196,10 +202,74 @@ def prompt_texts(classnames: list[str], template: str, n_placeholders: int) -> l
     return [f"{prefix} {template.format(c)}".strip() for c in classnames]
 
 
-def class_text_features(model: PromptedCLIP, tokenizer, classnames: list[str], template: str,
+def class_text_features(model: PromptedCLIP, tokenizer, classnames: Sequence[str], template: str,
                         text_prompts: Tensor | None = None) -> Tensor:
     """Normalised class-text embeddings [C, D] of a task's classes under its text prompts."""
-    m = 0 if text_prompts is None else text_prompts.shape[1]
-    tokens = tokenizer(prompt_texts(classnames, template, m)).to(model.logit_scale.device)
-    placeholder = int(tokenizer([PLACEHOLDER])[0, 1]) if m else None  # [SOS, X, EOT, ...] with a start token
-    return model.encode_text(tokens, text_prompts, normalize=True, placeholder=placeholder)
+    return many_class_text_features(model, tokenizer, [ClassTexts(classnames, template, text_prompts)])[0]
+
+
+@dataclass(frozen=True)
+class ClassTexts:
+    """The class names of one task (or of a caller's label set) under its template and text prompts."""
+
+    classnames: Sequence[str]
+    template: str
+    prompts: Tensor | None = None  # the task's text prompts [J, m, d_t]
+
+
+def many_class_text_features(model: PromptedCLIP, tokenizer, sets: Sequence[ClassTexts],
+                             max_rows: int = 512) -> list[Tensor]:
+    """Normalised class-text embeddings [C_i, D] of each set, computed in shared text-tower forwards.
+
+    Rows are independent (each class text is its own row, attention is causal within it), so the rows of
+    all sets whose text prompts have the same shape go through forwards of at most `max_rows` rows, each
+    row with its own set's prompts: loading thousands of tasks costs a few large forwards, not one each.
+    """
+    return encode_class_texts(model, tokenize_class_texts(tokenizer, sets), max_rows)
+
+
+@dataclass(frozen=True)
+class TokenizedTexts:
+    """Class texts tokenized for `encode_class_texts`: per text-prompt shape, the sets of that shape (their
+    indices), every row's tokens and the set it belongs to."""
+
+    sizes: list[int]  # classes of each set
+    groups: list[tuple[list[int], Tensor, Tensor, Tensor | None, int | None]]  # members, tokens, owner, prompts, X id
+
+
+def tokenize_class_texts(tokenizer, sets: Sequence[ClassTexts]) -> TokenizedTexts:
+    """The tokenizer's part of `many_class_text_features` (pure Python, the larger share of its time for a small
+    text tower: it can run on another thread while forwards run). A text that recurs (a class name shared by
+    tasks with one template) is tokenized once."""
+    by_shape: dict[tuple[int, ...] | None, list[int]] = {}
+    for i, item in enumerate(sets):
+        by_shape.setdefault(None if item.prompts is None else tuple(item.prompts.shape), []).append(i)
+    groups = []
+    for shape, members in by_shape.items():
+        m = 0 if shape is None else shape[1]
+        texts = [text for i in members for text in prompt_texts(sets[i].classnames, sets[i].template, m)]
+        unique = list(dict.fromkeys(texts))
+        where = {text: row for row, text in enumerate(unique)}
+        tokens = tokenizer(unique)[torch.tensor([where[text] for text in texts])]
+        owner = torch.tensor([k for k, i in enumerate(members) for _ in sets[i].classnames])
+        stacked = None if shape is None else torch.stack([sets[i].prompts for i in members])
+        placeholder = int(tokenizer([PLACEHOLDER])[0, 1]) if m else None  # [SOS, X, EOT, ...] with a start token
+        groups.append((members, tokens, owner, stacked, placeholder))
+    return TokenizedTexts([len(item.classnames) for item in sets], groups)
+
+
+def encode_class_texts(model: PromptedCLIP, texts: TokenizedTexts, max_rows: int = 512) -> list[Tensor]:
+    """The forwards of `many_class_text_features`: normalised [C_i, D] per set, in the order of the sets."""
+    device = model.logit_scale.device
+    features: list[Tensor | None] = [None] * len(texts.sizes)
+    for members, tokens, owner, stacked, placeholder in texts.groups:
+        tokens, owner = tokens.to(device), owner.to(device)
+        stacked = None if stacked is None else stacked.to(device)
+        rows = [model.encode_text(tokens[start:start + max_rows],
+                                  None if stacked is None else stacked[owner[start:start + max_rows]],
+                                  normalize=True, placeholder=placeholder, per_row=stacked is not None)
+                for start in range(0, len(tokens), max_rows)]
+        encoded = torch.cat(rows)
+        for i, part in zip(members, encoded.split([texts.sizes[i] for i in members]), strict=True):
+            features[i] = part
+    return features  # type: ignore[return-value]

@@ -44,7 +44,7 @@ from .engine_client import EngineClient, EngineUnavailable
 from .errors import ServiceError
 from .images import ImageRejected, plain_jpeg, set_pillow_pixel_limit
 from .labels import parse_labels
-from .metrics import UNKNOWN_TASK, Metrics
+from .metrics import OTHER_TASKS, UNKNOWN_TASK, Metrics
 from .settings import Settings
 from .transport import Embedded, Scored, TaskInfo
 from .uploads import Preprocessor, Upload, read_upload
@@ -59,6 +59,7 @@ try:
 except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never installed
     PACKAGE_VERSION = "0+unknown"
 EMBED_UNPROMPTED = "_unprompted"  # the metrics' task label of /embed without a task
+MAX_TASKS_PAGE = 10_000  # most tasks one GET /tasks answers
 
 
 class Worker:
@@ -151,6 +152,7 @@ class VersionResponse(BaseModel):
 
 class TaskList(BaseModel):
     tasks: list[TaskInfoModel]
+    next: str | None = None  # more tasks follow: ask again with after=<next>
 
 
 ErrorCode = Literal[
@@ -200,11 +202,6 @@ WorkerDep = Annotated[Worker, Depends(_worker)]
 router = APIRouter()
 
 
-def unknown_task(task: str, tasks: dict[str, TaskInfo]) -> ServiceError:
-    return ServiceError(404, "unknown_task",
-                        f"unknown task {task!r}; loaded tasks: {', '.join(sorted(tasks)) or 'none'}")
-
-
 def _query_doc(name: str, schema: dict[str, Any], description: str, required: bool = False) -> dict[str, Any]:
     return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
 
@@ -247,7 +244,7 @@ def check_serving(engine: EngineClient, task: str | None) -> None:
     if engine.down:
         raise EngineUnavailable()
     if task is not None and task not in engine.tasks:
-        raise unknown_task(task, engine.tasks)
+        raise engine.catalog.unknown(task)
     if not engine.catalog.ready:
         raise ServiceError(503, "not_ready", engine.catalog.reason or "", {"Retry-After": "1"})
 
@@ -288,8 +285,10 @@ def counted(metrics: Metrics, task: str, start: float | None = None, failures_on
 
 
 def task_label(task: str | None, engine: EngineClient) -> str:
-    """The metrics' label of a request's task: a loaded task, else UNKNOWN_TASK (bounded label values)."""
-    return task if task in engine.tasks else UNKNOWN_TASK
+    """The metrics' label of a request's task (bounded label values, metrics.py): a loaded task with metrics of
+    its own, OTHER_TASKS for the other loaded tasks, else UNKNOWN_TASK."""
+    info = engine.tasks.get(task) if task is not None else None
+    return UNKNOWN_TASK if info is None else task if info.metered else OTHER_TASKS
 
 
 def scored_body(result: Scored) -> dict[str, Any]:
@@ -397,17 +396,24 @@ def _task_info(info: TaskInfo) -> TaskInfoModel:
                          evaluation=info.evaluation, trained=info.trained)
 
 
-@router.get("/tasks", response_model=TaskList, responses=errors(503), tags=["tasks"])
-async def list_tasks(worker: WorkerDep) -> TaskList:
-    """Every served task: classes, group, prompt set, version, method."""
-    return TaskList(tasks=[_task_info(t) for t in worker.engine.catalog.tasks])
+@router.get("/tasks", response_model=TaskList, responses=errors(422, 503), tags=["tasks"])
+async def list_tasks(worker: WorkerDep,
+                     limit: Annotated[int, Query(ge=1, le=MAX_TASKS_PAGE, description="tasks per page")] = 1000,
+                     after: Annotated[str, Query(max_length=200, description="the `next` of the page before: "
+                                                                             "tasks after this name")] = "",
+                     prefix: Annotated[str, Query(max_length=200, description="only tasks whose names start "
+                                                                              "with this")] = "") -> TaskList:
+    """Served tasks in name order (classes, group, prompt set, version, method), `limit` a page; `next` names
+    the task to ask `after` for the next page (null on the last)."""
+    tasks, more = worker.engine.catalog.page(limit, after, prefix)
+    return TaskList(tasks=[_task_info(t) for t in tasks], next=more)
 
 
 @router.get("/tasks/{task}", response_model=TaskInfoModel, responses=errors(404, 503), tags=["tasks"])
 async def get_task(task: str, worker: WorkerDep) -> TaskInfoModel:
     tasks = worker.engine.tasks
     if task not in tasks:
-        raise unknown_task(task, tasks)
+        raise worker.engine.catalog.unknown(task)
     return _task_info(tasks[task])
 
 
@@ -415,7 +421,7 @@ async def get_task(task: str, worker: WorkerDep) -> TaskInfoModel:
 async def get_sample(task: str, filename: str, worker: WorkerDep) -> Response:
     """A sample image shipped with the task's prompt set (`<set>/samples/<task>/`)."""
     if task not in worker.engine.tasks:
-        raise unknown_task(task, worker.engine.tasks)
+        raise worker.engine.catalog.unknown(task)
     reply = await worker.engine.call("sample", task=task, filename=filename)
     return Response(reply.body["data"], media_type=reply.body["media_type"])
 

@@ -3,8 +3,8 @@
 When every worker accepts on one shared listening socket, whichever is awake when connections
 arrive takes most of them (one of four workers answered 85-100 % of a wrk run: docs/benchmarks.md,
 "Worker balance"). So the launcher alone accepts, and hands each new connection to the worker that
-holds the fewest open connections (ties in turn), as a file descriptor over a Unix socket
-(SCM_RIGHTS): the way Node's cluster module spreads connections. A worker serves what it is handed
+holds the fewest open connections (those within one of the fewest take turns), as a file descriptor
+over a Unix socket (SCM_RIGHTS), much as Node's cluster module spreads connections. A worker serves what it is handed
 with uvicorn exactly as what it would have accepted (worker.py).
 
 - Open connections per worker = handed to it (counted by the launcher) - closed by it (counted by
@@ -90,8 +90,9 @@ class Balancer:
         listener.setblocking(False)
         self.counters = Counters.create(workers)
         self.channels = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(workers)]
-        for ours, _ in self.channels:
+        for ours, theirs in self.channels:
             ours.setblocking(False)
+            theirs.setblocking(False)  # (shared with the worker's copy) the launcher drains it when a worker dies
         self.handed = [0] * workers
         self.pids = [0] * workers  # the live process of each index (0: none)
         self._turn = 0
@@ -175,6 +176,8 @@ class Balancer:
             self._waiting.popleft().close()  # the worker holds its own copy now
 
     def _by_load(self, takers: list[int]) -> list[int]:
-        """Takers, fewest open connections first; ties in turn after the last one chosen."""
-        n = len(self.pids)
-        return sorted(takers, key=lambda i: (self.open_connections(i), (i - self._turn - 1) % n))
+        """Takers, fewest open connections first; those within one of the fewest take turns after the last one
+        chosen (an idle keep-alive connection, a health checker's, must not send every new one elsewhere)."""
+        n, load = len(self.pids), {i: self.open_connections(i) for i in takers}
+        least = min(load.values())
+        return sorted(takers, key=lambda i: (max(load[i], least + 1), (i - self._turn - 1) % n))

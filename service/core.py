@@ -6,11 +6,12 @@ operations off the hot path (admin, sample files). Transport-free: the engine pr
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +25,14 @@ from mmap_model.prompts import check_name
 from mmap_model.promptset import read_file_within
 
 from .backends import PixelNormalizer, make_image_tower
+from .catalog import CatalogFeed
 from .device_decode import DeviceDecoder, UndecodableJpeg
+from .errors import LISTED_TASKS, unknown_task_detail
 from .metrics import Metrics
-from .registry import MAX_SAMPLE_BYTES, SAMPLE_TYPES, PromptSlot, Registry, TaskHandle
+from .registry import MAX_SAMPLE_BYTES, SAMPLE_TYPES, Registry
 from .settings import Settings
-from .transport import Catalog, Embedded, EngineInfo, Failed, Scored, TaskInfo
+from .snapshot import PromptSlot, TaskHandle
+from .transport import Embedded, EngineInfo, Failed, Scored
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ class Pending:
     arrived: float = 0.0  # time.monotonic()
     expires: float = 0.0  # time.monotonic() past which nobody waits for the answer; 0 = request_timeout_s after arrival
     client: Any = None  # who to answer (the engine loop's business)
+    serial: int = 0  # of the snapshot it arrived in: the bank rows it reads stay its own until it is answered
 
 
 @dataclass
@@ -142,6 +147,8 @@ class InferenceCore:
         self.label_cache: OrderedDict[tuple[str, str, str, tuple[str, ...]], Tensor] = OrderedDict()
         self.ready = False
         self.failure: str | None = None
+        self.feed = CatalogFeed(self.registry, self.not_ready_reason, lambda: (self.ready, self.failure,
+                                self.registry.progress, self.registry.directory_error), settings.metrics_max_tasks)
         self.last_forward_s = 0.0
         self.operations: dict[str, Callable[[dict[str, str]], Any]] = {
             "admin.list": lambda args: self.listing(),
@@ -171,8 +178,8 @@ class InferenceCore:
         snapshot = self.registry.snapshot
         handle = snapshot.tasks.get(task)
         if handle is None and not (embed and task == ""):
-            loaded = ", ".join(sorted(snapshot.tasks)) or "none"
-            return Failed(request, 404, "unknown_task", f"unknown task {task!r}; loaded tasks: {loaded}")
+            return Failed(request, 404, "unknown_task", unknown_task_detail(
+                task, heapq.nsmallest(LISTED_TASKS, snapshot.tasks), len(snapshot.tasks)))
         if not self.ready:
             return Failed(request, 503, "not_ready", self.not_ready_reason() or "", 1)
         if isinstance(pixels, bytes) and self.decoder is None:
@@ -180,17 +187,18 @@ class InferenceCore:
         if queued >= self.settings.queue_size:
             retry = max(1, int(np.ceil(queued / self.settings.max_batch_size * self.last_forward_s)))
             return Failed(request, 503, "overloaded", f"the request queue is full; retry in {retry} s", retry)
+        now, serial = time.monotonic(), snapshot.serial
         if handle is None:
-            return Pending(request, pixels, None, UNPROMPTED, 0, arrived=time.monotonic())
-        slot = snapshot.slots[task]
+            return Pending(request, pixels, None, UNPROMPTED, 0, arrived=now, serial=serial)
+        slot = handle.slot
         if embed:
-            return Pending(request, pixels, handle, slot, 0, arrived=time.monotonic())
+            return Pending(request, pixels, handle, slot, 0, arrived=now, serial=serial)
         if labels is None:
-            return Pending(request, pixels, handle, slot, top_k, handle.classnames, handle.text_features,
-                           time.monotonic())
+            return Pending(request, pixels, handle, slot, top_k, handle.classnames, handle.text_features, now,
+                           serial=serial)
         classes = tuple(labels)
         key = (handle.prompt_set, handle.version, handle.task, classes)
-        pending = Pending(request, pixels, handle, slot, top_k, classes, self.label_cache.get(key), time.monotonic())
+        pending = Pending(request, pixels, handle, slot, top_k, classes, self.label_cache.get(key), now, serial=serial)
         self.metrics.label_cache.labels("hit" if pending.text is not None else "miss").inc()
         if pending.text is not None:
             self.label_cache.move_to_end(key)
@@ -309,7 +317,7 @@ class InferenceCore:
                 for row, item in enumerate(items):
                     if isinstance(item.pixels, Tensor):
                         pixels[row] = item.pixels
-            prompts = None if bank is None else bank[_index([i.slot.index for i in items], bank.device)]
+            prompts = None if bank is None else bank.tensor[_index([i.slot.index for i in items], bank.tensor.device)]
             features = self.tower(self.normalize(pixels), prompts).to(self.backbone.device)
             rows_of: dict[int, list[int]] = {}
             for row, item in enumerate(items):
@@ -334,10 +342,15 @@ class InferenceCore:
         """One forward per prompt bank (and one unprompted), off the metrics: first-call costs go here."""
         height, width = self.backbone.preprocess_cfg["size"]
         pixels = torch.zeros(1, height, width, 3, dtype=torch.uint8)
-        banks = {id(s.bank): s.bank for s in self.registry.snapshot.slots.values()} | {id(None): None}
         with torch.inference_mode():
-            for bank in banks.values():
-                self.tower(self.normalize(pixels), None if bank is None else bank[:1])
+            for bank in [None, *self.registry.banks]:
+                self.tower(self.normalize(pixels), None if bank is None else bank.tensor[:1])
+
+    def reclaim(self, in_use: Iterable[Pending]) -> None:
+        """Let the registry reuse the bank rows that no request in `in_use` (all that are queued or on the device)
+        can read any more."""
+        oldest = min((item.serial for item in in_use), default=self.registry.snapshot.serial)
+        self.registry.reclaim(oldest)
 
 
     def call(self, op: str, args: dict[str, str]) -> Any:
@@ -392,17 +405,12 @@ class InferenceCore:
         if self.failure:
             return f"start-up failed: {self.failure}"
         if not self.ready:
+            progress = self.registry.progress
+            if progress is not None:
+                return f"loading prompt sets: {progress[0]:,} of {progress[1]:,}"
             return "loading prompt sets and warming up"
         if not self.registry.snapshot.tasks:
             failed = [s.name for s in self.registry.status() if s.state == "failed"]
             return f"no prompt set loaded from {self.settings.prompts}" + (
                 f"; failed: {', '.join(failed)} (see the log or /admin/promptsets)" if failed else "")
         return None
-
-    def catalog(self, generation: int) -> Catalog:
-        snapshot = self.registry.snapshot
-        reason = self.not_ready_reason()
-        tasks = [TaskInfo(h.task, h.prompt_set, h.version, h.method, h.group, list(h.classnames), list(h.samples),
-                          h.template, dict(h.card.get("evaluation", {})), dict(h.card.get("trained", {})))
-                 for h in (snapshot.tasks[t] for t in sorted(snapshot.tasks))]
-        return Catalog(generation, reason is None, reason, tasks)

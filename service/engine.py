@@ -14,13 +14,14 @@ back, so that on CUDA the device computes while the loop answers, receives and p
 
 Prompt-set work (start-up scan, the directory watcher, admin loads, sample files) runs on one
 loader thread, so a load never stalls a batch; its results come back to the loop through a queue
-and an inproc socket that wakes the poll. After every change the loop pushes the new `Catalog` to
-all workers.
+and an inproc socket that wakes the poll. After every change the loop pushes what changed in the
+catalog (`CatalogDelta`) to all workers (catalog.py).
 """
 
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import queue
@@ -55,6 +56,7 @@ from .transport import (
     Reply,
     Results,
     Scored,
+    Sync,
     Welcome,
     decode_to_engine,
     encode,
@@ -83,8 +85,6 @@ class Engine:
         self.queue: deque[Pending] = deque()
         self.in_flight: deque[Launched] = deque()  # launched on the device, not yet answered
         self.workers: dict[bytes, _Worker] = {}
-        self.generation = 0
-        self._published: tuple[int, bool, str | None] | None = None  # (snapshot serial, ready, failure) last pushed
         self._stopping = False
         self._poll_due = float("inf")
         self._polling = False
@@ -142,6 +142,8 @@ class Engine:
                 while self.in_flight:
                     self._answer(self.in_flight.popleft())
             self._publish_catalog()
+            if self.core.registry.retiring:
+                self.core.reclaim(itertools.chain(self.queue, *(batch.items for batch in self.in_flight)))
 
     def _timeout_ms(self) -> int:
         now = time.monotonic()
@@ -173,6 +175,8 @@ class Engine:
                 self._enqueue(client, message, needed)
             elif isinstance(message, Hello):
                 self._hello(client, message)
+            elif isinstance(message, Sync):
+                self._send(client, self.core.feed.since(message.source, message.generation))
             else:
                 self._call(client, message)
         if needed:
@@ -203,7 +207,7 @@ class Engine:
             del self.workers[identity]  # its predecessor died; what it had queued is answered into the void
         self.workers[client] = _Worker(hello.worker, hello.pid, ring)
         log.info("worker %d (pid %d) connected", hello.worker, hello.pid)
-        self._send(client, Welcome(engine_pid=os.getpid(), catalog=self.core.catalog(self.generation)))
+        self._send(client, Welcome(engine_pid=os.getpid(), catalog=self.core.feed.full()))
 
     def _enqueue(self, client: bytes, infer: Infer, needed: list[LabelsNeeded]) -> None:
         worker = self.workers.get(client)
@@ -298,15 +302,16 @@ class Engine:
         gc.freeze()  # start-up objects never need a full collection again (each one took ~200 ms)
         self._schedule_poll()
 
-    def _after_poll(self, result: None, error: BaseException | None) -> None:
+    def _after_poll(self, due: float | None, error: BaseException | None) -> None:
         if error is not None:  # a broken directory must not end the watch; the next poll retries
             log.error("prompt-directory poll failed: %s: %s", type(error).__name__, error)
         self._polling = False
-        self._schedule_poll()
+        self._schedule_poll(due or float("inf"))
 
-    def _schedule_poll(self) -> None:
+    def _schedule_poll(self, due: float = float("inf")) -> None:
+        """The next poll after `watch_interval_s`, or sooner when a change seen settles (`due`)."""
         if self.settings.watch_interval_s > 0:
-            self._poll_due = time.monotonic() + self.settings.watch_interval_s
+            self._poll_due = min(time.monotonic() + self.settings.watch_interval_s, due)
 
     def _call(self, client: bytes, call: Call) -> None:
         def answer(result: Any, error: BaseException | None) -> None:
@@ -324,14 +329,13 @@ class Engine:
     # ---- the catalog ----
 
     def _publish_catalog(self) -> None:
-        state = (self.core.registry.snapshot.serial, self.core.ready, self.core.failure)
-        if state == self._published:
+        """Push what changed in the catalog, if anything did, to every worker."""
+        feed = self.core.feed
+        if not feed.advance():
             return
-        self._published = state
-        self.generation += 1
-        catalog = encode(self.core.catalog(self.generation))
+        delta = encode(feed.since(feed.source, feed.generation - 1))
         for client in self.workers:
-            self._router.send_multipart([client, catalog])
+            self._router.send_multipart([client, delta])
 
 
 def engine_threads(settings: Settings) -> int:

@@ -13,6 +13,7 @@ request fails at once with 503 and new ones are refused, instead of hanging unti
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import itertools
 import logging
@@ -26,12 +27,13 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from .errors import ServiceError
+from .errors import LISTED_TASKS, ServiceError, unknown_task_detail
 from .images import ImageRejected
 from .transport import (
     SHM_DIR,
     Call,
     Catalog,
+    CatalogDelta,
     Embedded,
     EngineInfo,
     Failed,
@@ -41,6 +43,7 @@ from .transport import (
     Reply,
     Results,
     Scored,
+    Sync,
     TaskInfo,
     Welcome,
     decode_to_worker,
@@ -72,6 +75,54 @@ def failure(message: Failed | Reply) -> ServiceError:
                         {"Retry-After": str(retry)} if retry else None)
 
 
+class CatalogView:
+    """A worker's copy of the engine's catalog: whole copies and deltas applied (catalog.py on the engine)."""
+
+    def __init__(self, reason: str):
+        self.source = ""
+        self.generation = -1
+        self.ready = False
+        self.reason: str | None = reason
+        self.tasks: dict[str, TaskInfo] = {}
+        self.names: list[str] = []  # the tasks' names, sorted (paging, the unknown-task answer)
+
+    def apply(self, message: Catalog | CatalogDelta) -> bool:
+        """Take in a whole catalog or a delta; False when a delta does not follow this copy (a `Sync` is due)."""
+        if isinstance(message, Catalog):
+            if message.source == self.source and message.generation < self.generation:
+                return True  # older than what is here already
+            self.tasks = {t.task: t for t in message.tasks}
+            self.names = sorted(self.tasks)
+        elif message.source != self.source or message.base != self.generation:
+            return message.source == self.source and message.generation <= self.generation  # stale: nothing to do
+        else:
+            for name in message.removed:
+                if self.tasks.pop(name, None) is not None:
+                    del self.names[bisect.bisect_left(self.names, name)]
+            for info in message.tasks:
+                if info.task not in self.tasks:
+                    bisect.insort(self.names, info.task)
+                self.tasks[info.task] = info
+        self.source, self.generation, self.ready, self.reason = (message.source, message.generation, message.ready,
+                                                                  message.reason)
+        return True
+
+    def page(self, limit: int, after: str = "", prefix: str = "") -> tuple[list[TaskInfo], str | None]:
+        """Up to `limit` tasks in name order, after `after`, whose names start with `prefix`; and the name to
+        continue after (None: no more)."""
+        start = max(bisect.bisect_right(self.names, after) if after else 0, bisect.bisect_left(self.names, prefix))
+        names = []
+        for name in itertools.islice(self.names, start, None):
+            if not name.startswith(prefix) or len(names) == limit:
+                break
+            names.append(name)
+        more = start + len(names) < len(self.names) and self.names[start + len(names)].startswith(prefix)
+        return [self.tasks[n] for n in names], names[-1] if more and names else None
+
+    def unknown(self, task: str) -> ServiceError:
+        return ServiceError(404, "unknown_task", unknown_task_detail(task, self.names[:LISTED_TASKS], len(self.names)))
+
+
 class EngineClient:
     """One worker's connection to the engine; `start` before use, `close` at the end."""
 
@@ -82,8 +133,8 @@ class EngineClient:
         height, width = info.image_size
         path = SHM_DIR / f"{ring_prefix(launcher_pid)}w{worker}.{os.getpid()}"
         self.ring = PixelRing(path, slots, height, width, create=True)
-        self.catalog = Catalog(generation=-1, ready=False, reason="connecting to the engine", tasks=[])
-        self.tasks: dict[str, TaskInfo] = {}
+        self.catalog = CatalogView("connecting to the engine")
+        self._sync_sent: tuple[str, int] | None = None
         self.down = True  # until the engine has welcomed this worker; again once its connection drops
         self._free = list(range(slots - 1, -1, -1))
         self._slot_waiters: deque[asyncio.Future] = deque()  # requests waiting for a free slot, oldest first
@@ -222,11 +273,15 @@ class EngineClient:
             for item in message.items:
                 self._dispatch(item)
             return
-        if isinstance(message, Catalog):
-            self._set_catalog(message)
+        if isinstance(message, Catalog | CatalogDelta):
+            if not self.catalog.apply(message):  # a delta was missed: ask (once) for what changed since this copy
+                wanted = (self.catalog.source, self.catalog.generation)
+                if self._sync_sent != wanted:
+                    self._sync_sent = wanted
+                    asyncio.get_running_loop().create_task(self._send(encode(Sync(*wanted))))
             return
         if isinstance(message, Welcome):
-            self._set_catalog(message.catalog)
+            self.catalog.apply(message.catalog)
             self.down = False
             key = -1
         else:
@@ -241,10 +296,9 @@ class EngineClient:
         else:
             answer.set_result(message)
 
-    def _set_catalog(self, catalog: Catalog) -> None:
-        if catalog.generation >= self.catalog.generation:
-            self.catalog = catalog
-            self.tasks = {t.task: t for t in catalog.tasks}
+    @property
+    def tasks(self) -> dict[str, TaskInfo]:
+        return self.catalog.tasks
 
     async def _watch(self) -> None:
         while True:
@@ -252,8 +306,7 @@ class EngineClient:
             if event["event"] == zmq.EVENT_DISCONNECTED and not self.down:
                 log.error("lost the connection to the engine: failing %d waiting requests", len(self._pending))
                 self.down = True
-                self.catalog = Catalog(generation=self.catalog.generation, ready=False, reason="the engine is not "
-                                       "running", tasks=self.catalog.tasks)
+                self.catalog.ready, self.catalog.reason = False, "the engine is not running"
                 self._fail_all(EngineUnavailable())
 
     def _fail_all(self, error: ServiceError) -> None:

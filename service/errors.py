@@ -12,3 +12,14 @@ class ServiceError(Exception):
         self.error = error
         self.detail = detail
         self.headers = headers or {}
+
+
+LISTED_TASKS = 20  # an unknown-task answer names at most this many loaded tasks
+
+
+def unknown_task_detail(task: str, first: list[str], total: int) -> str:
+    """Why a task is unknown, naming the first loaded tasks in name order (`first`, at least LISTED_TASKS of them
+    when there are) of the `total` loaded, rather than all of them."""
+    shown = ", ".join(first[:LISTED_TASKS]) or "none"
+    more = f", ... ({total:,} in all: GET /tasks)" if total > LISTED_TASKS else ""
+    return f"unknown task {task!r}; loaded tasks: {shown}{more}"

@@ -6,8 +6,10 @@ counter equals the traffic whichever worker took it, and counts of a worker that
 HTTP workers write the request metrics, the engine the batching, inference and prompt-set ones.
 Without that variable (a process on its own) the values stay in the process and `/metrics` shows them.
 
-Labels are bounded: `task` is a loaded task name or `UNKNOWN_TASK`, `status` an HTTP status code,
-`result` and `reason` small fixed sets.
+Labels are bounded: `task` is one of at most `metrics_max_tasks` loaded tasks (the engine picks
+them, the catalog says which: `TaskInfo.metered`), `OTHER_TASKS` for every other loaded task, or
+`UNKNOWN_TASK`; `status` an HTTP status code; `result` and `reason` small fixed sets. Totals over
+all label values stay exact whatever the number of tasks.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 UNKNOWN_TASK = "_unknown"  # requests naming no loaded task share one label value
+OTHER_TASKS = "_other"  # loaded tasks beyond metrics_max_tasks share one label value
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _PER_IMAGE_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -47,6 +50,8 @@ class Metrics:
                                           buckets=_PER_IMAGE_BUCKETS, registry=r)
         self.tasks_loaded = Gauge("mmap_tasks_loaded", "tasks in the serving snapshot", registry=r,
                                   multiprocess_mode="livemax")
+        self.prompt_sets_loaded = Gauge("mmap_prompt_sets_loaded", "prompt sets in the serving snapshot", registry=r,
+                                        multiprocess_mode="livemax")
         self.prompt_set_loads = Counter("mmap_prompt_set_loads", "prompt-set (re)load attempts by result",
                                         ["result"], registry=r)
         self.images_rejected = Counter("mmap_images_rejected", "uploads refused by reason", ["reason"], registry=r)

@@ -2,10 +2,13 @@
 
 Each sub-directory `<name>/` of the prompt directory is one prompt set, identified by that
 directory name. Loading one validates it against the served backbone (`PromptSet.load`) and
-computes every task's class-text embeddings and visual prompts ONCE; then a new `Snapshot` is built
-and published by a single reference assignment. A request holds the snapshot it started with, so a
-swap never breaks it. A failed load publishes nothing (the old version keeps serving) and is
-reported: log, `status()` (the admin listing), and `mmap_prompt_set_loads_total{result="failure"}`.
+computes every task's class-text embeddings ONCE (the sets loaded together share text-tower
+forwards); its visual prompts are written into free rows of a bank (one per prompt shape); then a new
+`Snapshot` is published by a single reference assignment, at a cost that grows with the sets that
+changed, not with the tasks served (docs/architecture.md, "Many tasks"). A request holds the
+snapshot it started with, so a swap never breaks it. A failed load publishes nothing (the old
+version keeps serving) and is reported: log, `status()` (the admin listing), and
+`mmap_prompt_set_loads_total{result="failure"}`.
 
 A task defined by several loaded sets is served by the newest publication: the set whose
 promptset.json was written last (mtime; ties by name). So retraining one task into a new set, or
@@ -21,8 +24,8 @@ Publishing a prompt set atomically (what the directory watcher relies on):
 - Or rewrite the files in place: prompts.safetensors first, promptset.json LAST, each written to a
   temporary name and renamed. promptset.json carries the sha256 of the weights, so a half-updated
   pair fails validation instead of loading, and the old version keeps serving until it is whole.
-- The watcher applies a change (added, changed, removed) only once the directory has looked the
-  same for `debounce_s` (mtimes and sizes of both files and the sha256 of promptset.json).
+- The watcher applies a change (added, changed, removed) only once it has settled (watcher.py): the
+  directory looked the same for `debounce_s`, or none of its files was written for that long.
 
 Sample images for the web page are read from `<name>/samples/<task>/*.{png,jpg,jpeg,webp}`.
 
@@ -32,105 +35,33 @@ What arrives in the directory is untrusted: symlinks are followed only while the
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
-import stat
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from mmap_model import Backbone, PromptedCLIP, PromptSet, PromptSetError, class_text_features
+from mmap_model import Backbone, ClassTexts, PromptedCLIP, Prompts, PromptSet, PromptSetError, TaskSpec
+from mmap_model.encoders import TokenizedTexts, encode_class_texts, tokenize_class_texts
 from mmap_model.prompts import NAME_PATTERN, check_name
-from mmap_model.promptset import CONFIG_FILE, MAX_CONFIG_BYTES, WEIGHTS_FILE, publication_key
 
 from .metrics import Metrics
+from .snapshot import LoadedSet, PromptBank, PromptSlot, Snapshot, TaskHandle
+from .watcher import DirectoryWatcher
 
 log = logging.getLogger(__name__)
 
 SAMPLE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
 MAX_SAMPLE_BYTES = 8 * 1024 * 1024  # a sample image above this is not served
 MAX_SAMPLES = 8
-
-DirState = tuple  # what the watcher compares: (sha256 of the config, (mtime, size) of each file)
-
-
-@dataclass(frozen=True)
-class TaskHandle:
-    """Everything needed to serve one task, computed at load time."""
-
-    task: str
-    prompt_set: str
-    version: str
-    method: str
-    group: str | None
-    classnames: tuple[str, ...]
-    template: str
-    text_prompts: Tensor | None  # the task's learned text prompts on the model's device (for caller labels)
-    text_features: Tensor  # [C, D], normalised, fp32 on the model's device (scores are computed there)
-    visual_prompts: Tensor | None  # [J, m, d_v] on the model's device; None = image tower unprompted
-    sample_dir: Path
-    samples: tuple[str, ...]  # file names in sample_dir
-    card: Mapping[str, Any]  # `evaluation` and `trained`: PromptSet.card
-
-    @property
-    def signature(self) -> tuple[int, int] | None:
-        """(J, m): tasks with equal signatures share one image-tower forward."""
-        return None if self.visual_prompts is None else (self.visual_prompts.shape[0], self.visual_prompts.shape[1])
-
-
-@dataclass(frozen=True)
-class LoadedSet:
-    name: str
-    version: str
-    method: str
-    loaded_at: float  # unix time
-    published_ns: int  # mtime of its promptset.json: the newest publication of a task serves it
-    handles: Mapping[str, TaskHandle]  # every task it defines, served or shadowed by a newer set
-
-    @property
-    def precedence(self) -> tuple[int, str]:
-        return publication_key(self.published_ns, self.name)
-
-
-@dataclass(frozen=True)
-class PromptSlot:
-    """Where a task's visual prompts sit: row `index` of a stacked bank [N, J, m, d_v] (None: unprompted)."""
-
-    bank: Tensor | None
-    index: int
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What is served at one instant; never mutated, replaced whole."""
-
-    sets: Mapping[str, LoadedSet] = field(default_factory=dict)
-    tasks: Mapping[str, TaskHandle] = field(default_factory=dict)
-    slots: Mapping[str, PromptSlot] = field(default_factory=dict)
-    serial: int = 0  # 1, 2, 3, ... in the order published: tells two snapshots apart (an id() can be reused)
-
-    @classmethod
-    def of(cls, sets: Mapping[str, LoadedSet], serial: int) -> Snapshot:
-        """Give each task to its newest publication, and stack the visual prompts of equal signature into one
-        bank each."""
-        tasks = {t: h for s in sorted(sets.values(), key=lambda s: s.precedence) for t, h in s.handles.items()}
-        by_signature: dict[tuple[int, int], list[str]] = {}
-        for task in sorted(tasks):
-            if tasks[task].signature is not None:
-                by_signature.setdefault(tasks[task].signature, []).append(task)
-        slots = {task: PromptSlot(None, 0) for task in tasks}
-        for names in by_signature.values():
-            bank = torch.stack([tasks[t].visual_prompts for t in names])
-            slots.update({t: PromptSlot(bank, i) for i, t in enumerate(names)})
-        return cls(MappingProxyType(dict(sets)), MappingProxyType(tasks), MappingProxyType(slots), serial)
+SETS_PER_STEP = 256  # sets read, embedded and counted in /readyz's progress together during a scan
+CHANGE_LOG = 4096  # publications whose changed tasks are remembered (catalog deltas); older: a full catalog
 
 
 @dataclass(frozen=True)
@@ -148,61 +79,68 @@ class SetStatus:
     last_error_at: float | None
 
 
+@dataclass
+class _Read:
+    """A set read and validated, its text features not yet computed."""
+
+    name: str
+    path: Path
+    prompt_set: PromptSet
+    published_ns: int
+    samples: dict[str, tuple[str, ...]]
+
+
+@dataclass
+class _Prepared:
+    """Sets read, their tasks' prompts computed and class texts tokenized: what their embedding needs."""
+
+    reads: list[_Read]
+    tasks: list[tuple[_Read, str, TaskSpec, Prompts]]
+    texts: list[ClassTexts]
+    tokens: TokenizedTexts
+
+
 def inside(path: Path, root: Path) -> bool:
     """`path`, with every symlink followed, is within `root` (an already resolved directory)."""
     return path.resolve().is_relative_to(root)
-
-
-def dir_state(path: Path) -> DirState | None:
-    """A cheap fingerprint of a prompt-set directory; None when it has no promptset.json.
-
-    A promptset.json that cannot be hashed safely (not a regular file: a FIFO would block the read forever;
-    over MAX_CONFIG_BYTES; unreadable) is a state of its own, never an exception: loading it says why.
-    """
-    config, weights = path / CONFIG_FILE, path / WEIGHTS_FILE
-    try:
-        st = config.stat()
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_CONFIG_BYTES:
-            return "not hashed", (st.st_mtime_ns, st.st_size, st.st_mode), _stamp(weights)
-        digest = hashlib.sha256(config.read_bytes()).hexdigest()
-        return digest, (st.st_mtime_ns, st.st_size), _stamp(weights)
-    except FileNotFoundError:
-        return None
-    except OSError as e:
-        return f"unreadable: {e}", None, None
-
-
-def _stamp(path: Path) -> tuple[int, int] | None:
-    try:
-        st = path.stat()
-    except OSError:  # missing or unreadable: loading it reports which
-        return None
-    return st.st_mtime_ns, st.st_size
 
 
 class Registry:
     """Loads, reloads and unloads prompt sets of one directory for one backbone.
 
     Mutations (load / unload / scan / poll) are serialised by a lock and meant to run off the
-    event loop: they read files and run the text tower. Readers only take `snapshot`.
+    event loop: they read files and run the text tower. Readers only take `snapshot`; the thread that
+    answers requests calls `reclaim` so that bank rows of replaced tasks can be used again.
     """
 
     def __init__(self, backbone: Backbone, directory: Path, metrics: Metrics, debounce_s: float = 1.0):
         self.backbone = backbone
         self.directory = Path(directory)
         self.metrics = metrics
-        self.debounce_s = debounce_s
+        self.watcher = DirectoryWatcher(debounce_s)
         self._prompted = PromptedCLIP(backbone.model)
         self._snapshot = Snapshot()
         self._errors: dict[str, tuple[float, str]] = {}
         self._lock = threading.Lock()
-        self._applied: dict[str, DirState] = {}  # per directory: the state last acted on
-        self._pending: dict[str, tuple[DirState | None, float]] = {}  # changed state and when first seen
+        self._banks: dict[tuple[int, ...], PromptBank] = {}
+        self._definers: dict[str, set[str]] = {}  # task -> the loaded sets that define it
+        self._changes: deque[tuple[int, tuple[str, ...]]] = deque(maxlen=CHANGE_LOG)  # (serial, tasks changed)
+        self._retired: deque[tuple[int, PromptBank, list[int]]] = deque()  # rows no snapshot from serial on names
         self.directory_error: str | None = None  # why the watcher cannot list the directory now, if it cannot
+        self.progress: tuple[int, int] | None = None  # (sets read, of) while a scan runs
 
     @property
     def snapshot(self) -> Snapshot:
         return self._snapshot
+
+    @property
+    def retiring(self) -> bool:
+        """Bank rows wait for `reclaim`."""
+        return bool(self._retired)
+
+    @property
+    def banks(self) -> list[PromptBank]:
+        return list(self._banks.values())
 
     def candidates(self) -> list[str]:
         """Sub-directories that may hold prompt sets: valid names, not '.'- or '_'-prefixed (work in progress)."""
@@ -214,16 +152,22 @@ class Registry:
         except OSError:  # missing or unreadable: nothing to offer (poll reports it)
             return []
 
+    # ---- loading ----
+
     def scan(self) -> None:
-        """Load every prompt set in the directory (start-up); failures are reported, not raised."""
+        """Load every prompt set in the directory (start-up), in one publication; failures are reported, not
+        raised. `progress` counts the sets read meanwhile."""
         for name in sorted(set(self._subdirectories()) - set(self.candidates())):
             log.warning("ignoring %s: prompt-set directory names are 1-64 letters, digits, '_' or '-'",
                         self.directory / name)
-        for name in self.candidates():
-            if dir_state(self.directory / name) is None:
-                continue  # no promptset.json (yet): not a prompt set; the watcher picks it up when it is
-            with contextlib.suppress(PromptSetError):  # reported by load; the others still load
-                self.load(name)
+        with self._lock:
+            states = {n: st for n in self.candidates() if (st := self.watcher.state(self.directory / n)) is not None}
+            self.watcher.applied.update(states)  # (no promptset.json yet: not a set; the watcher sees it later)
+            self.progress = (0, len(states))
+            try:
+                self._apply(list(states), [])
+            finally:
+                self.progress = None
 
     def load(self, name: str) -> LoadedSet:
         """(Re)load `<directory>/<name>` and publish it; on failure raise PromptSetError, serving what was.
@@ -232,38 +176,232 @@ class Registry:
         """
         check_name(name)
         with self._lock:
-            try:
-                path = self.directory / name
-                state = dir_state(path)
-                if state is not None:
-                    self._applied[name] = state  # the watcher must not redo what this call reads
-                loaded = self._read(name, path, state[1][0] if state and state[1] else time.time_ns())
-            except Exception as e:  # any failure (validation, I/O, the text tower) leaves the old version
-                message = str(e) if isinstance(e, PromptSetError) else f"{type(e).__name__}: {e}"
-                self._errors[name] = (time.time(), message)
-                self.metrics.prompt_set_loads.labels("failure").inc()
-                log.error("prompt set %r not loaded (%s): %s", name,
-                          "old version keeps serving" if name in self._snapshot.sets else "not served", message)
-                raise PromptSetError(message) from e
-            before = self._snapshot.tasks
-            self._publish({**self._snapshot.sets, name: loaded})
-            self._errors.pop(name, None)
-            self.metrics.prompt_set_loads.labels("success").inc()
-            served = self._snapshot.tasks
-            log.info("prompt set %r version %s serving tasks %s%s", name, loaded.version,
-                     sorted(t for t in loaded.handles if served[t].prompt_set == name),
-                     "".join(f"; {t!r} taken over from {before[t].prompt_set!r}" for t in sorted(loaded.handles)
-                             if t in before and before[t].prompt_set != name and served[t].prompt_set == name))
-            return loaded
+            state = self.watcher.state(self.directory / name)
+            if state is not None:
+                self.watcher.applied[name] = state  # the watcher must not redo what this call reads
+            loaded = self._apply([name], [])
+        if name not in loaded:
+            raise PromptSetError(self._errors[name][1])
+        return loaded[name]
 
     def unload(self, name: str) -> bool:
         """Stop serving a prompt set; False if it was not loaded."""
         with self._lock:
             if name not in self._snapshot.sets:
                 return False
-            self._publish({n: s for n, s in self._snapshot.sets.items() if n != name})
+            self._publish({}, {name})
             log.info("prompt set %r unloaded", name)
             return True
+
+    def poll(self, now: float) -> float:
+        """One watcher step: apply, in one publication, every change that has settled (watcher.py); returns
+        when a change still settling is due (time.monotonic(); inf: none).
+
+        A prompt directory that is missing or cannot be listed is not "every set removed": nothing changes,
+        what is loaded keeps serving, and `directory_error` (admin listing, log) says why until it is back.
+        """
+        try:
+            next(self.directory.iterdir(), None)
+        except OSError as e:
+            if self.directory_error is None:
+                log.error("prompt directory %s cannot be read (%s: %s): the loaded prompt sets keep serving",
+                          self.directory, type(e).__name__, e)
+            self.directory_error = f"{type(e).__name__}: {e}"
+            return float("inf")
+        if self.directory_error is not None:
+            log.info("prompt directory %s can be read again", self.directory)
+            self.directory_error = None
+        with self._lock:
+            changes = self.watcher.poll(self.directory, self.candidates(), now)
+            for name in changes.remove:
+                self._errors.pop(name, None)
+            if changes.load or changes.remove:  # a refused load is retried when the directory changes again
+                self._apply(list(changes.load), changes.remove)
+        return changes.due
+
+    def _apply(self, names: list[str], removed: list[str]) -> dict[str, LoadedSet]:
+        """Read and embed the sets `names` (SETS_PER_STEP at a time), then publish them and the removal of
+        `removed` in one snapshot; a set that fails is reported and its old version keeps serving. Holds the
+        lock. (Reading and tokenizing on other threads while the text tower runs was measured slower on two
+        cores: the forward's operations then wait for the GIL.)"""
+        loaded: dict[str, LoadedSet] = {}
+        steps = [names[i:i + SETS_PER_STEP] for i in range(0, len(names), SETS_PER_STEP)]
+        for k, step in enumerate(steps):
+            loaded.update((s.name, s) for s in self._embed(self._prepare([r for r in map(self._read, step) if r])))
+            if self.progress is not None:
+                self.progress = (min((k + 1) * SETS_PER_STEP, len(names)), len(names))
+        gone = {n for n in removed if n in self._snapshot.sets}
+        if loaded or gone:
+            before = self._snapshot.tasks
+            self._publish(loaded, gone)
+            for s in loaded.values():
+                self._errors.pop(s.name, None)
+                self.metrics.prompt_set_loads.labels("success").inc()
+                self._log_loaded(s, before)
+            for name in sorted(gone - set(loaded)):
+                log.info("prompt set %r unloaded", name)
+        return loaded
+
+    def _failed(self, name: str, error: BaseException) -> None:
+        message = str(error) if isinstance(error, PromptSetError) else f"{type(error).__name__}: {error}"
+        self._errors[name] = (time.time(), message)
+        self.metrics.prompt_set_loads.labels("failure").inc()
+        log.error("prompt set %r not loaded (%s): %s", name,
+                  "old version keeps serving" if name in self._snapshot.sets else "not served", message)
+
+    def _read(self, name: str) -> _Read | None:
+        """Read and validate a set; None when it fails (reported)."""
+        path = self.directory / name
+        try:
+            if not path.is_dir():
+                raise PromptSetError(f"{path}: no such prompt-set directory")
+            state = self.watcher.applied.get(name)
+            published_ns = state[1][0] if state and state[1] else time.time_ns()
+            root = self.directory.resolve()
+            ps = PromptSet.load(path, self.backbone, within=root)  # untrusted: no symlink may lead out of root
+            if ps.name != name:
+                log.warning("prompt set in %s calls itself %r; it is served as %r (its directory name)",
+                            path, ps.name, name)
+            samples = {}
+            for task in ps.tasks:
+                sample_dir = path / "samples" / task
+                samples[task] = (tuple(sorted(p.name for p in sample_dir.glob("*") if p.suffix.lower() in SAMPLE_TYPES
+                                              and p.is_file() and inside(p, root))[:MAX_SAMPLES])
+                                 if sample_dir.is_dir() else ())
+            return _Read(name, path, ps, published_ns, samples)
+        except Exception as e:  # any failure (validation, I/O) leaves the old version
+            self._failed(name, e)
+            return None
+
+    def _prepare(self, reads: list[_Read]) -> _Prepared:
+        """The sets' tasks, their prompts and their tokenized class texts."""
+        device = self.backbone.device
+        with torch.inference_mode():
+            tasks = [(r, task, spec, r.prompt_set.prompts(task)) for r in reads
+                     for task, spec in r.prompt_set.tasks.items()]
+            texts = [ClassTexts(spec.classnames, spec.template, None if p.text is None else p.text.to(device))
+                     for _, _, spec, p in tasks]
+        return _Prepared(reads, tasks, texts, tokenize_class_texts(self.backbone.tokenizer, texts))
+
+    def _embed(self, prepared: _Prepared) -> list[LoadedSet]:
+        """The sets' text features in shared text-tower forwards, and their visual prompts in the banks; if that
+        fails, set by set, so that one broken set fails alone."""
+        try:
+            return self._embed_together(prepared)
+        except Exception as e:
+            if len(prepared.reads) == 1:
+                self._failed(prepared.reads[0].name, e)
+                return []
+        done = []
+        for read in prepared.reads:
+            try:
+                done.extend(self._embed_together(self._prepare([read])))
+            except Exception as e:  # e.g. the text tower refused this set's prompts or templates
+                self._failed(read.name, e)
+        return done
+
+    def _embed_together(self, prepared: _Prepared) -> list[LoadedSet]:
+        if not prepared.reads:
+            return []
+        added: list[PromptSlot] = []
+        handles: dict[str, dict[str, TaskHandle]] = {r.name: {} for r in prepared.reads}
+        try:
+            with torch.inference_mode():
+                features = encode_class_texts(self._prompted, prepared.tokens)
+                for (r, task, spec, prompts), texts, feature in zip(prepared.tasks, prepared.texts, features,
+                                                                    strict=True):
+                    slot = PromptSlot(None, 0) if prompts.visual is None else self._bank_row(prompts.visual)
+                    added.append(slot)
+                    ps = r.prompt_set
+                    handles[r.name][task] = TaskHandle(
+                        task, r.name, ps.version, ps.method, spec.group, tuple(spec.classnames), spec.template,
+                        texts.prompts, feature.float().clone(), slot, r.path / "samples" / task, r.samples[task],
+                        MappingProxyType(ps.card(task)))
+        except BaseException:
+            self._release(added)  # never published: its rows are free at once
+            raise
+        return [LoadedSet(r.name, r.prompt_set.version, r.prompt_set.method, time.time(), r.published_ns,
+                          MappingProxyType(handles[r.name])) for r in prepared.reads]
+
+    def _bank_row(self, visual: Tensor) -> PromptSlot:
+        shape = tuple(visual.shape)
+        bank = self._banks.get(shape)
+        if bank is None:
+            bank = self._banks[shape] = PromptBank(shape, self.backbone.device)
+        return PromptSlot(bank, bank.add(visual.to(self.backbone.device, torch.float32)))
+
+    @staticmethod
+    def _release(slots: Iterable[PromptSlot]) -> None:
+        for slot in slots:
+            if slot.bank is not None:
+                slot.bank.release([slot.index])
+
+    # ---- publishing ----
+
+    def _publish(self, loaded: Mapping[str, LoadedSet], removed: set[str]) -> None:
+        """A new snapshot with the sets `loaded` (new or replacing) and without `removed`. Costs what changed:
+        the tasks of those sets are resolved again (the newest publication of each serves it) and the other
+        tasks' handles are shared with the old snapshot (one dict copy, in C); the replaced sets' bank rows are
+        retired until no request can read them (`reclaim`)."""
+        old = self._snapshot
+        sets, tasks = dict(old.sets), dict(old.tasks)
+        affected, retired = set(), []
+        for name in removed | set(loaded):
+            previous = sets.pop(name, None)
+            if previous is not None:
+                affected.update(previous.handles)
+                retired.extend(h.slot for h in previous.handles.values() if h.slot.bank is not None)
+                for task in previous.handles:
+                    self._definers[task].discard(name)
+        for name, s in loaded.items():
+            sets[name] = s
+            affected.update(s.handles)
+            for task in s.handles:
+                self._definers.setdefault(task, set()).add(name)
+        changed = []
+        for task in sorted(affected):
+            definers = self._definers.get(task)
+            if not definers:
+                self._definers.pop(task, None)
+                if tasks.pop(task, None) is not None:
+                    changed.append(task)
+                continue
+            handle = sets[max(definers, key=lambda n: sets[n].precedence)].handles[task]
+            if tasks.get(task) is not handle:
+                tasks[task] = handle
+                changed.append(task)
+        snapshot = Snapshot(MappingProxyType(sets), MappingProxyType(tasks), old.serial + 1)
+        self._snapshot = snapshot  # one reference assignment: readers see the old or the new, never a mix
+        self._changes.append((snapshot.serial, tuple(changed)))
+        if retired:
+            self._retired.append((snapshot.serial, retired))
+        self.metrics.tasks_loaded.set(len(tasks))
+        self.metrics.prompt_sets_loaded.set(len(sets))
+
+    def changed_since(self, serial: int) -> set[str] | None:
+        """The tasks whose serving handle changed after snapshot `serial` (added, replaced or removed); None when
+        that is further back than the change log reaches."""
+        changes = list(self._changes)  # a copy: the loader thread appends
+        current = self._snapshot.serial
+        if serial >= current:
+            return set()
+        if not changes or changes[0][0] > serial + 1:
+            return None
+        return {task for s, names in changes if s > serial for task in names}
+
+    def reclaim(self, oldest_in_use: int) -> None:
+        """Bank rows retired by publications up to snapshot `oldest_in_use` become free: every request still
+        queued or on the device arrived in that snapshot or a later one, none of which names them. Called by
+        the thread that answers requests; never waits for the lock (a load holds it): it tries again later."""
+        if not self._retired or self._retired[0][0] > oldest_in_use or not self._lock.acquire(blocking=False):
+            return
+        try:
+            while self._retired and self._retired[0][0] <= oldest_in_use:
+                self._release(self._retired.popleft()[1])
+        finally:
+            self._lock.release()
+
+    # ---- reporting ----
 
     def status(self) -> list[SetStatus]:
         """Every prompt set that is loaded, failed, or on disk."""
@@ -279,72 +417,9 @@ class Registry:
                                    [t for t in defined if t not in served], s and s.loaded_at, error, error_at))
         return lines
 
-    def poll(self, now: float) -> None:
-        """One watcher step: apply every change that has been stable for `debounce_s`.
-
-        A prompt directory that is missing or cannot be listed is not "every set removed": nothing changes,
-        what is loaded keeps serving, and `directory_error` (admin listing, log) says why until it is back.
-        """
-        try:
-            next(self.directory.iterdir(), None)
-        except OSError as e:
-            if self.directory_error is None:
-                log.error("prompt directory %s cannot be read (%s: %s): the loaded prompt sets keep serving",
-                          self.directory, type(e).__name__, e)
-            self.directory_error = f"{type(e).__name__}: {e}"
-            return
-        if self.directory_error is not None:
-            log.info("prompt directory %s can be read again", self.directory)
-            self.directory_error = None
-        current = {n: st for n in self.candidates() if (st := dir_state(self.directory / n)) is not None}
-        for name in sorted(set(current) | set(self._applied)):
-            state = current.get(name)
-            if state == self._applied.get(name):
-                self._pending.pop(name, None)
-                continue
-            seen = self._pending.get(name)
-            if seen is None or seen[0] != state:
-                self._pending[name] = (state, now)
-                continue
-            if now - seen[1] < self.debounce_s:
-                continue
-            del self._pending[name]
-            if state is None:
-                del self._applied[name]
-                self._errors.pop(name, None)
-                self.unload(name)
-                continue
-            with contextlib.suppress(PromptSetError):  # reported by load; retried when the directory changes again
-                self.load(name)
-
-    def _read(self, name: str, path: Path, published_ns: int) -> LoadedSet:
-        if not path.is_dir():
-            raise PromptSetError(f"{path}: no such prompt-set directory")
-        root = self.directory.resolve()
-        ps = PromptSet.load(path, self.backbone, within=root)  # untrusted: no symlink may lead out of root
-        if ps.name != name:
-            log.warning("prompt set in %s calls itself %r; it is served as %r (its directory name)",
-                        path, ps.name, name)
-        handles = {}
-        device = self.backbone.device
-        with torch.inference_mode():
-            for task, spec in ps.tasks.items():
-                prompts = ps.prompts(task)
-                text_prompts = None if prompts.text is None else prompts.text.to(device)
-                text = class_text_features(self._prompted, self.backbone.tokenizer, spec.classnames, spec.template,
-                                           text_prompts)
-                visual = None if prompts.visual is None else prompts.visual.to(device, torch.float32)
-                sample_dir = path / "samples" / task
-                samples = (tuple(sorted(p.name for p in sample_dir.glob("*") if p.suffix.lower() in SAMPLE_TYPES
-                                        and p.is_file() and inside(p, root))[:MAX_SAMPLES])
-                           if sample_dir.is_dir() else ())
-                handles[task] = TaskHandle(task, name, ps.version, ps.method, spec.group, tuple(spec.classnames),
-                                           spec.template, text_prompts, text.float(), visual, sample_dir, samples,
-                                           MappingProxyType(ps.card(task)))
-        return LoadedSet(name, ps.version, ps.method, time.time(), published_ns, MappingProxyType(handles))
-
-    def _publish(self, sets: Mapping[str, LoadedSet]) -> None:
-        with torch.inference_mode():
-            snapshot = Snapshot.of(sets, self._snapshot.serial + 1)
-        self._snapshot = snapshot  # one reference assignment: readers see the old or the new, never a mix
-        self.metrics.tasks_loaded.set(len(snapshot.tasks))
+    def _log_loaded(self, s: LoadedSet, before: Mapping[str, TaskHandle]) -> None:
+        served = self._snapshot.tasks
+        log.info("prompt set %r version %s serving tasks %s%s", s.name, s.version,
+                 sorted(t for t in s.handles if served[t].prompt_set == s.name),
+                 "".join(f"; {t!r} taken over from {before[t].prompt_set!r}" for t in sorted(s.handles)
+                         if t in before and before[t].prompt_set != s.name and served[t].prompt_set == s.name))

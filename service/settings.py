@@ -90,6 +90,8 @@ class Settings(BaseSettings):
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin; unset = admin API off (404)")
     watch_interval_s: float = Field(2.0, ge=0, description="prompt-directory poll interval; 0 = no watching")
     watch_debounce_s: float = Field(1.0, ge=0, description="a change is applied once it has been stable this long")
+    metrics_max_tasks: int = Field(100, ge=0, description="tasks with request metrics of their own (the first "
+                                                          "loaded); the others are counted under task=\"_other\"")
     access_log: bool = Field(False, description="log every request (uvicorn's access log)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or as JSON objects")

@@ -9,9 +9,11 @@ killed with -9 leaves nothing in /dev/shm (the launcher also removes any file of
 
 Messages (docs/architecture.md, "Engine protocol"): a worker's DEALER socket talks to the engine's
 ROUTER socket. Worker -> engine: `Hello` (once, with the ring), `Infer` (one image), `Call` (admin
-operations, sample files). Engine -> worker: `Welcome` (answers Hello), `Catalog` (what is served;
-pushed to every worker after each change), `Scored` / `Embedded` / `Failed` (answer an Infer; those of
-one batch travel together as `Results`), `Reply` (answers a Call). One `Infer` carries one image: a
+operations, sample files), `Sync` (a delta was missed). Engine -> worker: `Welcome` (answers Hello,
+with the whole `Catalog`), `CatalogDelta` (what changed; pushed to every worker after each change;
+a worker that missed one asks with `Sync` and gets the missing changes or a whole `Catalog`),
+`Scored` / `Embedded` / `Failed` (answer an Infer; those of one batch travel together as `Results`),
+`Reply` (answers a Call). One `Infer` carries one image: a
 request with several images sends several, and one with its own class names (`labels`) or asking
 for the embedding says so in fields of its Infer. With `decode = "engine"` an Infer may carry the
 JPEG upload itself instead of pixels in its slot (device_decode.py).
@@ -117,6 +119,13 @@ class Infer(msgspec.Struct, tag=True):
     expires: float = 0.0  # time.monotonic() (one clock for the host's processes) past which the worker has given up
 
 
+class Sync(msgspec.Struct, tag=True):
+    """A worker's catalog missed a delta: what changed since `generation` of catalog `source` (or a full copy)."""
+
+    source: str
+    generation: int
+
+
 class Call(msgspec.Struct, tag=True):
     """Operations off the hot path: `admin.list`, `admin.load`, `admin.unload` (arg: a set name), `sample`."""
 
@@ -136,13 +145,29 @@ class TaskInfo(msgspec.Struct):
     template: str = ""
     evaluation: dict[str, Any] = {}  # the set's recorded evaluation of this task (promptset.json)
     trained: dict[str, Any] = {}  # how and when the set was trained (its provenance)
+    metered: bool = True  # its request metrics carry its name (else task="_other": metrics.py)
 
 
 class Catalog(msgspec.Struct, tag=True):
+    """Every served task: what a worker gets when it connects or has missed a delta."""
+
+    source: str  # the engine's catalog (its generations count from its start)
     generation: int
     ready: bool
     reason: str | None  # why not ready
     tasks: list[TaskInfo]
+
+
+class CatalogDelta(msgspec.Struct, tag=True):
+    """What changed from generation `base` to `generation`: tasks added or replaced, tasks gone."""
+
+    source: str
+    generation: int
+    base: int
+    ready: bool
+    reason: str | None
+    tasks: list[TaskInfo]
+    removed: list[str]
 
 
 class Welcome(msgspec.Struct, tag=True):
@@ -190,8 +215,8 @@ class Reply(msgspec.Struct, tag=True):
     detail: str | None = None
 
 
-ToEngine = Hello | Infer | Call
-ToWorker = Welcome | Catalog | Results | Scored | Embedded | Failed | Reply
+ToEngine = Hello | Infer | Call | Sync
+ToWorker = Welcome | Catalog | CatalogDelta | Results | Scored | Embedded | Failed | Reply
 
 encode = msgspec.msgpack.Encoder().encode
 decode_to_engine = msgspec.msgpack.Decoder(ToEngine).decode

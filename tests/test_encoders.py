@@ -7,7 +7,16 @@ import copy
 import pytest
 import torch
 
-from mmap_model import MultiTaskPrompts, PromptConfig, PromptedCLIP, load_backbone, prompt_texts
+from mmap_model import (
+    ClassTexts,
+    MultiTaskPrompts,
+    PromptConfig,
+    PromptedCLIP,
+    class_text_features,
+    load_backbone,
+    many_class_text_features,
+    prompt_texts,
+)
 
 TEXTS = ["a photo of a dog.", "a sketch of a traffic light on a table.", "X X X X cat."]
 
@@ -194,3 +203,22 @@ def test_visual_prompt_shapes_are_explicit(tiny, tiny_prompted):
                                 (torch.zeros(40, 4, d_v), False)]:  # more layers than the tower has
         with pytest.raises(ValueError, match="visual prompts"):
             tiny_prompted.encode_image(images, prompts, per_sample=per_sample)
+
+
+def test_many_class_text_sets_in_shared_forwards_equal_one_forward_each(tiny, tiny_prompted):
+    """Class texts of many tasks (different text prompts, templates, counts; one set without prompts, one that
+    recurs) computed together, in forwards of a few rows each, equal each task's own forward."""
+    torch.manual_seed(0)
+    d_t = tiny.widths.d_t
+    sets = [ClassTexts(["dog", "cat", "traffic light"], "a photo of a {}.", torch.randn(3, 4, d_t)),
+            ClassTexts(["apple"], "a sketch of a {}.", torch.randn(3, 4, d_t)),
+            ClassTexts(["dog", "cat"], "a photo of a {}.", torch.randn(2, 2, d_t)),
+            ClassTexts(["boat", "car", "bus", "tram", "bike"], "a {} in the city.", None),
+            ClassTexts(["dog", "cat", "traffic light"], "a photo of a {}.", torch.randn(3, 4, d_t))]
+    with torch.no_grad():
+        together = many_class_text_features(tiny_prompted, tiny.tokenizer, sets, max_rows=4)
+        alone = [class_text_features(tiny_prompted, tiny.tokenizer, s.classnames, s.template, s.prompts)
+                 for s in sets]
+    assert [t.shape for t in together] == [a.shape for a in alone]
+    assert max((t - a).abs().max().item() for t, a in zip(together, alone, strict=True)) <= 1e-5
+    assert (together[0] - together[4]).abs().max() > 1e-3  # same texts, other prompts: the prompts are per row

@@ -6,6 +6,7 @@ send requests one after another, so a test's metrics are the difference of its o
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 import time
 import zlib
@@ -302,14 +303,16 @@ def test_readyz_only_after_prompt_sets_and_warm_up(prompts_dir, tiny, tmp_path):
     async def scenario():
         async with serve(settings(prompts_dir), ready=False) as client:
             assert (await client.get("/healthz")).json() == {"status": "alive", "engine": "up"}
-            seen = []
+            seen, deadline = [], time.monotonic() + 60
             while (response := await client.get("/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, response.text
                 seen.append(response.json()["reason"])
                 refused = await classify(client, "clipart", image_bytes(7))
                 assert refused.status_code in (404, 503), refused.text  # tasks unknown yet, or not warmed up
                 await asyncio.sleep(0.005)
-            assert response.json() == {"ready": True, "reason": None, "tasks": 7}
-            assert set(seen) <= {"loading prompt sets and warming up"}
+            assert response.json() == {"ready": True, "reason": None, "tasks": 7,
+                                       "workers": {"serving": 1, "configured": 1}}
+            assert all(re.fullmatch(r"loading prompt sets( and warming up|: \d of 3)", r) for r in seen), seen
 
         # Warmed up but serving no task is not ready either; loading a set makes it ready.
         empty = tmp_path / "empty"

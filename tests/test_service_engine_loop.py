@@ -19,16 +19,19 @@ from helpers.service import settings as service_settings
 from mmap_model import Backbone, PromptedCLIP, class_text_features, load_backbone
 from service.core import InferenceCore
 from service.engine import Engine
+from service.engine_client import CatalogView
 from service.metrics import Metrics
 from service.transport import (
     Call,
     Catalog,
+    CatalogDelta,
     Hello,
     Infer,
     PixelRing,
     Reply,
     Results,
     Scored,
+    Sync,
     Welcome,
     decode_to_worker,
     encode,
@@ -83,7 +86,7 @@ def engine_loop(tiny, tmp_path: Path, slots: int = 8, backbone: Backbone | None 
             assert worker.poll(30_000)
             message = decode_to_worker(worker.recv())
             catalog = message.catalog if isinstance(message, Welcome) else message
-            if isinstance(catalog, Catalog) and catalog.ready:
+            if isinstance(catalog, Catalog | CatalogDelta) and catalog.ready:
                 break
         yield engine, worker, ring
     finally:
@@ -200,24 +203,65 @@ def test_an_admin_call_is_answered_between_batches_while_batches_stay_due(tiny, 
         assert reply_after is not None and reply_after < requests // 2, reply_after
 
 
-def test_every_registry_change_is_a_new_catalog_for_the_workers(tiny, tmp_path):
-    """Each published snapshot has a new serial, and the workers get the final state: the loop told snapshots
-    apart by id(), which missed a change whenever a freed snapshot's id came back (two changes between two
-    pushes; not reproducible on purpose here, so the serials are what this checks)."""
+def catalog_updates(worker: zmq.Socket, wait_ms: int = 2_000) -> list[Catalog | CatalogDelta]:
+    """The catalog messages the engine pushed until it fell silent for `wait_ms`."""
+    got = []
+    while worker.poll(wait_ms):
+        message = decode_to_worker(worker.recv())
+        if isinstance(message, Catalog | CatalogDelta):
+            got.append(message)
+    return got
+
+
+def synced(worker: zmq.Socket, view: CatalogView) -> Catalog | CatalogDelta:
+    """Ask the engine what changed since `view`'s generation (a worker's `Sync`); its answer."""
+    worker.send(encode(Sync(view.source, view.generation)))
+    return catalog_updates(worker)[-1]
+
+
+def test_every_registry_change_reaches_the_workers_as_a_delta(tiny, tmp_path):
+    """Each published snapshot has a new serial (an id() of a freed snapshot can come back, so the loop must not
+    tell them apart by it), and each change reaches the workers as a delta of what changed: applied in order, the
+    deltas give the final state, and a delta names only the tasks its change touched."""
     with engine_loop(tiny, tmp_path) as (engine, worker, ring):
+        catalog_updates(worker, 300)
+        view = CatalogView("")
+        full = synced(worker, view)  # a copy from nowhere: the whole catalog
+        assert isinstance(full, Catalog) and view.apply(full) and set(view.tasks) == set(OFFICE)
         registry, serials = engine.core.registry, [engine.core.registry.snapshot.serial]
         publish(make_set(tiny, "doodles", DOODLES, 2), tmp_path / "prompts")
+        deltas = []
         for change in (lambda: registry.load("doodles"), lambda: registry.unload("office"),
                        lambda: registry.load("office")):
             change()
             serials.append(registry.snapshot.serial)
+            deltas += catalog_updates(worker, 500)
         assert serials == list(range(serials[0], serials[0] + 4))
-        tasks: set[str] = set()
-        while worker.poll(2_000):  # the loop's pushes, the last with the final state
-            message = decode_to_worker(worker.recv())
-            if isinstance(message, Catalog):
-                tasks = {t.task for t in message.tasks}
-        assert tasks == set(OFFICE) | set(DOODLES)
+        assert deltas and all(isinstance(d, CatalogDelta) for d in deltas)
+        assert all(view.apply(d) for d in deltas)
+        assert set(view.tasks) == set(OFFICE) | set(DOODLES) and view.names == sorted(view.tasks)
+        assert {t.task for t in deltas[0].tasks} == set(DOODLES) and not deltas[0].removed
+        assert set(deltas[1].removed) == set(OFFICE) and not deltas[1].tasks
+
+
+def test_a_worker_that_missed_a_delta_gets_what_it_missed(tiny, tmp_path):
+    """A delta that does not follow the worker's copy is not applied; the worker's Sync gets the changes since its
+    copy (a delta from its generation), after which its copy equals a fresh one."""
+    with engine_loop(tiny, tmp_path) as (engine, worker, ring):
+        catalog_updates(worker, 300)
+        view = CatalogView("")
+        view.apply(synced(worker, view))
+        publish(make_set(tiny, "doodles", DOODLES, 2), tmp_path / "prompts")
+        engine.core.registry.load("doodles")
+        missed = catalog_updates(worker, 500)  # lost on the way
+        engine.core.registry.unload("office")
+        (after,) = catalog_updates(worker, 500)
+        assert missed and not view.apply(after), "a delta that skips a generation must not be applied"
+        answer = synced(worker, view)
+        assert isinstance(answer, CatalogDelta) and answer.base == missed[0].base
+        assert view.apply(answer) and set(view.tasks) == set(DOODLES)
+        assert {t.task: t.version for t in synced(worker, CatalogView("")).tasks} == {
+            t: i.version for t, i in view.tasks.items()}
 
 
 def test_a_batch_still_on_the_device_when_the_engine_stops_is_answered(tiny, tmp_path):

@@ -116,6 +116,7 @@ def test_a_worker_killed_with_9_is_replaced_while_the_other_serves(prompts_dir):
             stop.set()
             await asyncio.gather(*loops)
             served_by = Counter()
+            print("DEBUG", (await client.get("/readyz")).json(), worker_pids(client), old)
             async with httpx.AsyncClient(base_url=base, timeout=30, limits=FRESH) as fresh:
                 for i in range(40):
                     served_by[(await classify(fresh, "clipart", image_bytes(i % 3))).headers[WORKER_HEADER]] += 1

@@ -43,8 +43,8 @@ from service import (
     transport,  # its encoder and decoder by module: the deployments are pickled by value
 )
 from service.app import create_app
-from service.engine_client import EngineUnavailable, InferenceTimeout, failure
-from service.transport import Catalog, Embedded, EngineInfo, Failed, Reply, Scored, TaskInfo
+from service.engine_client import CatalogView, EngineUnavailable, InferenceTimeout, failure
+from service.transport import Embedded, EngineInfo, Failed, Reply, Scored, TaskInfo
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,6 @@ class MmapEngine:
         self.core.ready = True
         self.infer.set_max_batch_size(self.settings.max_batch_size)
         self.infer.set_batch_wait_timeout_s(self.settings.max_wait_ms / 1000)
-        self._generation, self._state = 0, None
         if self.settings.watch_interval_s > 0:
             threading.Thread(target=self._watch, name="watch-prompts", daemon=True).start()
 
@@ -109,11 +108,10 @@ class MmapEngine:
     async def engine_info(self) -> bytes:
         return msgspec.json.encode(self.core.info("ray"))
 
-    async def catalog(self) -> bytes:
-        state = (self.core.registry.snapshot.serial, self.core.ready, self.core.failure)
-        if state != self._state:
-            self._state, self._generation = state, self._generation + 1
-        return transport.encode(self.core.catalog(self._generation))
+    async def catalog(self, source: str, generation: int) -> bytes:
+        """What changed since `generation` of this replica's catalog `source` (else the whole catalog)."""
+        self.core.feed.advance()
+        return transport.encode(self.core.feed.since(source, generation))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
     async def infer(self, requests: list[tuple[np.ndarray, str, int, list[str] | None, bool]]) -> list[bytes]:
@@ -129,6 +127,7 @@ class MmapEngine:
                 admitted.append(item)
         for item, answer in zip(admitted, self.core.score(admitted), strict=True):
             answers[item.request] = answer
+        self.core.reclaim([])  # one batch at a time: nothing admitted earlier is still in use
         return [transport.encode(a) for a in answers]
 
     async def call(self, op: str, args: dict[str, str]) -> bytes:
@@ -151,8 +150,7 @@ class RayEngineClient:
         self.engine = engine
         self.worker = replica
         self.info: EngineInfo | None = None
-        self.catalog = Catalog(generation=-1, ready=False, reason="connecting to the engine", tasks=[])
-        self.tasks: dict[str, TaskInfo] = {}
+        self.catalog = CatalogView("connecting to the engine")
         self.down = True
         self._refresh: asyncio.Task | None = None
 
@@ -162,9 +160,17 @@ class RayEngineClient:
         self._refresh = asyncio.create_task(self._follow(), name="catalog")
         return self
 
+    @property
+    def tasks(self) -> dict[str, TaskInfo]:
+        return self.catalog.tasks
+
     async def _fetch_catalog(self) -> None:
-        catalog = transport.decode_to_worker(await self.engine.catalog.remote())
-        self.catalog, self.tasks, self.down = catalog, {t.task: t for t in catalog.tasks}, False
+        """What changed since this copy; the whole catalog when that replica cannot say (another replica's)."""
+        update = transport.decode_to_worker(await self.engine.catalog.remote(self.catalog.source,
+                                                                           self.catalog.generation))
+        if not self.catalog.apply(update):
+            self.catalog.apply(transport.decode_to_worker(await self.engine.catalog.remote("", -1)))
+        self.down = False
 
     async def _follow(self) -> None:
         while True:
