@@ -237,25 +237,39 @@ class TokenizedTexts:
     groups: list[tuple[list[int], Tensor, Tensor, Tensor | None, int | None]]  # members, tokens, owner, prompts, X id
 
 
-def tokenize_class_texts(tokenizer, sets: Sequence[ClassTexts]) -> TokenizedTexts:
+def tokenize_class_texts(tokenizer, sets: Sequence[ClassTexts], tokens: Sequence[Tensor] | None = None
+                         ) -> TokenizedTexts:
     """The tokenizer's part of `many_class_text_features` (pure Python, the larger share of its time for a small
-    text tower: it can run on another thread while forwards run). A text that recurs (a class name shared by
-    tasks with one template) is tokenized once."""
+    text tower), grouped for `encode_class_texts`. `tokens`: each set's token rows, as `class_text_tokens` gives
+    them (computed elsewhere, e.g. in another process), else computed here."""
+    if tokens is None:
+        tokens = class_text_tokens(tokenizer, [text_key(item) for item in sets])
     by_shape: dict[tuple[int, ...] | None, list[int]] = {}
     for i, item in enumerate(sets):
         by_shape.setdefault(None if item.prompts is None else tuple(item.prompts.shape), []).append(i)
     groups = []
     for shape, members in by_shape.items():
         m = 0 if shape is None else shape[1]
-        texts = [text for i in members for text in prompt_texts(sets[i].classnames, sets[i].template, m)]
-        unique = list(dict.fromkeys(texts))
-        where = {text: row for row, text in enumerate(unique)}
-        tokens = tokenizer(unique)[torch.tensor([where[text] for text in texts])]
         owner = torch.tensor([k for k, i in enumerate(members) for _ in sets[i].classnames])
         stacked = None if shape is None else torch.stack([sets[i].prompts for i in members])
         placeholder = int(tokenizer([PLACEHOLDER])[0, 1]) if m else None  # [SOS, X, EOT, ...] with a start token
-        groups.append((members, tokens, owner, stacked, placeholder))
+        groups.append((members, torch.cat([tokens[i] for i in members]), owner, stacked, placeholder))
     return TokenizedTexts([len(item.classnames) for item in sets], groups)
+
+
+def text_key(item: ClassTexts) -> tuple[Sequence[str], str, int]:
+    """What a set's token rows depend on: class names, template, number of text-prompt tokens."""
+    return item.classnames, item.template, 0 if item.prompts is None else item.prompts.shape[-2]
+
+
+def class_text_tokens(tokenizer, keys: Sequence[tuple[Sequence[str], str, int]]) -> list[Tensor]:
+    """Token rows [C_i, L] of each (class names, template, prompt tokens); a text that recurs (a class name shared
+    by tasks with one template) is tokenized once."""
+    texts = [prompt_texts(classnames, template, m) for classnames, template, m in keys]
+    unique = list(dict.fromkeys(text for rows in texts for text in rows))
+    where = {text: row for row, text in enumerate(unique)}
+    tokens = tokenizer(unique)
+    return [tokens[torch.tensor([where[text] for text in rows])] for rows in texts]
 
 
 def encode_class_texts(model: PromptedCLIP, texts: TokenizedTexts, max_rows: int = 512) -> list[Tensor]:

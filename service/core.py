@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 
 from mmap_model import Backbone, PromptedCLIP, PromptSetError, class_text_features
 from mmap_model.prompts import check_name
@@ -97,7 +98,8 @@ class _Forward:
         answers: list[Scored | Embedded] = [None] * len(self.items)  # type: ignore[list-item]
         for rows, scores, labels in self.scored:
             for row, row_scores, row_labels in zip(rows, scores.tolist(), labels.tolist(), strict=True):
-                item, n = self.items[row], min(self.items[row].top_k, len(row_scores))
+                item = self.items[row]
+                n = min(item.top_k, len(item.classes))
                 h = item.handle
                 answers[row] = Scored(item.request, h.task, h.version, h.prompt_set, h.method,
                                       [item.classes[i] for i in row_labels[:n]], row_scores[:n])
@@ -319,24 +321,38 @@ class InferenceCore:
                         pixels[row] = item.pixels
             prompts = None if bank is None else bank.tensor[_index([i.slot.index for i in items], bank.tensor.device)]
             features = self.tower(self.normalize(pixels), prompts).to(self.backbone.device)
-            rows_of: dict[int, list[int]] = {}
-            for row, item in enumerate(items):
-                rows_of.setdefault(id(item.text), []).append(row)
             forward = _Forward(items)
-            for rows in rows_of.values():
-                first = items[rows[0]]
-                index = _index(rows, features.device)
-                if first.text is None:
-                    forward.embedded.append((rows, _to_host(features[index].float())))
-                    continue
-                probs = (self.logit_scale * features[index] @ first.text.T).softmax(dim=-1)
-                k = min(max(items[r].top_k for r in rows), len(first.classes))
-                scores, labels = probs.topk(k)
-                forward.scored.append((rows, _to_host(scores), _to_host(labels)))
+            embedded = [row for row, item in enumerate(items) if item.text is None]
+            if embedded:
+                forward.embedded.append((embedded, _to_host(features[_index(embedded, features.device)].float())))
+            scored = [row for row, item in enumerate(items) if item.text is not None]
+            if scored:
+                scores, labels = self._top(features[_index(scored, features.device)], [items[r] for r in scored])
+                forward.scored.append((scored, _to_host(scores), _to_host(labels)))
             if features.device.type == "cuda":
                 forward.copied = torch.cuda.Event()
                 forward.copied.record()
         return forward
+
+    def _top(self, features: Tensor, items: list[Pending]) -> tuple[Tensor, Tensor]:
+        """Each row's top-k probabilities and class indices over its own class texts (its task's, or its caller's
+        labels): one product when every row has the same texts, else one batched product over the texts padded
+        to the most classes, whatever the number of tasks in the batch (the padding scores -inf: it comes last
+        and takes no probability)."""
+        texts = {id(item.text): item.text for item in items}
+        k = max(min(item.top_k, len(item.classes)) for item in items)
+        if len(texts) == 1:
+            logits = self.logit_scale * features @ items[0].text.T
+        else:
+            group = {key: g for g, key in enumerate(texts)}
+            padded = pad_sequence(list(texts.values()), batch_first=True)  # [G, C_max, D]
+            sizes = _index([len(t) for t in texts.values()], features.device)
+            which = _index([group[id(item.text)] for item in items], features.device)
+            logits = self.logit_scale * torch.bmm(padded[which], features.unsqueeze(-1)).squeeze(-1)
+            padding = torch.arange(padded.shape[1], device=features.device) >= sizes[which].unsqueeze(-1)
+            logits = logits.masked_fill(padding, float("-inf"))
+        labels = logits.topk(k).indices
+        return logits.softmax(dim=-1).gather(1, labels), labels
 
     def warm_up(self) -> None:
         """One forward per prompt bank (and one unprompted), off the metrics: first-call costs go here."""

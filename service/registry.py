@@ -222,8 +222,8 @@ class Registry:
     def _apply(self, names: list[str], removed: list[str]) -> dict[str, LoadedSet]:
         """Read and embed the sets `names` (SETS_PER_STEP at a time), then publish them and the removal of
         `removed` in one snapshot; a set that fails is reported and its old version keeps serving. Holds the
-        lock. (Reading and tokenizing on other threads while the text tower runs was measured slower on two
-        cores: the forward's operations then wait for the GIL.)"""
+        lock. (Reading and tokenizing on another thread, or in another process, while the text tower ran was
+        measured slower on two cores: docs/architecture.md, "Many tasks".)"""
         loaded: dict[str, LoadedSet] = {}
         steps = [names[i:i + SETS_PER_STEP] for i in range(0, len(names), SETS_PER_STEP)]
         for k, step in enumerate(steps):
