@@ -27,6 +27,8 @@ from open_clip.transformer import text_global_pool
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .tokens import tokenize
+
 PLACEHOLDER = "X"
 
 
@@ -268,7 +270,7 @@ def class_text_tokens(tokenizer, keys: Sequence[tuple[Sequence[str], str, int]])
     texts = [prompt_texts(classnames, template, m) for classnames, template, m in keys]
     unique = list(dict.fromkeys(text for rows in texts for text in rows))
     where = {text: row for row, text in enumerate(unique)}
-    tokens = tokenizer(unique)
+    tokens = tokenize(tokenizer, unique)
     return [tokens[torch.tensor([where[text] for text in rows])] for rows in texts]
 
 

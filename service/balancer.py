@@ -143,7 +143,7 @@ class Balancer:
             except OSError:  # e.g. the peer reset before accept, or out of descriptors: nothing to hand
                 break
             self._waiting.append(connection)
-        self._hand_waiting(takers)
+        self._hand_waiting(self._takers())  # again: a worker may have started taking during the wait
 
     def close(self) -> None:
         """Stop accepting; connections not yet handed are closed (as a listening socket's backlog would be)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import random
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from mmap_model import (
     many_class_text_features,
     prompt_texts,
 )
+from mmap_model.tokens import PLAIN, tokenize
 
 TEXTS = ["a photo of a dog.", "a sketch of a traffic light on a table.", "X X X X cat."]
 
@@ -222,3 +224,17 @@ def test_many_class_text_sets_in_shared_forwards_equal_one_forward_each(tiny, ti
     assert [t.shape for t in together] == [a.shape for a in alone]
     assert max((t - a).abs().max().item() for t, a in zip(together, alone, strict=True)) <= 1e-5
     assert (together[0] - together[4]).abs().max() > 1e-3  # same texts, other prompts: the prompts are per row
+
+
+def test_plain_ascii_texts_tokenize_as_open_clip_does(tiny):
+    """The tokenizer's fast path for plain ASCII (no ftfy, no html.unescape) gives open_clip's tokens for texts
+    that probe each step it keeps (case, runs of spaces, punctuation runs, digits, contractions, special-token
+    text, truncation at the context length), and texts it must leave to the tokenizer give them too."""
+    rng = random.Random(0)
+    alphabet = "abcXYZ019 .,-'!?()<>/_:;\"`~@#$%^*+=[]{}|\\"
+    texts = ["X X X X a photo of a Traffic  Light.", "  leading and trailing  ", "don't it's we're I'll",
+             "<start_of_text> the <end_of_text>", "a 1x1000 strip...!!", "C-3PO & R2-D2", "café", "tab\there",
+             "line\nbreak", "&amp; entity", "ｆｕｌｌ width", "word " * 100, ""]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 40))) for _ in range(300)]
+    assert torch.equal(tokenize(tiny.tokenizer, texts), tiny.tokenizer(texts))
+    assert sum(bool(PLAIN.fullmatch(t)) for t in texts) > 250  # the fast path was taken, not only the fallback
