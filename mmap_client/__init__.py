@@ -150,9 +150,13 @@ class _Api:
         return self._call(_Call("POST", "/embed", _embedding, {} if task is None else {"task": task}, _files([image]),
                                 headers=headers))
 
-    def tasks(self) -> Any:
-        """Every served task: classes, prompt set, version, method, model card."""
-        return self._call(_Call("GET", "/tasks", lambda r: _json(r)["tasks"]))
+    def tasks(self, *, prefix: str = "", after: str = "", limit: int = 10_000) -> Any:
+        """Served tasks in name order (classes, prompt set, version, method, model card): those whose names start
+        with `prefix`, after the task `after`, at most `limit` (the service answers at most 10,000 at a time: for
+        more, ask again with `after` set to the last name)."""
+        return self._call(_Call("GET", "/tasks", lambda r: _json(r)["tasks"],
+                                {"limit": limit, **({"prefix": prefix} if prefix else {}),
+                                 **({"after": after} if after else {})}))
 
     def task(self, task: str) -> Any:
         return self._call(_Call("GET", f"/tasks/{task}", _json))

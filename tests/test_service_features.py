@@ -320,6 +320,8 @@ def test_the_python_client_covers_the_api(server, tmp_path):
         binary, as_json = mmap.embed(path, task="clipart"), mmap.embed(path, task="clipart", binary=False)
         assert np.allclose(np.asarray(binary.vector), as_json.vector, atol=1e-7) and as_json.task == "clipart"
         assert [t["task"] for t in mmap.tasks()] == sorted([*OFFICE, *DOODLES])
+        assert [t["task"] for t in mmap.tasks(after="product", limit=1)] == ["quickdraw"]
+        assert [t["task"] for t in mmap.tasks(prefix="s")] == ["sketch"]
         assert mmap.task("sketch")["classes"] == DOODLES["sketch"].classnames
         assert mmap.version()["model"] == "mmap-tiny"
         with pytest.raises(MmapError) as refused:
