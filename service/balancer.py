@@ -2,16 +2,17 @@
 
 When every worker accepts on one shared listening socket, whichever is awake when connections
 arrive takes most of them (one of four workers answered 85-100 % of a wrk run: docs/benchmarks.md,
-"Worker balance"). So the launcher alone accepts, and hands each new connection to the worker that
-holds the fewest open connections (those within one of the fewest take turns), as a file descriptor
-over a Unix socket (SCM_RIGHTS), much as Node's cluster module spreads connections. A worker serves what it is handed
-with uvicorn exactly as what it would have accepted (worker.py).
+"Worker balance"). So the launcher alone accepts, and hands the connections to the workers in turn,
+each as a file descriptor over a Unix socket (SCM_RIGHTS), as Node's cluster module does by
+default. A worker serves what it is handed with uvicorn exactly as what it would have accepted
+(worker.py).
 
-- Open connections per worker = handed to it (counted by the launcher) - closed by it (counted by
-  the worker in a shared counter page). Each counter has one writer: no locks.
-- A worker takes connections only once it says so (its pid in the counter page, written when its
-  app is up) and until it drains; connections arriving while none can take them wait in the
-  listening socket's backlog.
+- In turn, not "fewest open connections": that count lags (a worker counts a connection closed when
+  its loop gets to it), and a burst of new connections arriving while the old ones close was measured
+  to split 73/27 over two workers; in turn splits any burst evenly, whatever is open.
+- A worker takes connections only once it says so (its pid in a shared page, a memfd, written when
+  its app is up) and until it drains; connections arriving while none can take them wait in the
+  listening socket's backlog. A worker whose channel is full (it stopped reading) is passed over.
 - Each worker index has one socket pair, held by the launcher for the life of the service. When a
   worker dies, what was handed to it but not yet received is taken back and handed to the others,
   so replacing a worker loses no connection it had not started to serve.
@@ -28,45 +29,34 @@ import time
 from collections import deque
 
 CONNECTIONS_FD_ENV = "MMAP_CONNECTIONS_FD"  # a worker's end of its socket pair with the launcher
-COUNTERS_FD_ENV = "MMAP_COUNTERS_FD"  # the counter page (memfd) every worker writes its own row of
+TAKERS_FD_ENV = "MMAP_TAKERS_FD"  # the page (memfd) where each worker says that it takes connections
 MAX_ACCEPTS = 256  # connections accepted in one turn before the launcher looks at its workers again
-_FIELDS = 2  # per worker: [connections closed, pid while it takes connections (else 0)]
 
 
-class Counters:
-    """The shared counter page: one row of int64 per worker index."""
+class Takers:
+    """The shared page: per worker index, the pid of the process that takes connections for it now (else 0).
+    Each entry has one writer at a time (the worker; the launcher before it starts one): no lock."""
 
     def __init__(self, fd: int, workers: int):
         self.fd = fd
-        self._map = mmap.mmap(fd, max(1, workers) * _FIELDS * 8)
-        self._values = memoryview(self._map).cast("q")
+        self._map = mmap.mmap(fd, max(1, workers) * 8)
+        self._pids = memoryview(self._map).cast("q")
 
     @classmethod
-    def create(cls, workers: int) -> Counters:
-        fd = os.memfd_create("mmap-serve-connections", 0)
-        os.ftruncate(fd, max(1, workers) * _FIELDS * 8)
+    def create(cls, workers: int) -> Takers:
+        fd = os.memfd_create("mmap-serve-takers", 0)
+        os.ftruncate(fd, max(1, workers) * 8)
         return cls(fd, workers)
 
-    def closed(self, index: int) -> int:
-        return self._values[index * _FIELDS]
+    def pid(self, index: int) -> int:
+        return self._pids[index]
 
-    def add_closed(self, index: int) -> None:
-        self._values[index * _FIELDS] += 1
+    def set(self, index: int, pid: int) -> None:
+        self._pids[index] = pid
 
-    def taker(self, index: int) -> int:
-        """The pid of the worker process that takes connections for `index` now, else 0."""
-        return self._values[index * _FIELDS + 1]
-
-    def set_taker(self, index: int, pid: int) -> None:
-        self._values[index * _FIELDS + 1] = pid
-
-    def takers(self) -> int:
+    def count(self) -> int:
         """How many worker indices take connections now."""
-        return sum(1 for i in range(1, len(self._values), _FIELDS) if self._values[i])
-
-    def reset(self, index: int) -> None:
-        self._values[index * _FIELDS] = 0
-        self._values[index * _FIELDS + 1] = 0
+        return sum(1 for pid in self._pids if pid)
 
 
 def receive(channel: socket.socket) -> list[socket.socket] | None:
@@ -83,31 +73,29 @@ def receive(channel: socket.socket) -> list[socket.socket] | None:
 
 
 class Balancer:
-    """The launcher's side: accept on `listener`, hand each connection to the least-loaded worker that takes them."""
+    """The launcher's side: accept on `listener`, hand the connections in turn to the workers that take them."""
 
     def __init__(self, listener: socket.socket, workers: int):
         self.listener = listener
         listener.setblocking(False)
-        self.counters = Counters.create(workers)
+        self.takers = Takers.create(workers)
         self.channels = [socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET) for _ in range(workers)]
         for ours, theirs in self.channels:
             ours.setblocking(False)
             theirs.setblocking(False)  # (shared with the worker's copy) the launcher drains it when a worker dies
-        self.handed = [0] * workers
         self.pids = [0] * workers  # the live process of each index (0: none)
-        self._turn = 0
+        self._turn = -1  # the index that got the last one
         self._waiting: deque[socket.socket] = deque()  # accepted, not yet handed (every channel was full)
         self._selector = selectors.DefaultSelector()
         self._selector.register(listener, selectors.EVENT_READ)
 
     def worker_fds(self, index: int) -> dict[str, int]:
         """The descriptors a worker process inherits, by the environment variable that names each."""
-        return {CONNECTIONS_FD_ENV: self.channels[index][1].fileno(), COUNTERS_FD_ENV: self.counters.fd}
+        return {CONNECTIONS_FD_ENV: self.channels[index][1].fileno(), TAKERS_FD_ENV: self.takers.fd}
 
     def starting(self, index: int) -> None:
-        """Before a worker process for `index` is started: its counters from zero."""
-        self.counters.reset(index)
-        self.handed[index] = 0
+        """Before a worker process for `index` is started: it takes nothing until it says so."""
+        self.takers.set(index, 0)
 
     def started(self, index: int, pid: int) -> None:
         """The worker process for `index` runs: it takes connections once it writes its pid."""
@@ -116,20 +104,16 @@ class Balancer:
     def died(self, index: int) -> None:
         """The worker of `index` is gone: what it had not received goes to the others."""
         self.pids[index] = 0
-        self.starting(index)
+        self.takers.set(index, 0)
         left = receive(self.channels[index][1]) or []
         self._waiting.extendleft(reversed(left))
 
-    def open_connections(self, index: int) -> int:
-        return self.handed[index] - self.counters.closed(index)
-
     def serve(self, timeout_s: float) -> None:
         """Wait up to `timeout_s` for connections and hand out what arrives (and what was waiting)."""
-        takers = self._takers()
-        if not takers:  # nobody to hand to: connections wait in the backlog
+        if not self._taking():  # nobody to hand to: connections wait in the backlog
             time.sleep(timeout_s)
             return
-        self._hand_waiting(takers)
+        self._hand_waiting()
         if self._waiting:  # every channel full: leave new ones in the backlog
             time.sleep(min(timeout_s, 0.01))
             return
@@ -143,7 +127,7 @@ class Balancer:
             except OSError:  # e.g. the peer reset before accept, or out of descriptors: nothing to hand
                 break
             self._waiting.append(connection)
-        self._hand_waiting(self._takers())  # again: a worker may have started taking during the wait
+        self._hand_waiting()
 
     def close(self) -> None:
         """Stop accepting; connections not yet handed are closed (as a listening socket's backlog would be)."""
@@ -155,29 +139,23 @@ class Balancer:
             ours.close()
             theirs.close()
         with contextlib.suppress(OSError):
-            os.close(self.counters.fd)
+            os.close(self.takers.fd)
 
-    def _takers(self) -> list[int]:
-        return [i for i, pid in enumerate(self.pids) if pid and self.counters.taker(i) == pid]
+    def _taking(self) -> list[int]:
+        return [i for i, pid in enumerate(self.pids) if pid and self.takers.pid(i) == pid]
 
-    def _hand_waiting(self, takers: list[int]) -> None:
-        while self._waiting:
+    def _hand_waiting(self) -> None:
+        taking = self._taking()  # read now: a worker may have started taking during the wait
+        while self._waiting and taking:
             connection = self._waiting[0]
-            for index in self._by_load(takers):
+            start = next((k for k, i in enumerate(taking) if i > self._turn), 0)
+            for index in taking[start:] + taking[:start]:  # in turn after the last one
                 try:
                     socket.send_fds(self.channels[index][0], [b"c"], [connection.fileno()])
                 except (BlockingIOError, InterruptedError):  # this worker's channel is full: the next one
                     continue
-                self.handed[index] += 1
                 self._turn = index
                 break
             else:
                 return
             self._waiting.popleft().close()  # the worker holds its own copy now
-
-    def _by_load(self, takers: list[int]) -> list[int]:
-        """Takers, fewest open connections first; those within one of the fewest take turns after the last one
-        chosen (an idle keep-alive connection, a health checker's, must not send every new one elsewhere)."""
-        n, load = len(self.pids), {i: self.open_connections(i) for i in takers}
-        least = min(load.values())
-        return sorted(takers, key=lambda i: (max(load[i], least + 1), (i - self._turn - 1) % n))

@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -37,9 +36,8 @@ def _error_response(status: str, error: str, detail: str) -> bytes:
             "retry-after: 1\r\nconnection: close\r\n\r\n").encode() + body
 
 
-def bounded_protocol(limit: int, closed: Callable[[], None] = lambda: None) -> type[HttpToolsProtocol]:
-    """The httptools protocol class of a worker that holds at most `limit` connections (uvicorn's `http=`);
-    `closed()` is called as each connection ends (the launcher's count of the worker's open connections)."""
+def bounded_protocol(limit: int) -> type[HttpToolsProtocol]:
+    """The httptools protocol class of a worker that holds at most `limit` connections (uvicorn's `http=`)."""
     refusal = _error_response("503 Service Unavailable", "too_many_connections",
                               f"this worker holds its limit of {limit} open connections; retry")
 
@@ -61,10 +59,6 @@ def bounded_protocol(limit: int, closed: Callable[[], None] = lambda: None) -> t
         def data_received(self, data: bytes) -> None:
             if not self.refused:
                 super().data_received(data)
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            super().connection_lost(exc)
-            closed()
 
     return BoundedHttpToolsProtocol
 

@@ -5,7 +5,7 @@
    runtime directory; it then writes its `EngineInfo` on a pipe. A failure there ends the launcher
    with the engine's reason and exit status 1.
 3. `workers` HTTP worker processes (worker.py) start; the launcher accepts on the listening socket
-   and hands each connection to the worker holding the fewest (balancer.py).
+   and hands the connections to the workers in turn (balancer.py).
 4. Supervision: a worker that dies is replaced (the others keep serving; a worker that keeps dying
    at start is restarted with a growing delay). If the engine dies, the workers have already
    answered 503 to what they held; the launcher stops them and exits 1 within a few seconds, so an

@@ -13,6 +13,7 @@ rather than a whole interval later.
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
 import time
 from dataclasses import dataclass
@@ -43,16 +44,12 @@ def dir_state(path: Path) -> DirState | None:
         return f"unreadable: {e}", None, None
 
 
-def _stamp(path: Path) -> Stamp:
+def _stamp(path: str) -> Stamp:
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError:  # missing or unreadable: loading it reports which
         return None
     return st.st_mtime_ns, st.st_size
-
-
-def _stamps(path: Path) -> tuple[Stamp, Stamp]:
-    return _stamp(path / CONFIG_FILE), _stamp(path / WEIGHTS_FILE)
 
 
 @dataclass
@@ -86,20 +83,23 @@ class DirectoryWatcher:
         self._pending: dict[str, _Pending] = {}
         self._known: dict[str, tuple[tuple[Stamp, Stamp], DirState | None]] = {}  # stamps -> state read for them
 
-    def state(self, path: Path) -> DirState | None:
-        """The set's state, its config hashed again only when the stamps of its files changed."""
-        stamps = _stamps(path)
-        known = self._known.get(path.name)
+    def state(self, directory: Path | str, name: str) -> DirState | None:
+        """The state of set `name` in `directory`, its config hashed again only when the stamps of its files
+        changed. (Plain strings: a poll looks at every set, and pathlib costs more than the two `stat`s.)"""
+        path = os.path.join(directory, name)
+        stamps = _stamp(os.path.join(path, CONFIG_FILE)), _stamp(os.path.join(path, WEIGHTS_FILE))
+        known = self._known.get(name)
         if known is not None and known[0] == stamps and stamps[0] is not None:
             return known[1]
-        state = dir_state(path)
-        self._known[path.name] = (stamps, state)
+        state = dir_state(Path(path))
+        self._known[name] = (stamps, state)
         return state
 
     def poll(self, directory: Path, names: list[str], now: float) -> Changes:
         """Compare the sets `names` of `directory` with what was applied; return the settled changes."""
         wall_ns = time.time_ns()
-        current = {n: st for n in names if (st := self.state(directory / n)) is not None}
+        root = str(directory)
+        current = {n: st for n in names if (st := self.state(root, n)) is not None}
         for gone in set(self._known) - set(names):
             del self._known[gone]
         load, remove, due = {}, [], float("inf")

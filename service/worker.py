@@ -19,7 +19,7 @@ import sys
 import uvicorn
 
 from .app import create_app
-from .balancer import CONNECTIONS_FD_ENV, COUNTERS_FD_ENV, Counters, receive
+from .balancer import CONNECTIONS_FD_ENV, TAKERS_FD_ENV, Takers, receive
 from .engine_client import EngineClient
 from .http_edge import RequestEdge, bounded_protocol
 from .logs import configure_logging
@@ -37,10 +37,10 @@ class HandedConnections(uvicorn.Server):
     Each one gets uvicorn's own HTTP protocol, as an accepted connection would; the worker says it takes
     connections once its app has started, and stops taking them when it drains."""
 
-    def __init__(self, config: uvicorn.Config, channel: socket.socket, counters: Counters, index: int):
+    def __init__(self, config: uvicorn.Config, channel: socket.socket, takers: Takers, index: int):
         super().__init__(config)
         self.channel = channel
-        self.counters = counters
+        self.takers = takers
         self.index = index
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -49,7 +49,7 @@ class HandedConnections(uvicorn.Server):
             return
         self.channel.setblocking(False)
         asyncio.get_running_loop().add_reader(self.channel.fileno(), self._take)
-        self.counters.set_taker(self.index, os.getpid())
+        self.takers.set(self.index, os.getpid())
 
     def _take(self) -> None:
         loop = asyncio.get_running_loop()
@@ -64,17 +64,16 @@ class HandedConnections(uvicorn.Server):
     async def _open(self, connection: socket.socket) -> None:
         try:
             await asyncio.get_running_loop().connect_accepted_socket(self._protocol, connection)
-        except OSError as e:  # gone before it could be served: closed, and counted closed
+        except OSError as e:  # gone before it could be served
             log.debug("a connection handed over could not be served: %s", e)
             connection.close()
-            self.counters.add_closed(self.index)
 
     def _protocol(self) -> asyncio.Protocol:
         return self.config.http_protocol_class(config=self.config, server_state=self.server_state,
                                                app_state=self.lifespan.state)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.counters.set_taker(self.index, 0)
+        self.takers.set(self.index, 0)
         asyncio.get_running_loop().remove_reader(self.channel.fileno())
         await super().shutdown()
 
@@ -85,18 +84,18 @@ def main() -> None:
     configure_logging(settings.log_level, settings.log_format, f"worker {index}")
     info = engine_info_from_json(os.environ[ENGINE_INFO_ENV])
     channel = socket.socket(fileno=int(os.environ[CONNECTIONS_FD_ENV]))
-    counters = Counters(int(os.environ[COUNTERS_FD_ENV]), settings.workers)
+    takers = Takers(int(os.environ[TAKERS_FD_ENV]), settings.workers)
 
     async def connect() -> EngineClient:
         client = EngineClient(info, index, settings.worker_slots, int(os.environ[LAUNCHER_PID_ENV]))
         await client.start(CONNECT_TIMEOUT_S)
         return client
 
-    protocol = bounded_protocol(settings.max_connections, lambda: counters.add_closed(index))
-    config = uvicorn.Config(RequestEdge(create_app(settings, connect, counters.takers)), http=protocol, log_config=None,
+    config = uvicorn.Config(RequestEdge(create_app(settings, connect, takers.count)),
+                            http=bounded_protocol(settings.max_connections), log_config=None,
                             log_level=settings.log_level, access_log=settings.access_log,
                             timeout_graceful_shutdown=settings.drain_timeout_s, lifespan="on")
-    server = HandedConnections(config, channel, counters, index)
+    server = HandedConnections(config, channel, takers, index)
     server.run()
     logging.shutdown()
     sys.stdout.flush()
