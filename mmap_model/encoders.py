@@ -23,13 +23,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from open_clip.model import CLIP, CustomTextCLIP
-from open_clip.transformer import text_global_pool
+from open_clip.transformer import ResidualAttentionBlock, text_global_pool
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .tokens import tokenize
 
 PLACEHOLDER = "X"
+EXPLICIT_ATTENTION_MAX_LENGTH = 40  # text rows up to this long attend by explicit products on the CPU (_text_block)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,53 @@ def _run_block(transformer: nn.Module, block: nn.Module, x: Tensor, mask: Tensor
     if getattr(transformer, "grad_checkpointing", False) and torch.is_grad_enabled():
         return checkpoint(block, x, attn_mask=mask, use_reentrant=False)
     return block(x, attn_mask=mask)
+
+
+def _plain_block(transformer: nn.Module, block: nn.Module) -> bool:
+    """open_clip's own self-attention block (torch's MultiheadAttention, batch first, packed projections, no
+    attention dropout), run without grad checkpointing: `_text_block` computes what it computes."""
+    attn = getattr(block, "attn", None)
+    return (type(block) is ResidualAttentionBlock and not hasattr(block, "ln_1_kv")
+            and isinstance(attn, nn.MultiheadAttention) and attn.batch_first and attn._qkv_same_embed_dim
+            and attn.in_proj_bias is not None and attn.bias_k is None and not attn.add_zero_attn
+            and (attn.dropout == 0 or not attn.training)
+            and not (getattr(transformer, "grad_checkpointing", False) and torch.is_grad_enabled()))
+
+
+def _text_block(block: nn.Module, x: Tensor, mask: Tensor, at: Tensor | None = None) -> Tensor:
+    """`block(x, attn_mask=mask)` for a `_plain_block` of the causal text tower, [N, L, d].
+
+    With `at` ([N], the position of each row that is pooled; the last block) only that position is computed,
+    [N, 1, d]: under the causal mask it reads the other positions' keys and values, but nothing reads its
+    output in the same block, so their queries, attention, output projection and MLP are skipped (the last
+    block at about a third of its cost). On the CPU, for rows of at most EXPLICIT_ATTENTION_MAX_LENGTH tokens
+    (class texts are ~10-30), the attention is written as its products, which torch's fused CPU kernel with a
+    mask took 1.4-3.6x as long as at 16-40 tokens (it wins at 77; measured on the 2-core dev box at the
+    embedded model's and ViT-B's head widths); elsewhere that kernel runs. The arithmetic is
+    MultiheadAttention's; results agree to float rounding (tests/test_encoders.py)."""
+    attn = block.attn
+    n, length, d = x.shape
+    heads = attn.num_heads
+    h = block.ln_1(x)
+    if at is None:
+        q, k, v = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(n, length, 3, heads, -1).unbind(2)
+        rows_mask = mask  # [L, L]
+    else:
+        rows = torch.arange(n, device=x.device)
+        x, h_at = x[rows, at].unsqueeze(1), h[rows, at].unsqueeze(1)
+        q = F.linear(h_at, attn.in_proj_weight[:d], attn.in_proj_bias[:d]).view(n, 1, heads, -1)
+        k, v = F.linear(h, attn.in_proj_weight[d:], attn.in_proj_bias[d:]).view(n, length, 2, heads, -1).unbind(2)
+        rows_mask = mask[at].view(n, 1, 1, length)  # each row's line of the causal mask, for every head
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [N, heads, L or 1, d / heads]
+    rows_mask = rows_mask.to(q.dtype)
+    if q.device.type == "cpu" and length <= EXPLICIT_ATTENTION_MAX_LENGTH:
+        weights = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2) + rows_mask, dim=-1)
+        out = weights @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, rows_mask)
+    out = attn.out_proj(out.transpose(1, 2).reshape(n, q.shape[2], d))
+    y = x + block.ls_1(out)
+    return y + block.ls_2(block.mlp(block.ln_2(y)))
 
 
 def _check_visual_shape(prompts: Tensor, batch: int, per_sample: bool, layers: int) -> None:
@@ -177,12 +225,18 @@ class PromptedCLIP(nn.Module):
             x = _replace_slots(x, layer(0), 1)
         x = x + t.positional_embedding[:length].to(cast_dtype)
         mask = None if t.attn_mask is None else t.attn_mask[:length, :length]
-        for j, block in enumerate(t.transformer.resblocks):
+        blocks = list(t.transformer.resblocks)
+        own = mask is not None and all(_plain_block(t.transformer, block) for block in blocks)
+        pooled_only = own and eot is not None
+        for j, block in enumerate(blocks):
             if 0 < j < depth:
                 x = _replace_slots(x, layer(j), 1)
-            x = _run_block(t.transformer, block, x, mask)
+            if own:
+                x = _text_block(block, x, mask, eot if pooled_only and j == len(blocks) - 1 else None)
+            else:
+                x = _run_block(t.transformer, block, x, mask)
         x = t.ln_final(x)
-        pooled = text_global_pool(x, tokens, t.pool_type, eos_token_id=t.eos_id)
+        pooled = x[:, 0] if pooled_only else text_global_pool(x, tokens, t.pool_type, eos_token_id=t.eos_id)
         if isinstance(t.projection, nn.Linear):
             pooled = t.projection(pooled)
         elif t.projection is not None:

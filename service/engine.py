@@ -103,7 +103,7 @@ class Engine:
 
     def start(self) -> None:
         """Scan the prompt directory (loader thread); the loop warms up and turns ready when it is done."""
-        self._background(self.core.registry.scan, self._after_scan)
+        self._background(lambda: self.core.registry.scan(after_step=_keep_loaded), self._after_scan)
 
     def stop(self) -> None:
         self._stopping = True
@@ -336,6 +336,15 @@ class Engine:
         delta = encode(feed.since(feed.source, feed.generation - 1))
         for client in self.workers:
             self._router.send_multipart([client, delta])
+
+
+def _keep_loaded() -> None:
+    """Between the steps of the start-up scan: what it loaded so far is served for as long as the process runs, so
+    it leaves the collector's full passes, each of which would otherwise walk every set loaded so far (14 of them,
+    3.3 s, in a scan of 10,000 sets on the 2-core dev box). The young generations are collected first: their
+    cyclic garbage is not kept."""
+    gc.collect(1)
+    gc.freeze()
 
 
 def engine_threads(settings: Settings) -> int:

@@ -40,7 +40,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -156,9 +156,10 @@ class Registry:
 
     # ---- loading ----
 
-    def scan(self) -> None:
+    def scan(self, after_step: Callable[[], None] | None = None) -> None:
         """Load every prompt set in the directory (start-up), in one publication; failures are reported, not
-        raised. `progress` counts the sets read meanwhile."""
+        raised. `progress` counts the sets read meanwhile; `after_step` is called after each step's sets are
+        embedded."""
         for name in sorted(set(self._subdirectories()) - set(self.candidates())):
             log.warning("ignoring %s: prompt-set directory names are 1-64 letters, digits, '_' or '-'",
                         self.directory / name)
@@ -167,7 +168,7 @@ class Registry:
             self.watcher.applied.update(states)  # (no promptset.json yet: not a set; the watcher sees it later)
             self.progress = (0, len(states))
             try:
-                self._apply(list(states), [])
+                self._apply(list(states), [], after_step)
             finally:
                 self.progress = None
 
@@ -221,7 +222,8 @@ class Registry:
                 self._apply(list(changes.load), changes.remove)
         return changes.due
 
-    def _apply(self, names: list[str], removed: list[str]) -> dict[str, LoadedSet]:
+    def _apply(self, names: list[str], removed: list[str], after_step: Callable[[], None] | None = None
+               ) -> dict[str, LoadedSet]:
         """Read and embed the sets `names` (SETS_PER_STEP at a time), then publish them and the removal of
         `removed` in one snapshot; a set that fails is reported and its old version keeps serving. Holds the
         lock. (Reading and tokenizing on another thread, or in another process, while the text tower ran was
@@ -232,6 +234,8 @@ class Registry:
             loaded.update((s.name, s) for s in self._embed(self._prepare([r for r in map(self._read, step) if r])))
             if self.progress is not None:
                 self.progress = (min((k + 1) * SETS_PER_STEP, len(names)), len(names))
+            if after_step is not None:
+                after_step()
         gone = {n for n in removed if n in self._snapshot.sets}
         if loaded or gone:
             before = self._snapshot.tasks
