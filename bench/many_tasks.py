@@ -2,6 +2,7 @@
 
     python bench/many_tasks.py                              # N = 1,000, 10,000, 30,000 (embedded model)
     python bench/many_tasks.py --tasks 10000 --landed /tmp/landed   # the same N on another checkout too
+    python bench/many_tasks.py --tasks 10000 --rounds 8 --throughput-only   # steps 1-2 alone
 
 For each N: N one-task sets of `--classes` classes (random mmap-tiny prompts, `PromptSet.publish`;
 each task its own class names unless `--vocabulary shared`) in a prompt directory; then
@@ -290,6 +291,7 @@ def main() -> None:
     parser.add_argument("--landed", type=Path, help="a checkout of the code before, for start-up and req/s")
     parser.add_argument("--landed-max", type=int, default=3000, help="largest N run on --landed")
     parser.add_argument("--sets", type=Path, help="a directory to keep the generated sets in between runs")
+    parser.add_argument("--throughput-only", action="store_true", help="steps 1-2 only (ready, RSS, req/s)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     backbone = load_backbone("mmap-tiny", "embedded", "cpu")
@@ -303,7 +305,7 @@ def main() -> None:
             make_sets(backbone, source, have, max(args.tasks) - have, args.classes, args.vocabulary)
             print(f"wrote {max(args.tasks) - have} sets in {time.monotonic() - start:.0f} s", flush=True)
         for n in args.tasks:
-            results["runs"].append(run_n(args, backbone, source, n, tmp, REPO, "this", full=True))
+            results["runs"].append(run_n(args, backbone, source, n, tmp, REPO, "this", full=not args.throughput_only))
             if args.landed and n <= args.landed_max:
                 results["runs"].append(run_n(args, backbone, source, n, tmp, args.landed, "landed", full=False))
     this = {r["tasks"]: r for r in results["runs"] if r["checkout"] == "this"}
