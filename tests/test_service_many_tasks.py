@@ -11,6 +11,7 @@ import pytest
 from helpers.service import DOODLES, OFFICE, image_bytes, make_set, metric, publish, run, serve, settings
 
 from mmap_model import PromptConfig, TaskSpec
+from service import watcher as watcher_module
 from service.core import InferenceCore, Pending
 from service.engine_client import CatalogView
 from service.errors import LISTED_TASKS, unknown_task_detail
@@ -198,3 +199,18 @@ def test_a_change_is_applied_once_settled(tiny, tmp_path):
     changes = watcher.poll(prompts, ["doodles"], now + 6)  # office gone: removal waits for debounce_s too
     assert not changes.remove and changes.due == now + 11
     assert watcher.poll(prompts, ["doodles"], now + 11).remove == ["office"]
+
+
+def test_a_poll_of_many_sets_pauses_and_sees_every_set(tiny, tmp_path, monkeypatch):
+    """The poll sleeps briefly every PAUSE_EVERY sets it looks at (so that the engine's loop can take the GIL),
+    and still finds every set."""
+    prompts = tmp_path / "prompts"
+    publish(make_set(tiny, "office", OFFICE, 1), prompts)
+    names = ["office", *(f"empty-{i:03d}" for i in range(watcher_module.PAUSE_EVERY * 2))]  # no promptset.json
+    for name in names[1:]:
+        (prompts / name).mkdir()
+    pauses = []
+    monkeypatch.setattr(watcher_module.time, "sleep", pauses.append)
+    changes = DirectoryWatcher(debounce_s=0.0).poll(prompts, names, time.monotonic())
+    assert list(changes.load) == ["office"]
+    assert pauses == [watcher_module.PAUSE_S] * 2  # 129 names looked at, then the 1 found: paused at 64 and 128
