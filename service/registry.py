@@ -143,9 +143,11 @@ class Registry:
     def banks(self) -> list[PromptBank]:
         return list(self._banks.values())
 
-    def candidates(self) -> list[str]:
-        """Sub-directories that may hold prompt sets: valid names, not '.'- or '_'-prefixed (work in progress)."""
-        return [name for name in self._subdirectories() if NAME_PATTERN.fullmatch(name)]
+    def candidates(self, subdirectories: list[str] | None = None) -> list[str]:
+        """Sub-directories that may hold prompt sets: valid names, not '.'- or '_'-prefixed (work in progress);
+        of `subdirectories` when given (a listing already made), else of a new listing."""
+        names = self._subdirectories() if subdirectories is None else subdirectories
+        return [name for name in names if NAME_PATTERN.fullmatch(name)]
 
     def _subdirectories(self) -> list[str]:
         try:  # scandir: no stat per entry (a poll lists tens of thousands of sets)
@@ -160,11 +162,13 @@ class Registry:
         """Load every prompt set in the directory (start-up), in one publication; failures are reported, not
         raised. `progress` counts the sets read meanwhile; `after_step` is called after each step's sets are
         embedded."""
-        for name in sorted(set(self._subdirectories()) - set(self.candidates())):
+        listed = self._subdirectories()  # once: tens of thousands of entries at start-up
+        candidates = self.candidates(listed)
+        for name in sorted(set(listed) - set(candidates)):
             log.warning("ignoring %s: prompt-set directory names are 1-64 letters, digits, '_' or '-'",
                         self.directory / name)
         with self._lock:
-            states = {n: st for n in self.candidates() if (st := self.watcher.state(self.directory, n)) is not None}
+            states = {n: st for n in candidates if (st := self.watcher.state(self.directory, n)) is not None}
             self.watcher.applied.update(states)  # (no promptset.json yet: not a set; the watcher sees it later)
             self.progress = (0, len(states))
             try:
