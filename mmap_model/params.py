@@ -45,8 +45,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.tasks < 1 or not 0 <= args.groups <= args.tasks:
         parser.error("need --tasks >= 1 and 0 <= --groups <= --tasks")
-    cfg = PromptConfig(method=args.method, group_tokens=args.group_tokens, task_tokens=args.task_tokens,
-                       rank=args.rank, source_dim=args.source_dim)
+    try:
+        cfg = PromptConfig(method=args.method, group_tokens=args.group_tokens, task_tokens=args.task_tokens,
+                           rank=args.rank, source_dim=args.source_dim)
+    except ValueError as e:  # e.g. --rank with a method other than mmap
+        parser.error(str(e))
     result = count(args.model, args.tasks, args.groups, cfg, task_modules=args.task_tokens > 0)
     if args.json:
         print(json.dumps(result))

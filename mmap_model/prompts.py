@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -60,12 +62,17 @@ KRON_INITS = ("ones", "normal")
 
 @dataclass(frozen=True, kw_only=True)  # built by keyword only: a reordered field cannot shift values
 class PromptConfig:
-    """Hyper-parameters of a prompt set's modules (saved in promptset.json)."""
+    """Hyper-parameters of a prompt set's modules (saved in promptset.json).
+
+    One config serves every method, as in peft's config per method: a field that only some methods read
+    (`PromptModule.settings`: MmAP's `source_dim`, `rank`, `kron_init`; `depth`, which CoOp does not read) is
+    refused at a value other than its default for any other method.
+    """
 
     # The metadata is the help of each field's command-line flag (training/cli.py).
     method: str = field(default="mmap", metadata={"help": "prompt module of every group and task"})
     # J: layers 0..J-1 receive prompts; clamped to the towers' depth by `resolve`
-    depth: int = field(default=9, metadata={"help": "prompted layers J (clamped to the towers)"})
+    depth: int = field(default=9, metadata={"help": "prompted layers J (clamped to the towers; not coop)"})
     group_tokens: int = field(default=2, metadata={"help": "tokens per group-shared module"})
     task_tokens: int = field(default=2, metadata={"help": "tokens per task-specific module"})
     # mmap's d_s; None = gcd(d_t, d_v), fixed by `resolve`
@@ -89,16 +96,42 @@ class PromptConfig:
             raise ValueError("rank must be >= 1")
         if self.kron_init not in KRON_INITS:
             raise ValueError(f"kron_init must be one of {KRON_INITS}, not {self.kron_init!r}")
+        for f in fields(self):
+            users = methods_reading(f.name)
+            if self.method not in users and getattr(self, f.name) != f.default:
+                raise ValueError(f"{f.name} applies only to method{'s' if len(users) > 1 else ''} "
+                                 f"{', '.join(users)}; {self.method} does not use it")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PromptConfig:
+        """The config saved in a promptset.json. Fields its method does not read are dropped: sets written before
+        they were refused may hold them (every method's resolved source_dim, CoOp's clamped depth), and they never
+        shaped the weights."""
+        if not isinstance(values, Mapping):
+            raise TypeError(f"the method settings must be an object, not {type(values).__name__}")
+        method = values.get("method", cls.method)
+        unread = {name for name in values if method in METHODS and method not in methods_reading(name)}
+        return cls(**{k: v for k, v in values.items() if k not in unread})
+
+    def for_method(self, method: str) -> PromptConfig:
+        """This config for another method: the fields `method` does not read go back to their defaults."""
+        return replace(self, method=method, **{f.name: f.default for f in fields(self)
+                                               if method not in methods_reading(f.name)})
 
     def resolve(self, widths: Widths) -> PromptConfig:
-        """Fix the width- and depth-dependent values for a backbone."""
-        d_s = self.source_dim or math.gcd(widths.d_t, widths.d_v)
-        if widths.d_t % d_s or widths.d_v % d_s:
-            raise ValueError(f"source_dim {d_s} must divide d_t={widths.d_t} and d_v={widths.d_v}; "
-                             f"choose from {common_divisors(widths.d_t, widths.d_v)}")
-        layers = {"text": widths.layers_t, "visual": widths.layers_v}
-        deepest = min(layers[m] for m in METHODS[self.method].modalities)  # a one-sided method: its own tower
-        return replace(self, depth=min(self.depth, deepest), source_dim=d_s)
+        """Fix the width- and depth-dependent values the method reads for a backbone."""
+        reads = METHODS[self.method].settings
+        fixed: dict[str, Any] = {}
+        if "source_dim" in reads:
+            d_s = fixed["source_dim"] = self.source_dim or math.gcd(widths.d_t, widths.d_v)
+            if widths.d_t % d_s or widths.d_v % d_s:
+                raise ValueError(f"source_dim {d_s} must divide d_t={widths.d_t} and d_v={widths.d_v}; "
+                                 f"choose from {common_divisors(widths.d_t, widths.d_v)}")
+        if "depth" in reads:
+            layers = {"text": widths.layers_t, "visual": widths.layers_v}
+            deepest = min(layers[m] for m in METHODS[self.method].modalities)  # a one-sided method: its own tower
+            fixed["depth"] = min(self.depth, deepest)
+        return replace(self, **fixed)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -119,6 +152,8 @@ class PromptModule(nn.Module):
 
     no_weight_decay: frozenset[str] = frozenset()
     modalities: tuple[str, ...] = ("text", "visual")  # the towers it prompts (its depth is clamped to theirs)
+    # The PromptConfig fields it reads besides those every method reads (method, token counts, init_std).
+    settings: frozenset[str] = frozenset({"depth"})
 
     def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
         super().__init__()
@@ -141,6 +176,7 @@ class MmAPPrompt(PromptModule):
     """
 
     no_weight_decay = frozenset({"kron_text", "kron_visual"})
+    settings = frozenset({"depth", "source_dim", "rank", "kron_init"})
 
     def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
         super().__init__(cfg, widths, n_tokens)
@@ -183,6 +219,7 @@ class CoOpPrompt(PromptModule):
     """Learnable text context at the input layer only."""
 
     modalities = ("text",)
+    settings = frozenset()  # one layer of context: no depth
 
     def __init__(self, cfg: PromptConfig, widths: Widths, n_tokens: int):
         super().__init__(cfg, widths, n_tokens)
@@ -224,6 +261,12 @@ METHODS: dict[str, type[PromptModule]] = {
     "vpt": VPTPrompt,
     "independent": IndependentPrompt,
 }
+_SPECIFIC = frozenset().union(*(m.settings for m in METHODS.values()))
+
+
+def methods_reading(name: str) -> list[str]:
+    """The methods that read PromptConfig field `name` (every method for a field no method lists as its own)."""
+    return sorted(m for m, module in METHODS.items() if name not in _SPECIFIC or name in module.settings)
 
 
 class MultiTaskPrompts(nn.Module):

@@ -168,7 +168,7 @@ class PromptSet:
         try:
             widths = Widths(d_t=int(bb["d_t"]), d_v=int(bb["d_v"]), embed_dim=int(bb["embed_dim"]),
                             layers_t=int(bb["layers_t"]), layers_v=int(bb["layers_v"]))
-            cfg = PromptConfig(**meta["method"])
+            cfg = PromptConfig.from_dict(meta["method"])
             tasks = {check_name(t): TaskSpec(list(s["classnames"]), str(s["template"]), s.get("group"))
                      for t, s in meta["tasks"].items()}
             prompts = MultiTaskPrompts(cfg, widths, list(tasks), meta["groups"], bool(meta["task_modules"]))

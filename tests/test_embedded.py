@@ -18,22 +18,37 @@ needs_weights = pytest.mark.skipif(CARD is None,
                                    reason="embedded weights not trained yet (python -m training.pretrain)")
 
 
+@pytest.fixture(scope="module")
+def fresh(embedded) -> dict[str, float]:
+    """Zero-shot accuracy (domain templates) on images never drawn before (seed 7), 400 per domain: ~3 s."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is several times faster on a shared 2-core box
+    try:
+        with torch.inference_mode():
+            return pretrain.zero_shot(embedded.model, embedded.tokenizer, embedded.preprocess,
+                                      list(synthetic.DOMAINS), per_class=10, seed=7, size=64, domain_prompts=True)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @needs_weights
-def test_zero_shot_on_a_fresh_sample_of_seen_domains(embedded):
-    """Images never drawn before (seed 7) are classified about as well as the card says."""
-    acc = pretrain.zero_shot(embedded.model, embedded.tokenizer, embedded.preprocess, pretrain.SEEN_DOMAINS,
-                             per_class=10, seed=7, size=64, domain_prompts=True)
-    for domain, value in acc.items():
+def test_zero_shot_on_a_fresh_sample_of_seen_domains(fresh):
+    """Fresh images of the pretraining domains are classified about as well as the card says."""
+    for domain in pretrain.SEEN_DOMAINS:
         bar = max(0.70, CARD["domain"][domain] - 0.08)  # 400 images: ±8 points covers sampling noise
-        assert value >= bar, (domain, value, bar)
+        assert fresh[domain] >= bar, (domain, fresh[domain], bar)
 
 
 @needs_weights
-def test_unseen_domains_are_harder_but_far_above_chance():
-    seen = [CARD["domain"][d] for d in pretrain.SEEN_DOMAINS]
-    unseen = [CARD["domain"][d] for d in synthetic.DOMAINS if d not in pretrain.SEEN_DOMAINS]
-    assert min(seen) > max(unseen) + 0.10
-    assert min(unseen) > 10 / len(synthetic.CLASSES)
+def test_unseen_domains_are_harder_but_far_above_chance(fresh):
+    """The card's claim, measured on the shipped weights: every domain left out of pretraining scores below every
+    pretraining domain by a clear margin, and still far above chance (1 in 40)."""
+    seen = [fresh[d] for d in pretrain.SEEN_DOMAINS]
+    unseen = [fresh[d] for d in synthetic.DOMAINS if d not in pretrain.SEEN_DOMAINS]
+    assert min(seen) > max(unseen) + 0.10, fresh
+    assert min(unseen) > 10 / len(synthetic.CLASSES), fresh
+    for domain in synthetic.DOMAINS:  # and the card's numbers are these weights' numbers, up to sampling noise
+        assert fresh[domain] == pytest.approx(CARD["domain"][domain], abs=0.08), (domain, fresh[domain])
 
 
 @needs_weights

@@ -45,3 +45,14 @@ def test_fixed_k_and_lookahead_with_the_transfer_check(root, tmp_path):
     a = np.array(data["affinity"])
     assert np.isfinite(a).all()
     assert (np.diag(a) > 0).all(), a  # a small step down a task's own gradient lowers that task's loss
+
+
+def test_every_phase_prints_labelled_progress(root, tmp_path, capsys):
+    """The warm-up's epochs, the affinity probe and the partition search each say what is running."""
+    group.main(["--data", str(root), "--pretrained", "none", "--threads", "1", "--shots", "1", "--batch-size", "8",
+                "--warmup-steps", "2", "--probe-steps", "2", "--out", str(tmp_path / "groups.json")])
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("grouping: epoch 1/1: loss") for line in lines), lines
+    assert "grouping: affinity (cosine): step 2/2" in "\n".join(lines)  # the last probe step is always shown
+    assert any(line.startswith("grouping: partition: ") and "groups, score" in line for line in lines), lines
+    assert not [line for line in lines if line.startswith("epoch")]  # nothing unlabelled

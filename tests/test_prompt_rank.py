@@ -66,7 +66,8 @@ def test_rank_one_is_the_rank_free_formulation_bit_for_bit():
         module.kron_visual.copy_(torch.randn(3, 1, 3))
     prompts = module()
     for got, factor in [(prompts.text, module.kron_text), (prompts.visual, module.kron_visual)]:
-        assert torch.equal(got, (module.source.unsqueeze(-1) * factor.unsqueeze(-2)).flatten(-2))
+        expected = torch.stack([torch.kron(module.source[j], factor[j]) for j in range(3)])  # S_j ⊗ K_j, [n, d_s * q]
+        assert torch.equal(got, expected)  # one product per entry either way: equal to the bit
 
 
 def test_prompt_sets_written_before_rank_load_and_score_identically(embedded):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import open_clip
 import pytest
 import torch
 
-from mmap_model import METHODS, MultiTaskPrompts, PromptConfig, Widths
+from mmap_model import METHODS, MultiTaskPrompts, PromptConfig, PromptSet, TaskSpec, Widths
 from mmap_model.prompts import MmAPPrompt, check_name
 
 
@@ -105,13 +107,74 @@ def test_params_cli_reports_paper_scale_ratio():
 
 
 def test_one_sided_methods_are_clamped_to_their_own_tower_only():
-    """A 4-layer text tower must not cap VPT, which prompts only a 12-layer image tower (nor CoOp the other way)."""
+    """A 4-layer text tower must not cap VPT, which prompts only a 12-layer image tower."""
     widths = Widths(d_t=64, d_v=96, embed_dim=32, layers_t=4, layers_v=12)
     assert PromptConfig(method="vpt", depth=9).resolve(widths).depth == 9
     assert PromptConfig(method="vpt", depth=20).resolve(widths).depth == 12
-    assert PromptConfig(method="coop", depth=9).resolve(widths).depth == 4
     for method in ("mmap", "maple", "independent"):
         assert PromptConfig(method=method, depth=9).resolve(widths).depth == 4
+    coop = PromptConfig(method="coop").resolve(widths)  # one layer of context: it has no depth to clamp
+    assert coop == PromptConfig(method="coop") and coop.source_dim is None
+
+
+# The fields only some methods read, and a value other than the default for each.
+SPECIFIC = {"depth": 3, "source_dim": 16, "rank": 3, "kron_init": "normal"}
+READS = {"mmap": {"depth", "source_dim", "rank", "kron_init"}, "maple": {"depth"}, "vpt": {"depth"},
+         "independent": {"depth"}, "coop": set()}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_a_field_the_method_does_not_read_is_refused(method):
+    """One config for every method, checked per method (like peft's config per method): `--method maple --rank 3`
+    is a mistake, not a silently ignored setting."""
+    assert set(READS) == set(METHODS)
+    PromptConfig(method=method, **{f: SPECIFIC[f] for f in READS[method]})  # what it reads is accepted
+    PromptConfig(method=method, depth=9, source_dim=None, rank=1, kron_init="ones")  # defaults always are
+    for name in sorted(set(SPECIFIC) - READS[method]):
+        users = sorted(m for m, fields in READS.items() if name in fields)
+        with pytest.raises(ValueError) as refused:
+            PromptConfig(method=method, **{name: SPECIFIC[name]})
+        assert str(refused.value) == (f"{name} applies only to method{'s' if len(users) > 1 else ''} "
+                                      f"{', '.join(users)}; {method} does not use it")
+
+
+def test_the_message_names_the_field_and_both_methods():
+    with pytest.raises(ValueError, match="^rank applies only to method mmap; maple does not use it$"):
+        PromptConfig(method="maple", rank=3)
+
+
+def test_switching_method_drops_what_the_new_method_does_not_read():
+    cfg = PromptConfig(rank=3, source_dim=16, kron_init="normal", depth=4, group_tokens=5, init_std=0.1)
+    assert cfg.for_method("maple") == PromptConfig(method="maple", depth=4, group_tokens=5, init_std=0.1)
+    assert cfg.for_method("coop") == PromptConfig(method="coop", group_tokens=5, init_std=0.1)
+    assert cfg.for_method("mmap") == cfg
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_prompt_sets_saved_with_settings_their_method_ignores_still_load(method, tiny, tmp_path):
+    """Sets written before the check recorded every method's resolved source_dim, CoOp's clamped depth, and any
+    MmAP field passed with another method: they load, with the same weights, and those fields at their defaults."""
+    ps = PromptSet.create("legacy", tiny, PromptConfig(method=method), {"a": TaskSpec(["cat", "dog"])})
+    path = ps.save(tmp_path / "legacy")
+    meta = json.loads((path / "promptset.json").read_text())
+    legacy = {"depth": min(9, tiny.widths.layers_t), "source_dim": math.gcd(tiny.widths.d_t, tiny.widths.d_v),
+              "rank": 2, "kron_init": "normal"}
+    unread = {k: v for k, v in legacy.items() if k not in READS[method]}
+    meta["method"] |= unread
+    (path / "promptset.json").write_text(json.dumps(meta))
+    loaded = PromptSet.load(path, tiny)
+    assert loaded.prompts.cfg == ps.prompts.cfg and all(getattr(loaded.prompts.cfg, k) != v for k, v in unread.items())
+    for key, value in ps.prompts.state_dict().items():
+        assert torch.equal(loaded.prompts.state_dict()[key], value)
+
+
+def test_every_committed_prompt_set_loads(embedded):
+    """The demo sets shipped with the embedded model (all the promptset.json files in the repository)."""
+    root = Path(__file__).resolve().parent.parent
+    found = sorted(p.parent for d in ("mmap_model", "tests") for p in (root / d).rglob("promptset.json"))
+    assert found
+    for directory in found:
+        assert PromptSet.load(directory, embedded).tasks
 
 
 def test_a_group_without_tasks_is_refused(tiny):

@@ -4,6 +4,8 @@ round-trip, and a flag set on the command line reaches its field by name."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import re
 from dataclasses import fields
 
 import pytest
@@ -34,10 +36,10 @@ def test_every_field_has_a_flag_and_the_defaults_round_trip(cls, build):
 
 
 def test_flags_reach_their_fields_by_name():
-    args = _parser().parse_args(["--method", "coop", "--depth", "3", "--lr", "0.5", "--warmup", "0.2", "--no-augment",
+    args = _parser().parse_args(["--method", "maple", "--depth", "3", "--lr", "0.5", "--warmup", "0.2", "--no-augment",
                                  "--grad-clip", "1.5", "--steps", "7", "--num-groups", "2", "--threshold", "median",
                                  "--keep-checkpoints", "1"])
-    assert cli.prompt_config(args) == PromptConfig(method="coop", depth=3)
+    assert cli.prompt_config(args) == PromptConfig(method="maple", depth=3)
     assert cli.train_config(args) == TrainConfig(lr=0.5, warmup_fraction=0.2, augment=False, grad_clip=1.5, steps=7,
                                                  keep_checkpoints=1)
     assert cli.grouping_config(args) == GroupingConfig(groups=2, threshold="median")
@@ -53,3 +55,64 @@ def test_configs_are_built_by_keyword_only():
         PromptConfig("mmap")  # type: ignore[misc]
     with pytest.raises(TypeError):
         TrainConfig(10)  # type: ignore[misc]
+
+
+COMMANDS = ["fit", "group", "publish", "bench", "frontier", "fewshot", "pretrain", "data", "evaluate", "synthetic"]
+
+
+def _help_entries(text: str) -> dict[str, str]:
+    """{first option string: its whole help entry, lines joined} of a --help text."""
+    entries: dict[str, str] = {}
+    current = None
+    for line in text.splitlines():
+        start = re.match(r"  (-\S+?)[,\s]", line + " ")
+        if start:
+            current = start.group(1)
+            entries[current] = line
+        elif current and line.startswith("    "):
+            entries[current] += " " + line.strip()
+        else:
+            current = None
+    return entries
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_option_with_a_default_shows_it_in_help(command, monkeypatch, capsys):
+    parsers: list[argparse.ArgumentParser] = []
+    parse = argparse.ArgumentParser.parse_args
+
+    def recording(self, *args, **kwargs):
+        parsers.append(self)
+        return parse(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", recording)
+    monkeypatch.setenv("COLUMNS", "100")
+    with pytest.raises(SystemExit) as done:
+        importlib.import_module(f"training.{command}").main(["--help"])
+    assert done.value.code == 0
+    entries = _help_entries(capsys.readouterr().out)
+    (parser,) = parsers
+    takes_value = [a for a in parser._actions if a.option_strings and a.nargs != 0 and a.default is not None]
+    assert takes_value
+    missing = [a.option_strings[0] for a in takes_value if "default" not in entries[a.option_strings[0]]]
+    assert not missing, f"python -m training.{command} --help shows no default for {missing}"
+
+
+@pytest.mark.parametrize("command", ["fit", "group", "bench"])
+def test_a_setting_the_method_does_not_use_is_a_usage_error(command, capsys):
+    """Refused while parsing, before any data is read: argparse's usage line and one error line, no traceback."""
+    with pytest.raises(SystemExit) as refused:
+        importlib.import_module(f"training.{command}").main(["--data", "missing", "--out", "missing",
+                                                             "--method", "maple", "--rank", "3"])
+    err = capsys.readouterr().err
+    assert refused.value.code == 2 and err.startswith("usage:") and "Traceback" not in err
+    assert err.rstrip().endswith("error: rank applies only to method mmap; maple does not use it")
+
+
+def test_the_parameter_count_command_refuses_it_too(capsys):
+    from mmap_model import params
+
+    with pytest.raises(SystemExit) as refused:
+        params.main(["--method", "coop", "--source-dim", "16"])
+    assert refused.value.code == 2 and "source_dim applies only to method mmap; coop does not use it" in \
+        capsys.readouterr().err

@@ -163,3 +163,14 @@ def test_only_user_errors_become_one_line_exits():
         raise ValueError("a bug")
     with pytest.raises(SystemExit, match="^error: .*missing.json"), user_errors(OSError):
         Path("missing.json").read_text()  # a file the user named: the kinds a call site adds
+
+
+def test_grouping_and_training_progress_are_labelled(root, tmp_path, capsys):
+    """With --groups auto two phases train in turn: their epoch lines say which one is running, grouping first."""
+    fit.main(["--data", str(root), "--pretrained", "none", "--threads", "1", "--shots", "1", "--batch-size", "8",
+              "--epochs", "1", "--warmup-steps", "2", "--probe-steps", "1", "--out", str(tmp_path / "sets")])
+    lines = capsys.readouterr().out.splitlines()
+    grouping = [i for i, line in enumerate(lines) if line.startswith("grouping: epoch 1/1: loss")]
+    training = [i for i, line in enumerate(lines) if line.startswith("fit: epoch 1/1: loss")]
+    assert grouping and training and max(grouping) < min(training), lines
+    assert not [line for line in lines if line.startswith("epoch")]

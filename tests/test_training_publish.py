@@ -83,3 +83,42 @@ def test_publish_under_another_name_takes_over_the_tasks(candidate, root, tmp_pa
 def test_publish_refuses_what_is_not_a_prompt_set(root, tmp_path):
     with pytest.raises(SystemExit, match="is not a prompt set"):
         _publish(tmp_path, "--to", tmp_path / "live", "--data", root)
+
+
+def _row(task: str, candidate: float, live: float | None) -> dict:
+    """A row of publish.compare's table."""
+    return {"task": task, "candidate": candidate, "test_images": 40, "live_set": None if live is None else "doodles",
+            "live": live, "rows": [{"zero_shot": 0.5}]}
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def test_the_table_averages_each_side_on_its_own():
+    """The candidate's mean and the live set's, side by side: never one mean of the two pooled (88.8 here)."""
+    lines = publish_cli.markdown_table([_row("sketch", 0.804, 0.946), _row("quickdraw", 0.900, 0.900)]).splitlines()
+    assert _cells(lines[0])[3:5] == ["candidate", "live"]
+    (mean,) = [_cells(line) for line in lines if line.startswith("| **mean")]
+    assert mean[3:5] == ["85.2", "92.3"] and mean[6] == "-7.1"
+
+
+def test_a_task_without_a_live_set_leaves_the_live_mean_to_the_tasks_that_have_one():
+    lines = publish_cli.markdown_table([_row("sketch", 0.80, 0.90), _row("quickdraw", 0.60, None)]).splitlines()
+    means = [_cells(line) for line in lines if line.startswith("| **mean")]
+    assert [m[3:5] for m in means] == [["70.0", ""], ["80.0", "90.0"]]  # all tasks; the one task with a live set
+    assert "1 of 2 tasks" in means[1][0]
+
+
+def test_the_printed_comparison_has_a_mean_per_side(candidate, root, tmp_path, capsys):
+    live = tmp_path / "live"
+    _publish(candidate, "--to", live, "--data", root)
+    (other,) = _fit(root, tmp_path / "other", "--groups", "one", "--name", "doodles", "--seed", "1", "--steps", "1")
+    capsys.readouterr()
+    _publish(other, "--to", live, "--data", root, "--force")
+    table = [_cells(line) for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    tasks = [row for row in table[1:] if not row[0].startswith("**")]  # after the header
+    (mean,) = [row for row in table if row[0] == "**mean**"]
+    assert sorted(row[0] for row in tasks) == sorted(DOMAINS)
+    for column in (3, 4):  # the candidate's, then the live set's
+        assert float(mean[column]) == pytest.approx(sum(float(row[column]) for row in tasks) / len(tasks), abs=0.051)

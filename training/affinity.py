@@ -21,9 +21,11 @@ from .configs import GroupingConfig
 from .data import ImageSet
 from .dist import DistInfo, all_reduce_sum
 from .partition import EXHAUSTIVE_MAX_TASKS, best_partition
-from .trainer import TrainConfig, Trainer
+from .trainer import PhaseProgress, TrainConfig, Trainer
 
 log = logging.getLogger(__name__)
+
+PHASE = "grouping"  # the label of the grouping's progress output (training.fit trains again after it)
 
 
 @dataclass
@@ -81,12 +83,17 @@ def measure_affinity(backbone: Backbone, tasks: Mapping[str, TaskText], train_se
     classifier = PromptClassifier(backbone, tasks, prompts)
     total = cfg.warmup_steps + cfg.probe_steps
     trainer = Trainer(MultiTaskObjective(classifier), train_sets, replace(train_cfg, steps=total, accum=1),
-                      dist=dist, progress=progress)
+                      dist=dist, progress=progress, label=PHASE)
     if cfg.warmup_steps:
+        PhaseProgress(f"{PHASE}: warm-up", cfg.warmup_steps, trainer.progress).note(
+            f"{cfg.warmup_steps} of the {total} steps of the module shared by {len(names)} tasks (the other "
+            f"{cfg.probe_steps} measure the affinity)")
         trainer.fit(until=cfg.warmup_steps)
+    probe = PhaseProgress(f"{PHASE}: affinity ({cfg.affinity})", cfg.probe_steps, trainer.progress)
+    probe.note(f"{cfg.probe_steps} probe steps, every task's gradient on its own batch")
     params = list(trainer.params.values())
     affinity = np.zeros((len(names), len(names)))
-    for _ in range(cfg.probe_steps):
+    for done in range(1, cfg.probe_steps + 1):
         batch = {t: trainer.batch(t, trainer.step) for t in names}
         losses = _task_losses(classifier, batch, trainer.autocast)
         grads = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]) for loss in losses])
@@ -100,6 +107,7 @@ def measure_affinity(backbone: Backbone, tasks: Mapping[str, TaskText], train_se
         for p, g in zip(params, torch.split(grads.sum(0), [p.numel() for p in params]), strict=True):
             p.grad = g.view_as(p).clone()
         trainer.apply_gradients()
+        probe.step(done)
     return affinity / cfg.probe_steps
 
 
@@ -107,6 +115,7 @@ def measure_transfer(backbone: Backbone, tasks: Mapping[str, TaskText], train_se
                      prompt_cfg: PromptConfig, train_cfg: TrainConfig, steps: int,
                      dist: DistInfo | None = None, progress: bool = True) -> np.ndarray:
     """The T x T direct transfer of step 5: row i, what `steps` steps on task i alone do to every task's loss."""
+    dist = dist or DistInfo()
     names = list(tasks)
     prompts = shared_module(backbone, names, prompt_cfg, train_cfg.seed)
     start = {k: v.clone() for k, v in prompts.state_dict().items()}
@@ -115,14 +124,17 @@ def measure_transfer(backbone: Backbone, tasks: Mapping[str, TaskText], train_se
         metrics = task_metrics(PromptClassifier(backbone, tasks, prompts), train_sets, dist=dist)
         return np.array([metrics[t][1] for t in names])
 
+    lines = PhaseProgress(f"{PHASE}: transfer", len(names), progress and dist.main, unit="task")
+    lines.note(f"measuring: {steps} steps on each of {len(names)} tasks alone")
     before = losses()
     transfer = np.zeros((len(names), len(names)))
     for i, source in enumerate(names):
         prompts.load_state_dict(start)
         alone = MultiTaskObjective(PromptClassifier(backbone, {source: tasks[source]}, prompts))
         Trainer(alone, {source: train_sets[source]}, replace(train_cfg, steps=steps, accum=1), dist=dist,
-                progress=progress).fit(until=steps)
+                progress=progress, label=f"{PHASE}: transfer from {source}").fit(until=steps)
         transfer[i] = 1 - losses() / before
+        lines.step(i + 1)
     return transfer
 
 
@@ -175,9 +187,14 @@ def group_tasks(backbone: Backbone, tasks: Mapping[str, TaskText], train_sets: M
                 dist: DistInfo | None = None, progress: bool = True) -> Grouping:
     """Measure affinity and choose the partition (docs/method.md's grouping, steps 1-3)."""
     start = time.perf_counter()
+    dist = dist or DistInfo()
     names = list(tasks)
     affinity = measure_affinity(backbone, tasks, train_sets, prompt_cfg, train_cfg, cfg, dist, progress)
+    search = "exhaustive" if len(names) <= EXHAUSTIVE_MAX_TASKS else "greedy"
+    partition = PhaseProgress(f"{PHASE}: partition", 1, progress and dist.main)
+    partition.note(f"{search} search over the partitions of {len(names)} tasks")
     index_groups, score, tau, ranking = best_partition(affinity, cfg.groups, cfg.threshold)
+    partition.note(f"{len(index_groups)} groups, score {score:.3f} (τ = {tau:.3f})")
     transfer = None
     if cfg.transfer_steps:
         transfer = measure_transfer(backbone, tasks, train_sets, prompt_cfg, train_cfg, cfg.transfer_steps, dist,
@@ -188,7 +205,7 @@ def group_tasks(backbone: Backbone, tasks: Mapping[str, TaskText], train_sets: M
     settings = {**asdict(cfg), "method": prompt_cfg.method,
                 "shared_tokens": shared_module_config(prompt_cfg).group_tokens,
                 "batch_size": train_cfg.batch_size, "lr": train_cfg.lr, "seed": train_cfg.seed,
-                "search": "exhaustive" if len(names) <= EXHAUSTIVE_MAX_TASKS else "greedy",
+                "search": search,
                 "seconds": round(time.perf_counter() - start, 2)}
     return Grouping(names, affinity.tolist(), named(index_groups), score, tau,
                     [{"groups": named(g), "score": s} for g, s in ranking], settings,

@@ -50,6 +50,7 @@ from . import cli
 from .affinity import group_tasks
 from .baselines import FineTuneClassifier, fit_linear_probe
 from .classifiers import MultiTaskObjective, PromptClassifier, TaskClassifier, accuracy
+from .configs import HelpFormatter
 from .data import discover_tasks, load_splits, prepare_synthetic
 from .steps import build_prompts, named_groups, train_prompts
 from .trainer import TrainConfig, Trainer, autocast_factory
@@ -126,7 +127,7 @@ def run_zero_shot(run: cli.Run, spec: MethodSpec, s: BenchSettings) -> Outcome:
 def prompt_config_of(spec: MethodSpec, base: PromptConfig, widths: Widths) -> PromptConfig:
     """The prompt settings of a prompt row on a backbone of these widths: `base` with the row's method,
     structure and sizes. A `source_divisor` k in the sizes sets MmAP's d_s to gcd(d_t, d_v) / k."""
-    cfg = replace(base, method=spec.prompt_method)
+    cfg = base.for_method(spec.prompt_method)  # the base's MmAP settings do not carry over to other methods
     if not spec.task_modules:  # the shared module gets the tokens a grouped task would have
         cfg = replace(cfg, group_tokens=cfg.group_tokens + cfg.task_tokens)
     sizes = dict(spec.prompt)
@@ -250,7 +251,7 @@ def parser(module: str, description: str) -> argparse.ArgumentParser:
     """The benchmark's options (data, backbone, prompt, training, grouping, lr grids, seeds, out): shared by
     `training.bench` and the sweeps built on it (`training.frontier`, `training.fewshot`)."""
     p = argparse.ArgumentParser(prog=f"python -m {module}", description=description,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     cli.add_data_args(p, required=False)
     cli.add_backbone_args(p)
     cli.add_prompt_args(p)
@@ -337,7 +338,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p = parser("training.bench", __doc__.splitlines()[0])
     p.add_argument("--methods", type=cli.comma_list, default=DEFAULT_METHODS,
                    help=f"comma-separated labels (default: docs/method.md's ten); all: {', '.join(METHOD_SPECS)}")
-    args = p.parse_args(argv)
+    args = cli.parse_args(p, argv)
     check_args(p, args)
     unknown = [m for m in args.methods if m not in METHOD_SPECS]
     if unknown:

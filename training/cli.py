@@ -117,6 +117,23 @@ def add_grouping_args(parser: argparse.ArgumentParser, count_flag: str = "--grou
                     flags={"groups": count_flag})
 
 
+CONFIGS: tuple[tuple[type, str], ...] = ((SplitConfig, ""), (PromptConfig, ""), (TrainConfig, ""),
+                                         (GroupingConfig, GROUPING))  # each with its flags' dest prefix
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """`parser.parse_args`, then every config its flags describe is built once: values a config refuses together
+    (`--method maple --rank 3`) are a usage error, reported like a malformed flag before anything is loaded."""
+    args = parser.parse_args(argv)
+    for cls, prefix in CONFIGS:
+        if any(hasattr(args, prefix + f.name) for f in fields(cls)):
+            try:
+                config_from(args, cls, prefix)
+            except (ValueError, UserError) as e:
+                parser.error(str(e))
+    return args
+
+
 def split_config(args: argparse.Namespace) -> SplitConfig:
     return config_from(args, SplitConfig)
 

@@ -1,9 +1,40 @@
-"""What the training commands are configured with, importable by every module that needs it (the grouping,
-the command-line pieces, pretraining) without pulling in the others."""
+"""What the training commands are configured with, and the `--help` format that shows their defaults, importable
+by every module that needs it (the grouping, the command-line pieces, pretraining, the data tools) without pulling
+in the others."""
 
 from __future__ import annotations
 
+import argparse
+import copy
+import re
 from dataclasses import dataclass, field
+
+SAYS_DEFAULT = re.compile(r"\(default\b|\bdefault:", re.IGNORECASE)  # help that already names its default
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The `--help` of every training command: an option that takes a value shows its default, unless it has none
+    or its help names it already; descriptions and epilogs keep their line breaks."""
+
+    @staticmethod
+    def _default_note(action: argparse.Action) -> str | None:
+        default = action.default
+        if (not action.option_strings or action.nargs == 0 or default is None or default is argparse.SUPPRESS
+                or SAYS_DEFAULT.search(action.help or "")):
+            return None
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else str(default)  # as typed
+        return f"(default: {shown.replace('%', '%%') or repr('')})"  # the help is %-formatted next
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        note = self._default_note(action)
+        return f"{action.help} {note}" if note else action.help
+
+    def _format_action(self, action: argparse.Action) -> str:
+        note = self._default_note(action) if action.help is None else None
+        if note:  # argparse prints nothing after an option without help: the default becomes its help
+            action = copy.copy(action)
+            action.help = note
+        return super()._format_action(action)
 
 
 def comma_list(text: str) -> list[str]:
@@ -31,9 +62,10 @@ class GroupingConfig:
     """Settings of the grouping (saved with the result)."""
 
     # Each field is a command-line flag (training/cli.py); `groups` is --groups or --num-groups by command.
-    affinity: str = field(default="cosine", metadata={"choices": ["cosine", "lookahead"]})
+    affinity: str = field(default="cosine", metadata={"choices": ["cosine", "lookahead"],
+                                                      "help": "how the tasks' gradients are compared"})
     groups: int | None = field(default=None, metadata={"type": "group_count", "metavar": "K|auto",
-                                                       "help": "number of groups K, or auto"})
+                                                       "help": "number of groups K, or auto (default: auto)"})
     threshold: float | str = field(default="mean", metadata={
         "type": "threshold", "help": "τ subtracted from each within-group affinity: mean | median | a number"})
     warmup_steps: int = field(default=20, metadata={"help": "steps of the shared module before probing"})

@@ -53,6 +53,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision import transforms as T
 
+from .configs import HelpFormatter
 from .errors import DataError, MissingData, UserError
 
 log = logging.getLogger(__name__)
@@ -444,7 +445,8 @@ def prepare_synthetic(out: str | Path, per_class: int, size: int = 64, seed: int
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m training.data",
                                      description="Write the synthetic stand-in root (tree + templates.json), "
-                                                 "or summarise the tasks of a root.")
+                                                 "or summarise the tasks of a root.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="root to summarise, or to write with --synthetic")
     parser.add_argument("--synthetic", type=int, metavar="PER_CLASS",
                         help="write the synthetic set, PER_CLASS images per class")

@@ -27,6 +27,7 @@ from mmap_model.promptset import CONFIG_FILE
 
 from . import cli
 from .classifiers import PromptClassifier, TaskText, accuracy
+from .configs import HelpFormatter
 from .data import SplitConfig, discover_tasks, load_splits
 from .errors import DataError, MissingData
 
@@ -109,7 +110,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training.evaluate", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--promptsets", type=Path, nargs="+", required=True, help="prompt-set dirs or dirs of them")
     parser.add_argument("--model", default=None, help="override the backbone recorded in the prompt sets")

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
     p.add_argument("--frontier", type=Path, default=None,
                    help="output of training.frontier: add MmAP at its best frontier setting")
     sweep.add_shard_args(p)
-    args = p.parse_args(argv)
+    args = cli.parse_args(p, argv)
     bench.check_args(p, args)
     cli.setup_logging()
     if not args.report:

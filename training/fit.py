@@ -33,6 +33,7 @@ from mmap_model.prompts import check_name
 from mmap_model.promptset import CONFIG_FILE
 
 from . import cli
+from .configs import HelpFormatter
 from .data import data_summary
 from .dist import shutdown
 from .steps import (
@@ -61,7 +62,7 @@ def existing_sets(out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> list[Path]:
     parser = argparse.ArgumentParser(prog="python -m training.fit", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=HelpFormatter,
                                      epilog=__doc__.split("\n\n", 2)[2])
     cli.add_data_args(parser)
     cli.add_backbone_args(parser)
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     parser.add_argument("--name", default=None, type=check_name,
                         help="name of the prompt set written (with several sets, their prefix: <name>-<group>); "
                              "default: the group's name, 'all' for --groups one")
-    args = parser.parse_args(argv)
+    args = cli.parse_args(parser, argv)
     if args.groups not in ("auto", "one", "none") and not Path(args.groups).is_file():
         parser.error(f"--groups: {args.groups!r} is neither auto, one, none nor an existing groups.json")
     if args.no_task_modules and args.groups == "none":
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     groups, grouping = resolve_groups(args.groups, run, prompt_cfg, train_cfg, args, run_dir, progress)
     prompts = build_prompts(run, prompt_cfg, groups, not args.no_task_modules, train_cfg.seed)
     with cli.user_errors():
-        classifier, result = train_prompts(run, prompts, train_cfg, run_dir, args.resume, progress)
+        classifier, result = train_prompts(run, prompts, train_cfg, run_dir, args.resume, progress, label="fit")
     scores = score_test_split(run, classifier, train_cfg)
     shutdown(run.dist)  # the collectives are over; only rank 0 writes
     if not run.dist.main:

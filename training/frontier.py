@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]] | None:
     p.add_argument("--prompt-methods", type=cli.comma_list, default=list(METHOD_NAMES),
                    help=f"prompt methods to sweep (default all: {', '.join(METHOD_NAMES)})")
     sweep.add_shard_args(p)
-    args = p.parse_args(argv)
+    args = cli.parse_args(p, argv)
     bench.check_args(p, args)
     unknown = set(args.prompt_methods) - set(METHOD_NAMES)
     if unknown:

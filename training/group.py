@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from .affinity import Grouping, group_tasks
+from .configs import HelpFormatter
 from .dist import shutdown
 from .errors import DataError
 
@@ -117,14 +118,15 @@ def read_groups(path: Path, tasks: Sequence[str]) -> list[list[str]]:
 def main(argv: Sequence[str] | None = None) -> Grouping:
     from . import cli
 
-    parser = argparse.ArgumentParser(prog="python -m training.group", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m training.group", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     cli.add_data_args(parser)
     cli.add_backbone_args(parser)
     cli.add_prompt_args(parser)
     cli.add_train_args(parser, epochs=False)
     cli.add_grouping_args(parser)
     parser.add_argument("--out", type=Path, required=True, help="groups.json to write (a heatmap PNG goes beside it)")
-    args = parser.parse_args(argv)
+    args = cli.parse_args(parser, argv)
     cli.setup_logging()
     run = cli.prepare(args)
     grouping = group_tasks(run.backbone, run.texts, run.sets["train"], cli.prompt_config(args), cli.train_config(args),

@@ -36,7 +36,7 @@ from mmap_model import EMBEDDED_MODEL, PromptedCLIP, class_text_features, load_b
 from mmap_model.backbone import EMBEDDED_DIR
 
 from . import synthetic
-from .configs import comma_list
+from .configs import HelpFormatter, comma_list
 
 SEEN_DOMAINS = ["photo", "clipart", "sketch", "product"]
 EVAL_SEED_OFFSET = 1000  # evaluation images come from another seed than the training pool
@@ -190,7 +190,9 @@ def write_card(out: Path, args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Pretrain the embedded tiny CLIP on procedural data.")
+    parser = argparse.ArgumentParser(prog="python -m training.pretrain",
+                                     description="Pretrain the embedded tiny CLIP on procedural data.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, default=EMBEDDED_DIR)
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--batch-size", type=int, default=256)

@@ -28,9 +28,10 @@ from mmap_model import PromptSet
 from mmap_model.promptset import CONFIG_FILE, serving
 
 from . import cli
+from .configs import HelpFormatter
 from .data import SplitConfig
 from .errors import MissingData
-from .evaluate import evaluate, markdown, recorded_split
+from .evaluate import evaluate, recorded_split
 
 DEFAULT_TOLERANCE = 0.01
 
@@ -52,6 +53,38 @@ def compare(candidate: Path, live: dict[str, Path], root: Path, device: str) -> 
     return table
 
 
+def markdown_table(table: list[dict[str, Any]]) -> str:
+    """The comparison, a task per row: the candidate's accuracy beside the live set's. Each side's mean is its own
+    column's mean, never the two pooled; when live sets cover only some tasks, a second row compares the candidate
+    with them on those tasks alone."""
+    lines = ["| task | test images | zero-shot | candidate | live | live set | Δ |",
+             "|---|---:|---:|---:|---:|---|---:|"]
+
+    def pct(value: float | None, sign: str = "") -> str:
+        return "" if value is None else f"{100 * value:{sign}.1f}"
+
+    def mean(values: list[float]) -> float:
+        return sum(values) / len(values)
+
+    for r in table:
+        delta = None if r["live"] is None else r["candidate"] - r["live"]
+        lines.append(f"| {r['task']} | {r['test_images']} | {pct(r['rows'][0]['zero_shot'])} | {pct(r['candidate'])} | "
+                     f"{pct(r['live'])} | {r['live_set'] or '(none)'} | {pct(delta, '+')} |")
+    paired = [r for r in table if r["live"] is not None]
+    means = [("**mean**", table, len(paired) == len(table))]
+    if paired and len(paired) < len(table):
+        means.append((f"**mean, the {len(paired)} of {len(table)} tasks with a live set**", paired, True))
+    for label, rows, with_live in means:
+        if not rows:
+            continue
+        candidate = mean([r["candidate"] for r in rows])
+        live = mean([r["live"] for r in rows]) if with_live else None
+        lines.append(f"| {label} | {sum(r['test_images'] for r in rows)} | "
+                     f"{pct(mean([r['rows'][0]['zero_shot'] for r in rows]))} | {pct(candidate)} | {pct(live)} | | "
+                     f"{pct(None if live is None else candidate - live, '+')} |")
+    return "\n".join(lines)
+
+
 def decide(table: list[dict[str, Any]], tolerance: float) -> list[str]:
     """Why the candidate must not replace what serves (empty: it may)."""
     return [f"{r['task']}: {100 * r['candidate']:.1f}% < live {r['live_set']} {100 * r['live']:.1f}% - "
@@ -71,7 +104,7 @@ def publish(candidate: Path, to: Path, name: str | None = None) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m training.publish", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     formatter_class=HelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("candidate", type=Path, help="a prompt-set directory (what training.fit --out holds)")
     parser.add_argument("--to", type=Path, required=True, help="the prompt directory a service watches")
@@ -93,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         candidate = PromptSet.load(args.candidate)
         live = {t: d for t, d in serving(args.to).items() if t in candidate.tasks} if args.to.is_dir() else {}
         table = compare(args.candidate, live, args.data, args.device)
-        print(markdown([row for r in table for row in r["rows"]]))
+        print(markdown_table(table))
         worse = decide(table, args.tolerance)
         if worse and not args.force:
             result = {"published": False, "reason": "worse than the live set", "worse": worse}

@@ -72,12 +72,13 @@ def build_prompts(run: cli.Run, prompt_cfg: PromptConfig, groups: Mapping[str, l
 
 
 def train_prompts(run: cli.Run, prompts: MultiTaskPrompts, train_cfg: TrainConfig, run_dir: Path | None = None,
-                  resume: str | None = None, progress: bool = True,
-                  validate: bool = True) -> tuple[PromptClassifier, TrainResult]:
-    """Multi-task training of `prompts` on the run's tasks; the backbone stays frozen."""
+                  resume: str | None = None, progress: bool = True, validate: bool = True,
+                  label: str = "") -> tuple[PromptClassifier, TrainResult]:
+    """Multi-task training of `prompts` on the run's tasks; the backbone stays frozen. `label` names the phase in
+    the progress output."""
     classifier = PromptClassifier(run.backbone, run.texts, prompts)
     trainer = Trainer(MultiTaskObjective(classifier), run.sets["train"], train_cfg,
-                      run.sets.get("val") if validate else None, run_dir, run.dist, progress)
+                      run.sets.get("val") if validate else None, run_dir, run.dist, progress, label)
     return classifier, trainer.fit(resume)
 
 

@@ -71,7 +71,8 @@ class TrainConfig:
                                                        "type": int})
     batch_size: int = field(default=32, metadata={"help": "images per task per micro-step (global over ranks)"})
     accum: int = field(default=1, metadata={"help": "gradient accumulation: micro-steps per optimiser step"})
-    optimizer: str = field(default="adamw", metadata={"choices": ["adamw", "sgd"]})
+    optimizer: str = field(default="adamw", metadata={"choices": ["adamw", "sgd"],
+                                                      "help": "AdamW, or SGD with --momentum"})
     # AdamW's rate; the benchmark's validation sweep (docs/benchmarks.md) picked it for prompts
     lr: float = field(default=1e-2, metadata={"help": "learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW/SGD weight decay (never on MmAP's K factors)"})
@@ -135,13 +136,38 @@ def lr_lambda(step: int, total: int, warmup: int, min_ratio: float) -> float:
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
+class PhaseProgress:
+    """Progress lines of a phase that has no epoch bar (`grouping: affinity (cosine): step 3/10 (1.2 s)`): the last
+    step always, the others at most one per `every` seconds, so a slow phase is never silent and a fast one is not
+    noisy. Nothing when not `enabled` (--quiet, or a rank other than 0)."""
+
+    def __init__(self, label: str, total: int, enabled: bool = True, every: float = 3.0, unit: str = "step"):
+        self.label, self.total, self.enabled, self.every, self.unit = label, total, enabled, every, unit
+        self.start = self.last = time.perf_counter()
+
+    def note(self, text: str) -> None:
+        """One line about the phase (what it is about to do, or what it found)."""
+        if self.enabled:
+            tqdm.write(f"{self.label}: {text}")
+
+    def step(self, done: int) -> None:
+        """`done` of the `total` steps are finished."""
+        now = time.perf_counter()
+        if self.enabled and (done == self.total or now - self.last >= self.every):
+            self.last = now
+            tqdm.write(f"{self.label}: {self.unit} {done}/{self.total} ({now - self.start:.1f} s)")
+
+
 class Trainer:
     """Trains the trainable parameters of a `MultiTaskObjective` on per-task image sets."""
 
     def __init__(self, objective: MultiTaskObjective, train_sets: Mapping[str, ImageSet], cfg: TrainConfig,
                  val_sets: Mapping[str, ImageSet] | None = None, run_dir: Path | None = None,
-                 dist: DistInfo | None = None, progress: bool = True):
+                 dist: DistInfo | None = None, progress: bool = True, label: str = ""):
+        """`label` names the phase in the progress output (`grouping: epoch 1/2`), for commands that train
+        more than once."""
         self.cfg, self.dist = cfg, dist or DistInfo()
+        self.label = f"{label}: " if label else ""
         if cfg.batch_size % self.dist.world:
             raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the world size {self.dist.world}")
         self.objective = objective.to(self.dist.device)
@@ -307,8 +333,8 @@ class Trainer:
             end = min((epoch + 1) * self.steps_per_epoch, until or self.total_steps)
             if self.step >= end:
                 break
-            bar = tqdm(total=end - self.step, desc=f"epoch {epoch + 1}/{self.epochs}", disable=not self.progress,
-                       leave=False, dynamic_ncols=True)
+            name = f"{self.label}epoch {epoch + 1}/{self.epochs}"
+            bar = tqdm(total=end - self.step, desc=name, disable=not self.progress, leave=False, dynamic_ncols=True)
             sums = torch.zeros(2, len(tasks))
             n_steps = 0
             while self.step < end:
@@ -340,7 +366,7 @@ class Trainer:
             if self.progress:
                 val = row.get("val_acc", {})
                 mean_val = f" val {sum(val.values()) / len(val):.3f}" if val else ""
-                tqdm.write(f"epoch {epoch + 1}/{self.epochs}: loss {sum(row.get('loss', {}).values()):.3f}{mean_val}")
+                tqdm.write(f"{name}: loss {sum(row.get('loss', {}).values()):.3f}{mean_val}")
             self.save(epoch + 1)
             barrier(self.dist)
         rate = steps_done * seen_per_step / train_seconds if train_seconds else 0.0

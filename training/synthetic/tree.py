@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ..configs import HelpFormatter
 from .classes import CLASSES, class_folder
 from .domains import DOMAINS
 from .render import _check, image
@@ -61,7 +62,8 @@ def _domain_list(text: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> dict:
     """CLI entry point: write an ImageFolder tree and print its summary as JSON."""
     parser = argparse.ArgumentParser(prog="python -m training.synthetic",
-                                     description="Write the procedural multi-domain dataset as ImageFolder trees.")
+                                     description="Write the procedural multi-domain dataset as ImageFolder trees.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--per-class", type=int, required=True, help="images per class and domain")
     parser.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
