@@ -2,7 +2,7 @@
 
     from mmap_client import Client
     with Client("http://127.0.0.1:8000") as mmap:
-        top = mmap.classify("clipart", "cat.jpg").label             # a path, bytes or a binary file object
+        top = mmap.classify("clipart", "cat.jpg").label   # a path, bytes, a binary file object or a PIL image
         own = mmap.classify("clipart", "cat.jpg", labels=["cat", "lynx"])
         many = mmap.classify_batch("clipart", ["a.jpg", "b.png"])   # Classification or MmapError, in order
         vector = mmap.embed("cat.jpg", task="clipart").vector       # L2-normalised floats
@@ -14,17 +14,26 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Union
 
 import httpx
 
-Image = Union[bytes, str, Path, IO[bytes]]  # noqa: UP007 (a runtime alias)
+if TYPE_CHECKING:
+    import PIL.Image
+
+__all__ = ["AsyncClient", "Classification", "Client", "Embedding", "Image", "MmapError", "Prediction"]
+
+# What an image argument may be (a runtime alias); PIL stays a name only: the client never imports it.
+Image = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes], "PIL.Image.Image"]  # noqa: UP007
+_ACCEPTED = "a path (str or os.PathLike), bytes, a binary file object or a PIL.Image.Image"
 
 
 class MmapError(Exception):
@@ -57,9 +66,12 @@ class Classification:
 
 @dataclass(frozen=True)
 class Embedding:
+    """The same for the binary and the JSON answer."""
+
     task: str | None  # None: the unprompted backbone
-    version: str | None
-    vector: Sequence[float]  # L2-normalised
+    version: str | None  # of the task's prompt set; None for the backbone
+    prompt_set: str | None  # the set serving the task; None for the backbone
+    vector: Sequence[float]  # L2-normalised float32 (an array("f"))
 
 
 @dataclass(frozen=True)
@@ -75,16 +87,47 @@ class _Call:
     headers: dict[str, str] | None = None
 
 
-def _read(image: Image) -> bytes:
-    if isinstance(image, bytes):
-        return image
-    if isinstance(image, (str, Path)):
+def _pil_image(value: object) -> bool:
+    # A PIL image exists only once PIL.Image is imported, so looking it up imports nothing.
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(value, pil.Image)
+
+
+def _read(image: Image, name: str = "image") -> bytes:
+    """The bytes to upload; `name` says which argument in an error."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
         return Path(image).read_bytes()
-    return image.read()
+    if _pil_image(image):
+        return _png(image)
+    read = getattr(image, "read", None)
+    if not callable(read):
+        raise TypeError(f"{name}: expected {_ACCEPTED}, got {type(image).__name__}")
+    data = read()
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name}: the file object read {type(data).__name__}, not bytes (open it in binary mode, 'rb')")
+    return bytes(data)
 
 
-def _files(images: Sequence[Image]) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("file", (f"image{i}", _read(image), "application/octet-stream")) for i, image in enumerate(images)]
+def _png(image: PIL.Image.Image) -> bytes:
+    """The image losslessly as PNG; modes PNG cannot hold (CMYK, YCbCr, F, ...) go to RGB(A) first."""
+    buffer = io.BytesIO()
+    try:
+        image.save(buffer, "PNG")
+    except (OSError, KeyError):
+        buffer = io.BytesIO()
+        image.convert("RGBA" if image.mode.endswith("A") else "RGB").save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _files(images: Sequence[Image], names: Sequence[str] | None = None) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """The multipart `file` parts; `names`: the arguments, for errors (default images[0], images[1], ...)."""
+    if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(images, "read") \
+            or _pil_image(images):
+        raise TypeError(f"images: expected a sequence of images, got one image ({type(images).__name__})")
+    return [("file", (f"image{i}", _read(image, names[i] if names else f"images[{i}]"), "application/octet-stream"))
+            for i, image in enumerate(images)]
 
 
 def _error(response: httpx.Response) -> MmapError:
@@ -120,9 +163,12 @@ def _embedding(response: httpx.Response) -> Embedding:
         vector = array("f", response.content)
         if sys.byteorder == "big":
             vector.byteswap()  # the service sends little-endian float32
-        return Embedding(None, response.headers.get("x-mmap-version"), vector)
+        headers = response.headers
+        return Embedding(headers.get("x-mmap-task"), headers.get("x-mmap-version"), headers.get("x-mmap-prompt-set"),
+                         vector)
     body = response.json()
-    return Embedding(body["task"], body["version"], body["embedding"])
+    # The service's float32 values, exactly (JSON floats round-trip): equal to the binary answer's vector.
+    return Embedding(body["task"], body["version"], body["prompt_set"], array("f", body["embedding"]))
 
 
 class _Api:
@@ -134,7 +180,7 @@ class _Api:
     def classify(self, task: str, image: Image, *, top_k: int = 5, labels: Sequence[str] | None = None) -> Any:
         """Classification of one image; `labels`: score against these class names instead of the task's."""
         return self._call(_Call("POST", "/classify", lambda r: _classification(_json(r)),
-                                {"task": task, "top_k": top_k}, _files([image]),
+                                {"task": task, "top_k": top_k}, _files([image], ["image"]),
                                 None if labels is None else {"labels": json.dumps(list(labels))}))
 
     def classify_batch(self, task: str, images: Sequence[Image], *, top_k: int = 5,
@@ -145,10 +191,10 @@ class _Api:
 
     def embed(self, image: Image, *, task: str | None = None, binary: bool = True) -> Any:
         """The L2-normalised image embedding (`task`: its prompted tower; None: the unprompted backbone).
-        `binary` fetches raw float32 (compact); the JSON answer also names the task and version."""
+        `binary` fetches raw float32 (compact) instead of JSON floats; both give the same Embedding."""
         headers = {"accept": "application/octet-stream"} if binary else None
-        return self._call(_Call("POST", "/embed", _embedding, {} if task is None else {"task": task}, _files([image]),
-                                headers=headers))
+        return self._call(_Call("POST", "/embed", _embedding,
+                                {"task": task} if task else {}, _files([image], ["image"]), headers=headers))
 
     def tasks(self, *, prefix: str = "", after: str = "", limit: int = 10_000) -> Any:
         """Served tasks in name order (classes, prompt set, version, method, model card): those whose names start
@@ -211,6 +257,3 @@ class AsyncClient(_Api):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
-
-
-__all__ = ["AsyncClient", "Classification", "Client", "Embedding", "MmapError", "Prediction"]
