@@ -18,8 +18,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-run: install
-	$(BIN)/python -m service
+# `make run` serves ./prompts, the directory the README's `training.publish --to prompts/` publishes into (the
+# service watches it, so a publication is served within seconds); the first run seeds it with the demo sets.
+PROMPTS ?= prompts
+DEMO_SETS := mmap_model/weights/mmap-tiny/promptsets
+
+$(PROMPTS):
+	cp -r $(DEMO_SETS) $@
+
+run: install | $(PROMPTS)
+	$(BIN)/python -m service --prompts $(PROMPTS)
 
 # Two processes (pytest-xdist; each test file stays in one): the suite is mostly waiting on real services.
 test: install

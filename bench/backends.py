@@ -1,7 +1,7 @@
 """Image-tower throughput, torch vs onnxruntime, in one run: `python bench/backends.py [--model ViT-B-32]`.
 
-The backends are the service's own (`service.backends.TorchImageTower`, eager, with CUDA graphs or
-with torch.compile; `service.onnx_backend.OnnxImageTower`), called as the engine calls them: CPU fp32
+The backends are the service's own (`service.engine.backends.TorchImageTower`, eager, with CUDA graphs or
+with torch.compile; `service.engine.onnx.backend.OnnxImageTower`), called as the engine calls them: CPU fp32
 images and per-sample visual prompts [B, J, m, d_v] (default J=9, m=4: a grouped task under the
 default PromptConfig) in, normalised features out, so host-device copies are included. Random
 weights (seed 0): the cost does not depend on their values. For each batch size the backends are
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from mmap_model import load_backbone
-from service.backends import TorchImageTower
+from service.engine.backends import TorchImageTower
 
 Tower = Callable[[Tensor, Tensor | None], Tensor]
 
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
                                            max(args.batch_sizes), cuda_graphs=name == "torch-graphs")
             towers[name].buckets = sorted(args.batch_sizes)  # every size runs unpadded; no other is prepared
         else:
-            from service.onnx_backend import OnnxImageTower
+            from service.engine.onnx.backend import OnnxImageTower
 
             start = time.perf_counter()
             towers[name] = OnnxImageTower(backbone, cache_dir=Path(tempfile.mkdtemp(prefix="bench-onnx-")),

@@ -1,10 +1,10 @@
 """Upload decoding + preprocessing throughput: `python bench/decode.py [--sizes 224 1024] [--devices cpu cuda]`.
 
 Measures, in one run, the two ways the service can turn a JPEG upload into the image tower's input:
-- cpu: decode=worker, a worker's path (`service.uploads.Preprocessor`: Pillow with its checks, resize
+- cpu: decode=worker, a worker's path (`service.http.uploads.Preprocessor`: Pillow with its checks, resize
   and crop to uint8) then the engine's normalisation, on a thread pool of each of `--workers` sizes,
   as a worker's decode pool runs it;
-- tensor: decode=engine, the engine's path (`service.device_decode.DeviceDecoder`: torchvision's
+- tensor: decode=engine, the engine's path (`service.engine.device_decode.DeviceDecoder`: torchvision's
   batched `decode_jpeg`, libjpeg-turbo on the CPU, one thread; nvjpeg on CUDA; then the resize and
   crop on tensors) and the normalisation on that device, `--batch` uploads per call, the host->device
   copy of the bytes included; once per device in `--devices`.
@@ -29,9 +29,9 @@ import torchvision
 from uploads import synthetic_jpegs
 
 from mmap_model import load_backbone
-from service.backends import PixelNormalizer
-from service.device_decode import DeviceDecoder
-from service.uploads import Preprocessor
+from service.engine.backends import PixelNormalizer
+from service.engine.device_decode import DeviceDecoder
+from service.http.uploads import Preprocessor
 
 MAX_PIXELS = 64_000_000
 

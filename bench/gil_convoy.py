@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from mmap_model import load_backbone
-from service.backends import TorchImageTower
+from service.engine.backends import TorchImageTower
 
 
 def median_ms(tower, images, prompts, n: int) -> float:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.backends:
         if name == "onnx":
-            from service.onnx_backend import OnnxImageTower
+            from service.engine.onnx.backend import OnnxImageTower
 
             tower = OnnxImageTower(backbone, cache_dir=tempfile.mkdtemp())
         else:

@@ -41,7 +41,7 @@ if ! "$PY" -c "import fastapi" 2> /dev/null && [ -d .gpu/wheels ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/wheels/*.whl
   export PYTHONPATH=$PYTHONPATH:/tmp/site  # (before site-packages: these win where the image has a package too)
 fi
-if ! "$PY" -c "import fastapi, uvicorn, zmq, msgspec, open_clip, service.app, service.engine"; then
+if ! "$PY" -c "import fastapi, uvicorn, zmq, msgspec, open_clip, service.http.app, service.engine.loop"; then
   echo "gpu_check: the project's dependencies do not import (above); on a host without a registry run" \
        "bench/gpu_prepare.sh where pip works and bring .gpu/" >&2
   exit 3

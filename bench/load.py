@@ -51,7 +51,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from uploads import synthetic_jpegs
 
 from mmap_model import PromptConfig, PromptSet, TaskSpec, load_backbone
-from service.backends import TorchImageTower
+from service.engine.backends import TorchImageTower
 
 REPO = Path(__file__).resolve().parents[1]
 WORDS = ["apple", "boat", "chair", "dog", "eagle", "fork", "guitar", "house", "island", "jacket", "kite", "lamp",

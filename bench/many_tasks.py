@@ -126,7 +126,7 @@ class Service:
         names = {}
         for pid in service_pids(self.process.pid):
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            role = ("engine" if b"service.engine" in cmdline else "worker" if b"service.worker" in cmdline
+            role = ("engine" if b"service.engine" in cmdline else "worker" if b"worker" in cmdline
                     else "launcher")
             names.setdefault(role, []).append(rss_mb(pid))
         return {role: max(values) for role, values in names.items()}

@@ -28,10 +28,10 @@ import torch
 from many_tasks import make_sets
 
 from mmap_model import load_backbone
-from service.catalog import CatalogFeed
-from service.engine_client import CatalogView
+from service.engine.catalog import CatalogFeed
+from service.engine.registry import Registry
+from service.http.engine_client import CatalogView
 from service.metrics import Metrics
-from service.registry import Registry
 from service.transport import decode_to_worker, encode
 
 

@@ -47,9 +47,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from uploads import synthetic_jpegs
 
 from mmap_model import EMBEDDED_PROMPTS_DIR, PromptedCLIP, PromptSet, load_backbone
-from service.backends import PixelNormalizer, TorchImageTower
+from service.engine.backends import PixelNormalizer, TorchImageTower
+from service.http.uploads import Preprocessor
 from service.settings import Settings
-from service.uploads import Preprocessor
 
 REPO = Path(__file__).resolve().parents[1]
 WRK = os.environ.get("WRK", "wrk")  # Debian's wrk; a copied binary elsewhere (bench/gpu_check.sh)
@@ -118,7 +118,8 @@ class Server:
     @property
     def http_pids(self) -> list[int]:
         """The processes that run HTTP and decoding: the workers, or the landed service's one process."""
-        kids = [p for p in self.pids[1:] if b"service.worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        # service.http.worker (service.worker in older trees)
+        kids = [p for p in self.pids[1:] if b"worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
         return kids or [self.process.pid]
 
     def frozen(self):

@@ -170,10 +170,10 @@ health=$("${DOCKER[@]}" inspect --format '{{.State.Health.Status}}' "$NAME")
 echo "ok  HEALTHCHECK: $health"
 
 "${PODMAN[@]}" top "$NAME" huser args | tee "$WORK/top.txt" | sed 's/^/    /'
-for role in "service *$" "service.engine" "service.worker"; do
+for role in "service *$" "service.engine.loop" "service.http.worker"; do
   grep -Eq -- "-m $role" "$WORK/top.txt" || fail "no process runs python -m ${role% *$}"
 done
-(($(grep -c -- '-m service.worker' "$WORK/top.txt") == 2)) || fail "expected 2 HTTP workers"
+(($(grep -c -- '-m service.http.worker' "$WORK/top.txt") == 2)) || fail "expected 2 HTTP workers"
 awk 'NR > 1 && $1 != '"$UID_EXPECTED"' {bad = 1} END {exit bad}' "$WORK/top.txt" || fail "a process is not uid $UID_EXPECTED"
 shm=$("${DOCKER[@]}" exec "$NAME" df -B1M --output=size /dev/shm | tail -1 | tr -d ' ')
 ((shm >= 1024)) || fail "/dev/shm is ${shm} MB"

@@ -98,9 +98,8 @@ def _text_block(block: nn.Module, x: Tensor, mask: Tensor, at: Tensor | None = N
     [N, 1, d]: under the causal mask it reads the other positions' keys and values, but nothing reads its
     output in the same block, so their queries, attention, output projection and MLP are skipped (the last
     block at about a third of its cost). On the CPU, for rows of at most EXPLICIT_ATTENTION_MAX_LENGTH tokens
-    (class texts are ~10-30), the attention is written as its products, which torch's fused CPU kernel with a
-    mask took 1.4-3.6x as long as at 16-40 tokens (it wins at 77; measured on the 2-core dev box at the
-    embedded model's and ViT-B's head widths); elsewhere that kernel runs. The arithmetic is
+    (class texts are ~10-30), the attention is written as its products, which at such lengths run faster than
+    torch's fused CPU kernel with a mask (that kernel wins at 77 tokens, and runs elsewhere). The arithmetic is
     MultiheadAttention's; results agree to float rounding (tests/test_encoders.py)."""
     attn = block.attn
     n, length, d = x.shape

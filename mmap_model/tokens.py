@@ -2,8 +2,8 @@
 
 open_clip's `SimpleTokenizer` (the CLIP BPE, `clean="lower"`) cleans every text with ftfy and
 `html.unescape` before it splits and encodes it; for class texts, that cleaning is most of the
-tokenizer's time (about 55 us a text of which ftfy alone takes about half, measured on the 2-core dev
-box), and it is the largest share of loading thousands of tasks (docs/benchmarks.md, "Many tasks").
+tokenizer's time, a cost paid for every class of every task when thousands of tasks load
+(docs/benchmarks.md, "Many tasks").
 On text made only of printable ASCII characters other than '&' both leave the text as it is (ftfy's
 fixes touch HTML entities, which need '&', control and escape characters, line breaks other than
 '\\n', and non-ASCII characters; `html.unescape` needs '&'), so for such text `tokenize` skips them

@@ -1,15 +1,14 @@
 """Connections spread evenly over the HTTP workers: the launcher accepts, the workers serve.
 
 When every worker accepts on one shared listening socket, whichever is awake when connections
-arrive takes most of them (one of four workers answered 85-100 % of a wrk run: docs/benchmarks.md,
-"Worker balance"). So the launcher alone accepts, and hands the connections to the workers in turn,
-each as a file descriptor over a Unix socket (SCM_RIGHTS), as Node's cluster module does by
-default. A worker serves what it is handed with uvicorn exactly as what it would have accepted
-(worker.py).
+arrive takes most of them (docs/benchmarks.md, "Worker balance"). So the launcher alone accepts,
+and hands the connections to the workers in turn, each as a file descriptor over a Unix socket
+(SCM_RIGHTS), as Node's cluster module does by default. A worker serves what it is handed with
+uvicorn exactly as what it would have accepted (service/http/worker.py).
 
 - In turn, not "fewest open connections": that count lags (a worker counts a connection closed when
-  its loop gets to it), and a burst of new connections arriving while the old ones close was measured
-  to split 73/27 over two workers; in turn splits any burst evenly, whatever is open.
+  its loop gets to it), so a burst of new connections arriving while the old ones close goes mostly to
+  one worker; in turn splits any burst evenly, whatever is open.
 - A worker takes connections only once it says so (its pid in a shared page, a memfd, written when
   its app is up) and until it drains; connections arriving while none can take them wait in the
   listening socket's backlog. A worker whose channel is full (it stopped reading) is passed over.

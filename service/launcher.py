@@ -146,7 +146,7 @@ class Launcher:
         read_fd, write_fd = os.pipe()
         env = {ENGINE_READY_FD_ENV: str(write_fd), ENGINE_ADDRESS_ENV: f"ipc://{self.runtime / 'engine.sock'}"}
         env.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # idle threads yield the CPU
-        self.engine = self._spawn("service.engine", env, (write_fd,))
+        self.engine = self._spawn("service.engine.loop", env, (write_fd,))
         os.close(write_fd)
         line = b""
         with os.fdopen(read_fd, "rb", buffering=0) as ready:
@@ -169,7 +169,7 @@ class Launcher:
         env = {WORKER_INDEX_ENV: str(index), ENGINE_INFO_ENV: self.engine_info.decode(),
                **{name: str(fd) for name, fd in fds.items()}}
         self.balancer.starting(index)
-        process = self._spawn("service.worker", env, tuple(fds.values()))
+        process = self._spawn("service.http.worker", env, tuple(fds.values()))
         self.balancer.started(index, process.pid)
         self.workers[index] = _Child(process, time.monotonic())
 

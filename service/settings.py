@@ -39,8 +39,9 @@ class Settings(BaseSettings):
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="weight and activation precision")
     backend: Literal["torch", "onnx"] = Field("torch", description="image-tower backend: torch, or onnx (onnxruntime; "
                                                                     "the onnx extra)")
-    onnx_model: Path | None = Field(None, description="onnx backend: a graph from `python -m service.export_onnx`; "
-                                                      "unset = export at start-up into onnx_cache")
+    onnx_model: Path | None = Field(None, description="onnx backend: a graph from "
+                                                      "`python -m service.engine.onnx.export`; unset = export at "
+                                                      "start-up into onnx_cache")
     onnx_cache: Path = Field(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmap-serve" / "onnx",
                              description="onnx backend: directory of graphs exported on the fly, keyed by backbone "
                                          "fingerprint, J and m")
@@ -87,6 +88,8 @@ class Settings(BaseSettings):
     max_images: int = Field(16, ge=1, description="images in one /classify/batch request; beyond it 413")
     max_upload_bytes: int = Field(20 << 20, ge=1, description="largest accepted image file (bytes); beyond it 413")
     max_image_pixels: int = Field(40_000_000, ge=1, description="largest accepted width x height; beyond it 413")
+    max_inflight_bytes: int = Field(512 << 20, ge=1, description="bytes of upload bodies each HTTP worker holds at "
+                                                                 "once (read, parsed or decoded); beyond it 503 busy")
     admin_token: SecretStr | None = Field(None, description="bearer token of /admin; unset = admin API off (404)")
     watch_interval_s: float = Field(2.0, ge=0, description="prompt-directory poll interval; 0 = no watching")
     watch_debounce_s: float = Field(1.0, ge=0, description="a change is applied once it has been stable this long")
@@ -104,9 +107,12 @@ class Settings(BaseSettings):
         return None if value in (None, "", "none") else value
 
     @model_validator(mode="after")
-    def _one_way_to_cut_launches(self) -> Settings:
+    def _consistent(self) -> Settings:
         if self.cuda_graphs and self.torch_compile != "off":
             raise ValueError("cuda_graphs and torch_compile exclude each other: choose one")
+        if self.max_inflight_bytes < self.max_upload_bytes * self.max_images:
+            raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) must hold a whole batch: at least "
+                             f"max_upload_bytes x max_images = {self.max_upload_bytes * self.max_images}")
         return self
 
     def resolved(self, device_type: str) -> Settings:

@@ -30,6 +30,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
+from service.schema import ErrorCode, PromptSetListing, ServedModel, TaskInfo
+
 # The environment a launcher hands to the processes it starts (besides the settings, see settings.py).
 ENGINE_READY_FD_ENV = "MMAP_ENGINE_READY_FD"  # the engine writes its EngineInfo here once it serves
 ENGINE_ADDRESS_ENV = "MMAP_ENGINE_ADDRESS"  # the engine's ZeroMQ endpoint
@@ -126,26 +128,42 @@ class Sync(msgspec.Struct, tag=True):
     generation: int
 
 
+class ListSets(msgspec.Struct, tag=True):
+    """The prompt sets of the prompt directory: answered with a `PromptSetListing`."""
+
+
+class LoadSet(msgspec.Struct, tag=True):
+    """Load (or reload) the set `name`: answered with the `PromptSetListing` after it."""
+
+    name: str
+
+
+class UnloadSet(msgspec.Struct, tag=True):
+    """Stop serving the set `name`: answered with the `PromptSetListing` after it."""
+
+    name: str
+
+
+class GetSample(msgspec.Struct, tag=True):
+    """A sample image a task's prompt set ships: answered with a `Sample`."""
+
+    task: str
+    filename: str
+
+
+Operation = ListSets | LoadSet | UnloadSet | GetSample
+
+
 class Call(msgspec.Struct, tag=True):
-    """Operations off the hot path: `admin.list`, `admin.load`, `admin.unload` (arg: a set name), `sample`."""
+    """An operation off the hot path (admin, sample files), answered by a `Reply` with the same id."""
 
     id: int
-    op: str
-    args: dict[str, str] = {}
+    op: Operation
 
 
-class TaskInfo(msgspec.Struct):
-    task: str
-    prompt_set: str
-    version: str
-    method: str
-    group: str | None
-    classes: list[str]
-    samples: list[str]
-    template: str = ""
-    evaluation: dict[str, Any] = {}  # the set's recorded evaluation of this task (promptset.json)
-    trained: dict[str, Any] = {}  # how and when the set was trained (its provenance)
-    metered: bool = True  # its request metrics carry its name (else task="_other": metrics.py)
+class Sample(msgspec.Struct):
+    data: bytes
+    media_type: str
 
 
 class Catalog(msgspec.Struct, tag=True):
@@ -196,7 +214,7 @@ class Embedded(msgspec.Struct, tag=True):
 class Failed(msgspec.Struct, tag=True):
     id: int
     status: int
-    error: str
+    error: ErrorCode
     detail: str
     retry_after_s: int | None = None
 
@@ -210,8 +228,10 @@ class Results(msgspec.Struct, tag=True):
 class Reply(msgspec.Struct, tag=True):
     id: int
     status: int
-    body: Any  # a JSON-able answer; bytes for `sample`
-    error: str | None = None
+    listing: PromptSetListing | None = None  # the answer to ListSets, LoadSet, UnloadSet
+    sample: Sample | None = None  # the answer to GetSample
+    error: ErrorCode | None = None  # refused: why
+
     detail: str | None = None
 
 
@@ -221,21 +241,16 @@ ToWorker = Welcome | Catalog | CatalogDelta | Results | Scored | Embedded | Fail
 encode = msgspec.msgpack.Encoder().encode
 decode_to_engine = msgspec.msgpack.Decoder(ToEngine).decode
 decode_to_worker = msgspec.msgpack.Decoder(ToWorker).decode
+decode_operation = msgspec.msgpack.Decoder(Operation).decode
 
 
-class EngineInfo(msgspec.Struct):
+class EngineInfo(ServedModel):
     """What the launcher learns from the engine once it is up, and hands to every worker."""
 
     address: str  # the engine's ZeroMQ endpoint
     pid: int
     image_size: tuple[int, int]  # (H, W) of the model's input
     preprocess: dict[str, Any]  # open_clip's PreprocessCfg fields (size, mode, mean, std, interpolation, resize_mode)
-    model: str
-    pretrained: str | None
-    fingerprint: str
-    device: str
-    precision: str
-    backend: str
 
 
 def engine_info_json(info: EngineInfo) -> bytes:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from mmap_model import Backbone, load_backbone
-from service.backends import TorchImageTower, batch_buckets, make_image_tower
+from service.engine.backends import TorchImageTower, batch_buckets, make_image_tower
 from service.settings import Settings
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -144,7 +144,7 @@ def test_onnxruntime_cuda_provider_matches_torch(tmp_path, precision, tolerance)
     ort = pytest.importorskip("onnxruntime")
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime has no CUDA provider: pip install 'onnxruntime-gpu[cuda,cudnn]' (the onnx-gpu extra)")
-    from service.onnx_backend import OnnxImageTower
+    from service.engine.onnx.backend import OnnxImageTower
 
     backbone = cuda_backbone("ViT-B-32", precision)
     tower = OnnxImageTower(backbone, cache_dir=tmp_path)
@@ -157,7 +157,7 @@ def test_onnxruntime_cuda_provider_matches_torch(tmp_path, precision, tolerance)
 @pytest.mark.gpu
 @needs_cuda
 def test_pixels_cross_to_the_gpu_through_reused_pinned_buffers():
-    from service.backends import PixelNormalizer
+    from service.engine.backends import PixelNormalizer
 
     mean, std = [0.5, 0.4, 0.3], [0.2, 0.3, 0.4]
     normalize = PixelNormalizer(torch.device("cuda"), mean, std)
@@ -178,7 +178,7 @@ def test_pixels_cross_to_the_gpu_through_reused_pinned_buffers():
 def test_a_batch_staged_while_the_last_is_still_queued_does_not_overwrite_its_pixels():
     """The engine launches the next batch before the last one's copy has run (batches_in_flight 2): with the GPU
     kept busy, every batch staged in turn must still arrive as it was."""
-    from service.backends import PixelNormalizer
+    from service.engine.backends import PixelNormalizer
 
     normalize = PixelNormalizer(torch.device("cuda"), [0.5] * 3, [0.2] * 3)
     # more batches than buffers: the pool grows to its most, then waits for the oldest copy
@@ -202,8 +202,8 @@ GPU_DECODE_MAX, GPU_DECODE_MEAN = 16, 1.0  # 8-bit levels between nvjpeg + resiz
 def test_nvjpeg_decoding_is_within_the_stated_tolerance_and_fails_only_the_bad_file(vitb32):
     from helpers.service import jpeg, truncated
 
-    from service.device_decode import DeviceDecoder, UndecodableJpeg
-    from service.uploads import Preprocessor
+    from service.engine.device_decode import DeviceDecoder, UndecodableJpeg
+    from service.http.uploads import Preprocessor
 
     cfg = vitb32.preprocess_cfg
     pillow, engine = Preprocessor(cfg, 10**8), DeviceDecoder(cfg, torch.device("cuda"))

@@ -11,9 +11,9 @@ pytest.importorskip("onnxruntime", reason="the onnx extra is not installed: pip 
 import onnx  # noqa: E402
 
 from mmap_model import Backbone, load_backbone  # noqa: E402
-from service.backends import TorchImageTower, make_image_tower  # noqa: E402
-from service.export_onnx import OnnxGraphError, cache_name, export_image_tower, graph_info, main  # noqa: E402
-from service.onnx_backend import OnnxImageTower  # noqa: E402
+from service.engine.backends import TorchImageTower, make_image_tower  # noqa: E402
+from service.engine.onnx.backend import OnnxImageTower  # noqa: E402
+from service.engine.onnx.export import OnnxGraphError, cache_name, export_image_tower, graph_info, main  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 TOLERANCE = 1e-4

@@ -23,7 +23,7 @@ from helpers.service import (  # noqa: E402
 )
 
 from mmap_model import PromptConfig, TaskSpec  # noqa: E402
-from service.export_onnx import export_image_tower  # noqa: E402
+from service.engine.onnx.export import export_image_tower  # noqa: E402
 
 SCENES = {"indoor": TaskSpec(["kitchen", "office", "garage"], "a photo of a {}.", "places")}
 

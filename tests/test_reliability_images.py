@@ -27,8 +27,9 @@ from helpers.reliability import GoodTraffic, assert_json_error
 from helpers.service import OFFICE, image_bytes, make_set, publish, run, scores, serve, served, settings
 from PIL import Image
 
-from service.images import decode_image
-from service.uploads import MULTIPART_OVERHEAD
+from service import Settings
+from service.http.images import decode_image
+from service.http.uploads import MULTIPART_OVERHEAD
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 GOOD_TASKS = ("clipart", "product", "real")
@@ -217,6 +218,9 @@ def test_hostile_corpus_gets_documented_answers_while_serving(prompts_dir):
                     else:
                         assert_json_error(response, case.status, case.error)
                         assert b"<script" not in response.content  # nothing of the upload is echoed back
+                        if case.error == "too_many_pixels":  # the configured limit, never Pillow's own guard (2x)
+                            limit = Settings.model_fields["max_image_pixels"].default
+                            assert f"the limit is {limit}" in response.json()["detail"], response.text
                 except AssertionError as e:
                     wrong.append(f"{case.name}: {e}")
             assert not wrong, "\n".join(wrong)

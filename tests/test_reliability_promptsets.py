@@ -30,8 +30,9 @@ from starlette.requests import Request
 
 from mmap_model import TaskSpec
 from mmap_model.promptset import CONFIG_FILE, MAX_WEIGHTS_BYTES, WEIGHTS_FILE
-from service import app as service_app
 from service.errors import ServiceError
+from service.http import admin as service_admin
+from service.http import app as service_app
 
 STOLEN = {"stolen": TaskSpec(["secret", "plans"], "a photo of {}.")}
 
@@ -57,7 +58,7 @@ async def _served_tasks(client: httpx.AsyncClient) -> set[str]:
 
 def test_admin_token_is_compared_with_hmac_compare_digest():
     """The code path: the only comparison of the given token with the configured one is hmac.compare_digest."""
-    source = inspect.getsource(service_app._require_admin)
+    source = inspect.getsource(service_admin._require_admin)
     assert "hmac.compare_digest(" in source
     assert "== token" not in source and "token ==" not in source and "!= token" not in source
 
@@ -72,13 +73,13 @@ def test_admin_token_comparison_runs_compare_digest_at_runtime(tmp_path):
     def check(authorization: str | None) -> int:
         headers = [] if authorization is None else [(b"authorization", authorization.encode())]
         try:
-            service_app._require_admin(Request({"type": "http", "app": app, "headers": headers}), None)
+            service_admin._require_admin(Request({"type": "http", "app": app, "headers": headers}), None)
         except ServiceError as e:
             return e.status
         return 200
 
     def profile(frame, event, arg):
-        if event == "c_call" and arg is service_app.hmac.compare_digest:
+        if event == "c_call" and arg is service_admin.hmac.compare_digest:
             calls.append(threading.current_thread().name)
 
     sys.setprofile(profile)

@@ -6,7 +6,9 @@ send requests one after another, so a test's metrics are the difference of its o
 from __future__ import annotations
 
 import asyncio
+import os
 import re
+import shutil
 import struct
 import time
 import zlib
@@ -86,6 +88,9 @@ def test_classify_answers_well_formed_json(shared, sets):
             raw = await c.post("/classify", params={"task": "clipart", "top_k": 100}, content=data,
                                     headers={"content-type": "image/png"})
             assert scores(raw) == pytest.approx(scores(full), abs=1e-6)
+            huge = await c.post("/classify", params={"task": "clipart", "top_k": "9" * 30}, content=data,
+                                headers={"content-type": "image/png"})  # more than any task's classes: all of them
+            assert huge.status_code == 200 and len(huge.json()["predictions"]) == len(OFFICE["clipart"].classnames)
             default_k = await c.post("/classify?task=real", files={"file": ("a.png", data)})
             assert len(default_k.json()["predictions"]) == 5
 
@@ -280,7 +285,7 @@ def test_metrics_count_every_route_and_refusal(shared):
             assert refused.status_code == 404 and refused.json()["error"] == "unknown_task"
             embedded = await c.post("/embed", content=garbage, headers={"content-type": "image/png"})
             assert embedded.status_code == 415
-            for top_k in ("²", "9" * 5000, "1_0"):  # isdigit() but not int(); past int()'s digit limit; int()'s "10"
+            for top_k in ("²", "0" * 30, "1_0"):  # isdigit() but not int(); zero however long; int()'s "10"
                 response = await c.post("/classify", params={"task": "sketch", "top_k": top_k}, content=good,
                                         headers={"content-type": "image/png"})
                 assert response.status_code == 422 and "top_k" in response.json()["detail"], top_k
@@ -300,25 +305,44 @@ def test_metrics_count_every_route_and_refusal(shared):
 
 
 def test_readyz_only_after_prompt_sets_and_warm_up(prompts_dir, tiny, tmp_path):
+    # The three sets and 2,000 copies of one (hard links): loading takes seconds, so /readyz is seen loading.
+    loading = tmp_path / "loading"
+    shutil.copytree(prompts_dir, loading, copy_function=os.link)
+    first = sorted(p for p in prompts_dir.iterdir() if p.is_dir())[0]
+    for i in range(2000):
+        shutil.copytree(first, loading / f"copy{i:04d}", copy_function=os.link)
+
     async def scenario():
-        async with serve(settings(prompts_dir), ready=False) as client:
+        async with serve(settings(loading), ready=False) as client:
             assert (await client.get("/healthz")).json() == {"status": "alive", "engine": "up"}
-            seen, deadline = [], time.monotonic() + 60
+            seen, deadline = [], time.monotonic() + 120
             while (response := await client.get("/readyz")).status_code != 200:
                 assert time.monotonic() < deadline, response.text
                 seen.append(response.json()["reason"])
-                refused = await classify(client, "clipart", image_bytes(7))
-                assert refused.status_code in (404, 503), refused.text  # tasks unknown yet, or not warmed up
+                answer = await classify(client, "clipart", image_bytes(7))
+                if answer.status_code == 200:  # only if it turned ready since
+                    assert (await client.get("/readyz")).status_code == 200
+                else:
+                    assert answer.status_code in (404, 503), answer.text  # tasks unknown yet, or not warmed up
                 await asyncio.sleep(0.005)
             assert response.json() == {"ready": True, "reason": None, "tasks": 7,
                                        "workers": {"serving": 1, "configured": 1}}
-            assert all(re.fullmatch(r"loading prompt sets( and warming up|: \d of 3)", r) for r in seen), seen
+            assert seen, "/readyz was never seen loading"
+            assert all(re.fullmatch(r"loading prompt sets( and warming up|: [\d,]+ of 2,003)", r) for r in seen), seen
+            assert (await classify(client, "clipart", image_bytes(7))).status_code == 200
 
+    run(scenario())
+
+
+def test_readyz_not_ready_while_no_task_is_served(tiny, tmp_path):
+    async def scenario():
         # Warmed up but serving no task is not ready either; loading a set makes it ready.
         empty = tmp_path / "empty"
         empty.mkdir()
         async with serve(settings(empty, admin_token="t"), ready=False) as client:
+            deadline = time.monotonic() + 60
             while "warming up" in (reason := (await client.get("/readyz")).json()["reason"]):
+                assert time.monotonic() < deadline, reason
                 await asyncio.sleep(0.01)
             assert "no prompt set loaded" in reason
             make_set(tiny, "office", OFFICE, 1).save(empty / "office")
@@ -368,7 +392,7 @@ def test_tasks_samples_page_and_docs(prompts_dir, sets, tmp_path, tiny):
             assert clipart == {"task": "clipart", "prompt_set": "office", "version": sets["office"].version,
                                "method": "mmap", "group": "office", "classes": ["dog", "cat", "car", "tree"],
                                "samples": ["/samples/clipart/dog.png"], "template": "a clipart of a {}.",
-                               "evaluation": {}, "trained": {}}
+                               "evaluation": {}, "trained": {}, "metered": True}
             served = await client.get("/samples/clipart/dog.png")
             assert served.status_code == 200 and served.content == sample
             assert (await client.get("/samples/clipart/notes.txt")).status_code == 404

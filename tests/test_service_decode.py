@@ -29,11 +29,11 @@ from helpers.service import (
 from helpers.service import settings as service_settings
 from PIL import Image, ImageOps
 
-from service.core import InferenceCore
-from service.device_decode import DeviceDecoder, UndecodableJpeg, ends_whole
-from service.images import open_image, plain_jpeg
+from service.engine.core import InferenceCore
+from service.engine.device_decode import DeviceDecoder, UndecodableJpeg, ends_whole
+from service.http.images import open_image, plain_jpeg
+from service.http.uploads import Preprocessor
 from service.metrics import Metrics
-from service.uploads import Preprocessor
 
 CPU_MAX, CPU_MEAN = 2, 0.05  # 8-bit levels between the engine's CPU decode + tensor resize and Pillow's
 

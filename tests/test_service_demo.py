@@ -10,7 +10,7 @@ import mmap_model.backbone
 from mmap_model import EMBEDDED_PROMPTS_DIR, PromptSet, load_backbone
 from mmap_model.promptset import CONFIG_FILE
 from service import Settings
-from service.backbone import load_configured_backbone
+from service.engine.backbone import load_configured_backbone
 
 
 def _demo_sets() -> list[str]:

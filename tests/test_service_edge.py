@@ -24,7 +24,7 @@ from helpers.service import (
     worker_pids,
 )
 
-from service.http_edge import LINGER_S
+from service.http.edge import LINGER_S
 
 pytestmark = pytest.mark.slow  # one process start (imports torch)
 

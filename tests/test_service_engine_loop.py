@@ -17,9 +17,10 @@ from helpers.service import DOODLES, OFFICE, image_bytes, make_set, publish
 from helpers.service import settings as service_settings
 
 from mmap_model import Backbone, PromptedCLIP, class_text_features, load_backbone
-from service.core import InferenceCore
-from service.engine import Engine
-from service.engine_client import CatalogView
+from service.engine.core import InferenceCore
+from service.engine.loop import Engine
+from service.http.engine_client import CatalogView
+from service.http.uploads import Preprocessor
 from service.metrics import Metrics
 from service.transport import (
     Call,
@@ -27,6 +28,7 @@ from service.transport import (
     CatalogDelta,
     Hello,
     Infer,
+    ListSets,
     PixelRing,
     Reply,
     Results,
@@ -36,7 +38,6 @@ from service.transport import (
     decode_to_worker,
     encode,
 )
-from service.uploads import Preprocessor
 
 SETS = [("dog", "kettle"), ("owl", "lamp", "mug"), ("cat",), ("dog", "kettle", "zebra"), ("pen", "boat"),
         ("dog", "kettle")]  # the first again: computed once
@@ -189,7 +190,7 @@ def test_an_admin_call_is_answered_between_batches_while_batches_stay_due(tiny, 
         assert engine.held.wait(20)
         for i in range(1, requests):  # one image a batch: 200 batches due in a row
             worker.send(encode(Infer(id=i, slot=0, task="clipart", top_k=3)))
-        worker.send(encode(Call(id=7, op="admin.list")))
+        worker.send(encode(Call(id=7, op=ListSets())))
         engine.hold.set()
         answered, reply_after = 0, None
         while answered < requests:
@@ -198,7 +199,7 @@ def test_an_admin_call_is_answered_between_batches_while_batches_stay_due(tiny, 
             if isinstance(message, Results):
                 answered += len(message.items)
             elif isinstance(message, Reply):
-                assert message.status == 200 and message.body["prompt_sets"][0]["name"] == "office"
+                assert message.status == 200 and message.listing.prompt_sets[0].name == "office"
                 reply_after = answered
         assert reply_after is not None and reply_after < requests // 2, reply_after
 

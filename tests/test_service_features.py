@@ -294,8 +294,9 @@ def test_the_openapi_lists_each_routes_own_errors_and_the_admin_scheme(client):
         assert set(paths[path]["post"]["responses"]) == {"200"} | upload_errors, path
     assert set(paths["/tasks/{task}"]["get"]["responses"]) == {"200", "404", "503"}
     assert "Retry-After" in paths["/classify"]["post"]["responses"]["503"]["headers"]
-    codes = spec["components"]["schemas"]["ErrorResponse"]["properties"]["error"]["enum"]
-    assert {"unknown_task", "invalid_labels", "too_many_images", "body_timeout", "shutting_down"} <= set(codes)
+    codes = spec["components"]["schemas"]["ErrorBody"]["properties"]["error"]["enum"]
+    assert {"unknown_task", "invalid_labels", "too_many_images", "body_timeout", "shutting_down", "busy",
+            "unknown_operation"} <= set(codes)
     assert spec["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     assert paths["/admin/promptsets"]["get"]["security"] == [{"HTTPBearer": []}]
     assert "security" not in paths["/classify"]["post"]

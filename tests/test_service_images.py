@@ -14,9 +14,9 @@ from helpers.images import gif_claiming, png_claiming
 from helpers.service import image_bytes, open_clip_preprocess
 from PIL import Image
 
-from service.backends import PixelNormalizer
-from service.images import ImageRejected, decode_image
-from service.uploads import Preprocessor
+from service.engine.backends import PixelNormalizer
+from service.http.images import ImageRejected, decode_image
+from service.http.uploads import Preprocessor
 
 LIMIT = 4_000_000
 

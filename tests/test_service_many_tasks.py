@@ -11,14 +11,14 @@ import pytest
 from helpers.service import DOODLES, OFFICE, image_bytes, make_set, metric, publish, run, serve, settings
 
 from mmap_model import PromptConfig, TaskSpec
-from service import watcher as watcher_module
-from service.core import InferenceCore, Pending
-from service.engine_client import CatalogView
+from service.engine import watcher as watcher_module
+from service.engine.core import InferenceCore, Pending
+from service.engine.watcher import DirectoryWatcher
 from service.errors import LISTED_TASKS, unknown_task_detail
+from service.http.engine_client import CatalogView
+from service.http.uploads import Preprocessor
 from service.metrics import OTHER_TASKS, Metrics
 from service.transport import Catalog, CatalogDelta, Failed, Scored, TaskInfo
-from service.uploads import Preprocessor
-from service.watcher import DirectoryWatcher
 
 SCENES = {"indoor": TaskSpec(["kitchen", "office", "garage"], "a photo of a {}.", "places"),
           "outdoor": TaskSpec(["beach", "forest"], "a photo of a {}.", "places")}

@@ -34,7 +34,7 @@ from helpers.service import (
     worker_pids,
 )
 
-from service.app import WORKER_HEADER
+from service.http.classify import WORKER_HEADER
 from service.transport import SHM_DIR, SHM_PREFIX
 
 pytestmark = pytest.mark.slow  # each test starts a service of three processes
@@ -116,7 +116,6 @@ def test_a_worker_killed_with_9_is_replaced_while_the_other_serves(prompts_dir):
             stop.set()
             await asyncio.gather(*loops)
             served_by = Counter()
-            print("DEBUG", (await client.get("/readyz")).json(), worker_pids(client), old)
             async with httpx.AsyncClient(base_url=base, timeout=30, limits=FRESH) as fresh:
                 for i in range(40):
                     served_by[(await classify(fresh, "clipart", image_bytes(i % 3))).headers[WORKER_HEADER]] += 1
@@ -127,7 +126,10 @@ def test_a_worker_killed_with_9_is_replaced_while_the_other_serves(prompts_dir):
         assert sum(n for o, n in kinds.items() if o != "200") <= 4, kinds
         assert after_kill["200"] >= 10 and set(after_kill) == {"200"}, after_kill
         assert set(served_by) == {"0", "1"}, served_by  # the replacement serves too
-        assert metric(text, "mmap_requests_total", task="clipart", status="200") >= kinds["200"] // 2  # kept counting
+        # Every 200 a client saw was counted, by the killed worker too (its counts outlive it); at most the requests
+        # cut in flight (one a loop) were counted and not seen.
+        counted = sum(metric(text, "mmap_requests_total", task=t, status="200") for t in ("clipart", "sketch"))
+        assert kinds["200"] + 40 <= counted <= kinds["200"] + 40 + 4, (counted, kinds)
 
     run(scenario())
 

@@ -41,6 +41,6 @@ def test_python_m_service_on_loopback(tiny, tmp_path):
 
         run(scenario())
         process.send_signal(signal.SIGTERM)
-        # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells why it stopped.
-        assert process.wait(timeout=30) in (0, -signal.SIGTERM)
+        # The launcher drains its workers and the engine, and exits 0 on SIGTERM (a stop it was asked for).
+        assert process.wait(timeout=30) == 0
     assert "Application shutdown complete" in log.read_text()

@@ -3,7 +3,7 @@
     serve run deploy/ray/serve.yaml                 # from the repository root (PYTHONPATH=deploy/ray)
     serve run serve_app:app                         # defaults + MMAP_* env, one replica of each
 
-- `mmap-ingress` (CPU replicas): the service's own FastAPI app (`service.app.create_app`): reads,
+- `mmap-ingress` (CPU replicas): the service's own FastAPI app (`service.http.app.create_app`): reads,
   checks, decodes and preprocesses uploads to uint8 pixels, exactly as an HTTP worker does, and
   calls the engine through a DeploymentHandle instead of shared memory + ZeroMQ. Responses carry
   `x-mmap-replica: <replica id>`.
@@ -42,8 +42,8 @@ from service import (
     Settings,
     transport,  # its encoder and decoder by module: the deployments are pickled by value
 )
-from service.app import create_app
-from service.engine_client import CatalogView, EngineUnavailable, InferenceTimeout, failure
+from service.http.app import create_app
+from service.http.engine_client import CatalogView, EngineUnavailable, InferenceTimeout, failure
 from service.transport import Embedded, EngineInfo, Failed, Reply, Scored, TaskInfo
 
 log = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ class MmapEngine:
     def __init__(self, settings: dict[str, Any] | None = None):
         import torch  # the engine side alone imports the model stack
 
-        from service.backbone import load_configured_backbone
-        from service.core import InferenceCore
-        from service.engine import engine_threads
+        from service.engine.backbone import load_configured_backbone
+        from service.engine.core import InferenceCore
+        from service.engine.loop import engine_threads
         from service.metrics import Metrics
 
         self.settings = Settings(**(settings or {}))
@@ -130,13 +130,14 @@ class MmapEngine:
         self.core.reclaim([])  # one batch at a time: nothing admitted earlier is still in use
         return [transport.encode(a) for a in answers]
 
-    async def call(self, op: str, args: dict[str, str]) -> bytes:
-        from service.core import CallRefused
+    async def call(self, op: bytes) -> bytes:
+        from service.engine.operations import CallRefused
 
         try:
-            return transport.encode(Reply(0, 200, await asyncio.to_thread(self.core.call, op, args)))
+            operation = transport.decode_operation(op)
+            return transport.encode(await asyncio.to_thread(self.core.operations.run, 0, operation))
         except CallRefused as e:
-            return transport.encode(Reply(0, e.status, None, e.error, str(e)))
+            return transport.encode(e.reply(0))
 
     def check_health(self) -> None:
         if self.core.failure:
@@ -144,7 +145,7 @@ class MmapEngine:
 
 
 class RayEngineClient:
-    """An ingress replica's engine: the same interface as service.engine_client.EngineClient."""
+    """An ingress replica's engine: the same interface as service.http.engine_client.EngineClient."""
 
     def __init__(self, engine: DeploymentHandle, replica: str):
         self.engine = engine
@@ -198,8 +199,9 @@ class RayEngineClient:
             raise failure(answer)
         return answer
 
-    async def call(self, op: str, timeout_s: float = 120.0, **args: str) -> Reply:
-        reply: Reply = transport.decode_to_worker(await asyncio.wait_for(self.engine.call.remote(op, args), timeout_s))
+    async def call(self, op: transport.Operation, timeout_s: float = 120.0) -> Reply:
+        reply = transport.decode_to_worker(await asyncio.wait_for(self.engine.call.remote(transport.encode(op)),
+                                                                  timeout_s))
         if reply.status >= 400:
             raise failure(reply)
         return reply

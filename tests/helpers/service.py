@@ -233,11 +233,11 @@ def launcher(base: str | httpx.AsyncClient) -> subprocess.Popen:
 
 
 def engine_pid(base: str | httpx.AsyncClient) -> int:
-    return next(p for p in child_pids(launcher(base).pid) if b"service.engine" in _cmdline(p))
+    return next(p for p in child_pids(launcher(base).pid) if b"service.engine.loop" in _cmdline(p))
 
 
 def worker_pids(base: str | httpx.AsyncClient) -> list[int]:
-    return [p for p in child_pids(launcher(base).pid) if b"service.worker" in _cmdline(p)]
+    return [p for p in child_pids(launcher(base).pid) if b"service.http.worker" in _cmdline(p)]
 
 
 def _cmdline(pid: int) -> bytes:

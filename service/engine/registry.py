@@ -17,15 +17,8 @@ request failing and no manual step; the older set keeps serving what nobody newe
 its tasks back if the newer set goes. What is served is a function of the directory's contents,
 whatever order sets were loaded in.
 
-Publishing a prompt set atomically (what the directory watcher relies on):
-- Directories whose names start with '.' or '_' are ignored: write a new set as `.<name>.tmp/`
-  (prompts.safetensors, then promptset.json) and `rename` it to `<name>/`. To replace a served
-  set, rename the old directory away and the new one in; the watcher's debounce covers the gap.
-- Or rewrite the files in place: prompts.safetensors first, promptset.json LAST, each written to a
-  temporary name and renamed. promptset.json carries the sha256 of the weights, so a half-updated
-  pair fails validation instead of loading, and the old version keeps serving until it is whole.
-- The watcher applies a change (added, changed, removed) only once it has settled (watcher.py): the
-  directory looked the same for `debounce_s`, or none of its files was written for that long.
+How to publish a set atomically (temp directory + rename, or the weights first and promptset.json last):
+README.md, "Publishing prompt sets while serving"; the watcher applies a change once it has settled (watcher.py).
 
 Sample images for the web page are read from `<name>/samples/<task>/*.{png,jpg,jpeg,webp}`.
 
@@ -48,62 +41,30 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-from mmap_model import Backbone, ClassTexts, PromptedCLIP, Prompts, PromptSet, PromptSetError, TaskSpec
+from mmap_model import Backbone, ClassTexts, PromptedCLIP, Prompts, PromptSetError, TaskSpec
 from mmap_model.encoders import TokenizedTexts, encode_class_texts, tokenize_class_texts
 from mmap_model.prompts import NAME_PATTERN, check_name
+from service.metrics import Metrics
+from service.schema import PromptSetStatus
 
-from .metrics import Metrics
+from .sets import SetRead, read_set
 from .snapshot import LoadedSet, PromptBank, PromptSlot, Snapshot, TaskHandle
 from .watcher import DirectoryWatcher
 
 log = logging.getLogger(__name__)
 
-SAMPLE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp"}
-MAX_SAMPLE_BYTES = 8 * 1024 * 1024  # a sample image above this is not served
-MAX_SAMPLES = 8
 SETS_PER_STEP = 256  # sets read, embedded and counted in /readyz's progress together during a scan
 CHANGE_LOG = 4096  # publications whose changed tasks are remembered (catalog deltas); older: a full catalog
-
-
-@dataclass(frozen=True)
-class SetStatus:
-    """One line of the admin listing."""
-
-    name: str
-    state: str  # "loaded" | "failed" (never loaded, or not since its last failure) | "available" (on disk, not loaded)
-    version: str | None
-    method: str | None
-    tasks: list[str]  # the tasks it serves
-    shadowed: list[str]  # the tasks it defines that a newer publication serves
-    loaded_at: float | None
-    last_error: str | None
-    last_error_at: float | None
-
-
-@dataclass
-class _Read:
-    """A set read and validated, its text features not yet computed."""
-
-    name: str
-    path: Path
-    prompt_set: PromptSet
-    published_ns: int
-    samples: dict[str, tuple[str, ...]]
 
 
 @dataclass
 class _Prepared:
     """Sets read, their tasks' prompts computed and class texts tokenized: what their embedding needs."""
 
-    reads: list[_Read]
-    tasks: list[tuple[_Read, str, TaskSpec, Prompts]]
+    reads: list[SetRead]
+    tasks: list[tuple[SetRead, str, TaskSpec, Prompts]]
     texts: list[ClassTexts]
     tokens: TokenizedTexts
-
-
-def inside(path: Path, root: Path) -> bool:
-    """`path`, with every symlink followed, is within `root` (an already resolved directory)."""
-    return path.resolve().is_relative_to(root)
 
 
 class Registry:
@@ -259,31 +220,17 @@ class Registry:
         log.error("prompt set %r not loaded (%s): %s", name,
                   "old version keeps serving" if name in self._snapshot.sets else "not served", message)
 
-    def _read(self, name: str) -> _Read | None:
+    def _read(self, name: str) -> SetRead | None:
         """Read and validate a set; None when it fails (reported)."""
-        path = self.directory / name
         try:
-            if not path.is_dir():
-                raise PromptSetError(f"{path}: no such prompt-set directory")
             state = self.watcher.applied.get(name)
             published_ns = state[1][0] if state and state[1] else time.time_ns()
-            root = self.directory.resolve()
-            ps = PromptSet.load(path, self.backbone, within=root)  # untrusted: no symlink may lead out of root
-            if ps.name != name:
-                log.warning("prompt set in %s calls itself %r; it is served as %r (its directory name)",
-                            path, ps.name, name)
-            samples = {}
-            for task in ps.tasks:
-                sample_dir = path / "samples" / task
-                samples[task] = (tuple(sorted(p.name for p in sample_dir.glob("*") if p.suffix.lower() in SAMPLE_TYPES
-                                              and p.is_file() and inside(p, root))[:MAX_SAMPLES])
-                                 if sample_dir.is_dir() else ())
-            return _Read(name, path, ps, published_ns, samples)
+            return read_set(self.directory, name, self.backbone, published_ns)
         except Exception as e:  # any failure (validation, I/O) leaves the old version
             self._failed(name, e)
             return None
 
-    def _prepare(self, reads: list[_Read]) -> _Prepared:
+    def _prepare(self, reads: list[SetRead]) -> _Prepared:
         """The sets' tasks, their prompts and their tokenized class texts."""
         device = self.backbone.device
         with torch.inference_mode():
@@ -413,7 +360,7 @@ class Registry:
 
     # ---- reporting ----
 
-    def status(self) -> list[SetStatus]:
+    def status(self) -> list[PromptSetStatus]:
         """Every prompt set that is loaded, failed, or on disk."""
         snapshot, errors = self._snapshot, dict(self._errors)
         lines = []
@@ -423,7 +370,7 @@ class Registry:
             state = "loaded" if s else "failed" if error else "available"
             defined = sorted(s.handles) if s else []
             served = [t for t in defined if snapshot.tasks[t].prompt_set == name]
-            lines.append(SetStatus(name, state, s and s.version, s and s.method, served,
+            lines.append(PromptSetStatus(name, state, s and s.version, s and s.method, served,
                                    [t for t in defined if t not in served], s and s.loaded_at, error, error_at))
         return lines
 

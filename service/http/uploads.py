@@ -12,7 +12,8 @@ open_clip's own transform while a quarter of the bytes cross to the engine and t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,8 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect, Request
 
-from .errors import ServiceError
+from service.errors import ServiceError
+
 from .images import ImageRejected, load_image, open_image
 
 CLIENT_CLOSED = 499  # nginx's status for a request its client abandoned
@@ -35,6 +37,38 @@ PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling
                "nearest": Image.Resampling.NEAREST}
 
 
+class ByteBudget:
+    """The bytes of upload bodies one worker holds at once (being read, parsed or decoded), at most `limit`:
+    beyond it a request gets 503 `busy` instead of the worker's memory. Used on the worker's event loop only."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.held = 0
+
+    @contextmanager
+    def hold(self) -> Iterator[Held]:
+        """What one request takes from the budget; all of it is given back when the request's upload is done."""
+        held = Held(self)
+        try:
+            yield held
+        finally:
+            self.held -= held.bytes
+
+
+class Held:
+    def __init__(self, budget: ByteBudget):
+        self.budget = budget
+        self.bytes = 0
+
+    def take(self, n: int) -> None:
+        if self.budget.held + n > self.budget.limit:
+            raise ServiceError(503, "busy", f"this worker holds {self.budget.held} bytes of uploads, and "
+                                            f"{n} more would pass its limit of {self.budget.limit} "
+                                            "(max_inflight_bytes); retry shortly", {"Retry-After": "1"})
+        self.budget.held += n
+        self.bytes += n
+
+
 @dataclass
 class Upload:
     """What a request body brought: its images (in order) and its other form fields."""
@@ -43,9 +77,12 @@ class Upload:
     fields: dict[str, str]
 
 
-async def read_upload(request: Request, max_bytes: int, body_timeout_s: float, max_files: int = 1) -> Upload:
+async def read_upload(request: Request, held: Held, max_bytes: int, body_timeout_s: float,
+                      max_files: int = 1) -> Upload:
     """The images of a raw image/* body or of multipart fields `file` (at most `max_files`), and the body's other
-    form fields (ImageRejected otherwise). Each image may have `max_bytes`; the body, that many per image.
+    form fields (ImageRejected otherwise). Each image may have `max_bytes`; the body, that many per image. The
+    body's bytes are taken from the worker's budget (`held`): its declared length before reading, else each
+    piece as it arrives.
 
     A body that pauses longer than `body_timeout_s` is cut with 408 (nginx's client_body_timeout); a client
     that goes away mid-body is a 499 (nginx's code), which no one receives but the metrics count."""
@@ -60,6 +97,8 @@ async def read_upload(request: Request, max_bytes: int, body_timeout_s: float, m
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > allowed:
         raise too_large
+    if declared.isdigit():
+        held.take(int(declared))
     body = bytearray()
     loop = asyncio.get_running_loop()
     try:
@@ -68,6 +107,8 @@ async def read_upload(request: Request, max_bytes: int, body_timeout_s: float, m
                 body += chunk
                 if len(body) > allowed:
                     raise too_large
+                if len(body) > held.bytes:  # no declared length (chunked), or more than declared
+                    held.take(len(body) - held.bytes)
                 pause.reschedule(loop.time() + body_timeout_s)
     except TimeoutError:
         raise ServiceError(408, "body_timeout", f"no part of the upload's body arrived for {body_timeout_s:g} s",
@@ -75,13 +116,18 @@ async def read_upload(request: Request, max_bytes: int, body_timeout_s: float, m
     except ClientDisconnect:
         raise ServiceError(CLIENT_CLOSED, "client_closed_request", "the client closed the connection before "
                                                                    "the upload was complete") from None
-    upload = await _parse_form(request, bytes(body), max_files) if is_form else Upload([bytes(body)], {})
+    if is_form:
+        upload = await _parse_form(request, body, max_files)
+        body.clear()  # the files are copies: free the body now, not when this request ends
+    else:
+        upload = Upload([bytes(body)], {})
+        del body
     if max_files == 1 and len(upload.files[0]) > max_bytes:
         raise too_large
     return upload
 
 
-async def _parse_form(request: Request, body: bytes, max_files: int) -> Upload:
+async def _parse_form(request: Request, body: bytearray, max_files: int) -> Upload:
     async def chunks() -> AsyncIterator[bytes]:
         yield body
 

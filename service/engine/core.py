@@ -1,5 +1,5 @@
 """The engine's model side: the ONE frozen CLIP, the prompt-set registry, batched scoring, and the
-operations off the hot path (admin, sample files). Transport-free: the engine process's loop
+operations off the hot path (operations.py). Transport-free: the engine process's loop
 (engine.py) drives it, and so does the Ray Serve engine deployment (deploy/ray).
 """
 
@@ -11,9 +11,8 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,19 +20,18 @@ import torch
 from torch import Tensor
 from torch.nn.utils.rnn import pad_sequence
 
-from mmap_model import Backbone, PromptedCLIP, PromptSetError, class_text_features
-from mmap_model.prompts import check_name
-from mmap_model.promptset import read_file_within
+from mmap_model import Backbone, PromptedCLIP, class_text_features
+from service.errors import LISTED_TASKS, unknown_task_detail
+from service.metrics import Metrics
+from service.settings import Settings
+from service.transport import Embedded, EngineInfo, Failed, Scored
 
 from .backends import PixelNormalizer, make_image_tower
 from .catalog import CatalogFeed
 from .device_decode import DeviceDecoder, UndecodableJpeg
-from .errors import LISTED_TASKS, unknown_task_detail
-from .metrics import Metrics
-from .registry import MAX_SAMPLE_BYTES, SAMPLE_TYPES, Registry
-from .settings import Settings
+from .operations import Operations
+from .registry import Registry
 from .snapshot import PromptSlot, TaskHandle
-from .transport import Embedded, EngineInfo, Failed, Scored
 
 log = logging.getLogger(__name__)
 
@@ -121,17 +119,6 @@ class Launched:
     groups: list[tuple[list[int], _Forward | Exception, float]] = dataclasses.field(default_factory=list)
 
 
-class CallRefused(Exception):
-    """An admin or sample call refused with an HTTP status (the worker answers it as is)."""
-
-    def __init__(self, status: int, error: str, detail: str):
-        super().__init__(detail)
-        self.status = status
-        self.error = error
-
-
-
-
 class InferenceCore:
     """The model, the registry and what is done with them; not thread-safe but for `call` (loader thread)."""
 
@@ -152,12 +139,7 @@ class InferenceCore:
         self.feed = CatalogFeed(self.registry, self.not_ready_reason, lambda: (self.ready, self.failure,
                                 self.registry.progress, self.registry.directory_error), settings.metrics_max_tasks)
         self.last_forward_s = 0.0
-        self.operations: dict[str, Callable[[dict[str, str]], Any]] = {
-            "admin.list": lambda args: self.listing(),
-            "admin.load": lambda args: self._load(args.get("name", "")),
-            "admin.unload": lambda args: self._unload(args.get("name", "")),
-            "sample": lambda args: self._sample(args.get("task", ""), args.get("filename", "")),
-        }
+        self.operations = Operations(self.registry)
 
     def info(self, address: str) -> EngineInfo:
         cfg = self.backbone.preprocess_cfg
@@ -368,51 +350,6 @@ class InferenceCore:
         oldest = min((item.serial for item in in_use), default=self.registry.snapshot.serial)
         self.registry.reclaim(oldest)
 
-
-    def call(self, op: str, args: dict[str, str]) -> Any:
-        """An operation off the hot path (CallRefused with an HTTP status when refused); reads files."""
-        if op not in self.operations:
-            raise CallRefused(400, "unknown_operation", f"unknown operation {op!r}")
-        return self.operations[op](args)
-
-    def listing(self) -> dict[str, Any]:
-        return {"directory": str(self.registry.directory), "directory_error": self.registry.directory_error,
-                "prompt_sets": [dataclasses.asdict(s) for s in self.registry.status()]}
-
-    def _load(self, name: str) -> dict[str, Any]:
-        try:
-            check_name(name)
-        except ValueError as e:
-            raise CallRefused(422, "invalid_name", str(e)) from e
-        if not (self.registry.directory / name).is_dir():
-            raise CallRefused(404, "not_found", f"no prompt-set directory {name!r} in {self.registry.directory}")
-        try:
-            self.registry.load(name)
-        except PromptSetError as e:
-            serving = self.registry.snapshot.sets.get(name)
-            keeps = f"; version {serving.version} keeps serving" if serving else ""
-            raise CallRefused(422, "load_failed", f"{e}{keeps}") from e
-        return self.listing()
-
-    def _unload(self, name: str) -> dict[str, Any]:
-        if not self.registry.unload(name):
-            raise CallRefused(404, "not_loaded", f"prompt set {name!r} is not loaded")
-        return self.listing()
-
-    def _sample(self, task: str, filename: str) -> dict[str, Any]:
-        handle = self.registry.snapshot.tasks.get(task)
-        if handle is None:
-            raise CallRefused(404, "unknown_task", f"unknown task {task!r}")
-        missing = CallRefused(404, "unknown_sample", f"task {task!r} has no sample {filename!r}")
-        if filename not in handle.samples:  # only listed names: no path ever comes from the client
-            raise missing
-        # Read now, judged on the opened file: it may have been removed since the load, or replaced by a
-        # symlink out of the prompt directory (even for just the moment of the open).
-        try:
-            data = read_file_within(handle.sample_dir / filename, MAX_SAMPLE_BYTES, self.registry.directory.resolve())
-        except PromptSetError:
-            raise missing from None
-        return {"data": data, "media_type": SAMPLE_TYPES[Path(filename).suffix.lower()]}
 
     # ---- what is served ----
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from .errors import ServiceError
+from service.errors import ServiceError
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise ImageRejected(422, "empty", "the upload is empty")
     try:
         image = Image.open(io.BytesIO(data), formats=FORMATS)  # reads the header only
-    except Image.DecompressionBombError as e:
-        raise ImageRejected(413, "too_many_pixels", f"image too large: {e}") from e
+    except Image.DecompressionBombError as e:  # Pillow's message quotes its own guard, twice the limit
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found[1])} pixels" if found else "more than twice that many pixels"
+        raise ImageRejected(413, "too_many_pixels", f"image is {size}; the limit is {max_pixels}") from e
     except UnidentifiedImageError as e:
         claimed = _claimed_format(data)
         if claimed:  # Pillow reports a broken file of a known format as unidentified too

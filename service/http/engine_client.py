@@ -27,9 +27,8 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from .errors import LISTED_TASKS, ServiceError, unknown_task_detail
-from .images import ImageRejected
-from .transport import (
+from service.errors import LISTED_TASKS, ServiceError, unknown_task_detail
+from service.transport import (
     SHM_DIR,
     Call,
     Catalog,
@@ -39,6 +38,7 @@ from .transport import (
     Failed,
     Hello,
     Infer,
+    Operation,
     PixelRing,
     Reply,
     Results,
@@ -50,6 +50,8 @@ from .transport import (
     encode,
     ring_prefix,
 )
+
+from .images import ImageRejected
 
 log = logging.getLogger(__name__)
 
@@ -241,14 +243,14 @@ class EngineClient:
                 return
         self._free.append(slot)
 
-    async def call(self, op: str, timeout_s: float = 120.0, **args: str) -> Reply:
+    async def call(self, op: Operation, timeout_s: float = 120.0) -> Reply:
         """An operation off the hot path (admin, samples); the engine's refusals come back as ServiceError."""
         if self.down:
             raise EngineUnavailable()
         request = next(self._ids)
         answer: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[request] = (answer, None)
-        await self._send(encode(Call(id=request, op=op, args=args)))
+        await self._send(encode(Call(id=request, op=op)))
         try:
             reply: Reply = await asyncio.wait_for(asyncio.shield(answer), timeout_s)
         except TimeoutError:

@@ -132,10 +132,9 @@ class DirectoryWatcher:
 def _paced(names: list[str]) -> Iterator[str]:
     """`names`, with a short sleep every PAUSE_EVERY of them. A poll of tens of thousands of sets is Python work on
     the engine's loader thread: without the pauses it keeps the GIL for up to the switch interval (5 ms) each time
-    the engine's loop wants it back after an operation, and a batch's forward waits that many times (p99 at
-    10,000 sets under wrk, a poll every 2 s: 83-199 ms, against 68-94 ms with no poll; docs/benchmarks.md,
-    "Many tasks"). A pause lets the loop take the GIL at once; a poll of 10,000 sets took 0.15 s with them against
-    0.12 s without (2-core dev box)."""
+    the engine's loop wants it back after an operation, and a batch's forward waits that many times (the tail
+    latency it costs: docs/benchmarks.md, "Many tasks"). A pause lets the loop take the GIL at once, for a small
+    cost to the poll itself."""
     for i, name in enumerate(names):
         if i and not i % PAUSE_EVERY:
             time.sleep(PAUSE_S)

@@ -34,8 +34,8 @@ from torch import Tensor
 
 from mmap_model import Backbone
 
-from .export_onnx import GraphInfo, OnnxGraphError, cache_name, export_image_tower, graph_dtype, graph_info
-from .onnx_runtime import CUDA_EP, Provider, open_session, provider_names, providers_for
+from .export import GraphInfo, OnnxGraphError, cache_name, export_image_tower, graph_dtype, graph_info
+from .runtime import CUDA_EP, Provider, open_session, provider_names, providers_for
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,8 @@ class OnnxImageTower:
             raise OnnxGraphError(
                 f"{path} was exported from another backbone (fingerprint {info.fingerprint[:12]}…, model "
                 f"{info.model} {info.pretrained}); the served backbone is {expected.fingerprint[:12]}… "
-                f"({expected.model} {expected.pretrained}). Re-export it: python -m service.export_onnx --out FILE "
-                "--model … --pretrained …")
+                f"({expected.model} {expected.pretrained}). Re-export it: "
+                "python -m service.engine.onnx.export --out FILE --model … --pretrained …")
         mismatched = [f"{k} {getattr(info, k)} != {getattr(expected, k)}"
                       for k in ("height", "width", "d_v", "embed_dim", "dtype")
                       if getattr(info, k) != getattr(expected, k)]

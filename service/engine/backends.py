@@ -3,7 +3,7 @@
 The engine only ever calls an `ImageTower`; the class-text side is computed once per task at
 load time with torch (see `registry.py`), so a backend needs the image tower alone. A second
 backend implements the same call and is registered in `BACKENDS`: `torch` (default) and `onnx`
-(onnxruntime running a graph exported by `service.export_onnx`, see `onnx_backend.py`).
+(onnxruntime running a graph exported by `service.engine.onnx.export`, see `onnx_backend.py`).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from mmap_model import Backbone, PromptedCLIP
+from service.settings import Settings
 
 from .cuda_graphs import CudaGraphs
-from .settings import Settings
 
 
 class PinnedStaging:
@@ -193,7 +193,9 @@ def _torch(backbone: Backbone, settings: Settings) -> ImageTower:
 
 
 def _onnx(backbone: Backbone, settings: Settings) -> ImageTower:
-    from .onnx_backend import OnnxImageTower  # onnxruntime is an optional extra: imported only when chosen
+    from service.engine.onnx.backend import (
+        OnnxImageTower,  # onnxruntime is an optional extra: imported only when chosen
+    )
 
     return OnnxImageTower(backbone, settings.onnx_model, settings.onnx_cache)
 

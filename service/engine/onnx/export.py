@@ -1,4 +1,4 @@
-"""`python -m service.export_onnx --out FILE [--model M] [--pretrained P] [--prompt-tokens m] [--depth J]`.
+"""`python -m service.engine.onnx.export --out FILE [--model M] [--pretrained P] [--prompt-tokens m] [--depth J]`.
 
 Exports the prompted image tower (`PromptedCLIP.encode_image(images, prompts, normalize=True)`)
 of a backbone to ONNX, for the `onnx` backend (`onnx_backend.py`):
@@ -86,7 +86,7 @@ class GraphInfo:
         if values.get("format") != GRAPH_FORMAT:
             raise OnnxGraphError(f"{source}: not an mmap-serve image-tower graph of format {GRAPH_FORMAT} "
                                  f"(found {values.get('format', 'no mmap.* metadata')}); export it with "
-                                 "`python -m service.export_onnx`")
+                                 "`python -m service.engine.onnx.export`")
         try:
             ints = {k: int(values[k]) for k in ("depth", "tokens", "height", "width", "d_v", "embed_dim")}
             return cls(fingerprint=values["fingerprint"], dtype=values["dtype"], model=values["model"],
@@ -208,7 +208,7 @@ def export_image_tower(backbone: Backbone, out: Path, depth: int, tokens: int, d
 
 def verify(backbone: Backbone, graph: bytes, info: GraphInfo, providers: Sequence[str] | None = None) -> float:
     """Run the graph with onnxruntime on a batch of 3 and compare with torch; raise OnnxGraphError beyond tolerance."""
-    from .onnx_runtime import CUDA_EP, open_session, provider_names  # onnxruntime: the optional onnx extra
+    from .runtime import CUDA_EP, open_session, provider_names  # onnxruntime: the optional onnx extra
 
     providers = providers or default_providers(backbone)
     if info.dtype == "fp16" and CUDA_EP not in provider_names(providers):
@@ -227,7 +227,7 @@ def verify(backbone: Backbone, graph: bytes, info: GraphInfo, providers: Sequenc
 
 
 def default_providers(backbone: Backbone) -> list[str]:
-    from .onnx_runtime import providers_for
+    from .runtime import providers_for
 
     return providers_for(backbone.device)
 
@@ -239,10 +239,12 @@ def default_signature(backbone: Backbone) -> tuple[int, int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .backbone import load_configured_backbone  # the service's rules: random:<seed>, no silent fallback
-    from .settings import Settings
+    from service.engine.backbone import (
+        load_configured_backbone,  # the service's rules: random:<seed>, no silent fallback
+    )
+    from service.settings import Settings
 
-    parser = argparse.ArgumentParser(prog="python -m service.export_onnx", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m service.engine.onnx.export", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     parser.add_argument("--model", default=Settings.model_fields["model"].default,
                         help="open_clip model name (as the service)")

@@ -39,12 +39,10 @@ from typing import Any
 import torch
 import zmq
 
-from .backbone import load_configured_backbone
-from .core import CallRefused, InferenceCore, LabelsNeeded, Launched, Pending
-from .logs import configure_logging
-from .metrics import Metrics
-from .settings import Settings, settings_from_env
-from .transport import (
+from service.logs import configure_logging
+from service.metrics import Metrics
+from service.settings import Settings, settings_from_env
+from service.transport import (
     ENGINE_ADDRESS_ENV,
     ENGINE_READY_FD_ENV,
     Call,
@@ -62,6 +60,10 @@ from .transport import (
     encode,
     engine_info_json,
 )
+
+from .backbone import load_configured_backbone
+from .core import InferenceCore, LabelsNeeded, Launched, Pending
+from .operations import CallRefused
 
 log = logging.getLogger(__name__)
 
@@ -314,17 +316,16 @@ class Engine:
             self._poll_due = min(time.monotonic() + self.settings.watch_interval_s, due)
 
     def _call(self, client: bytes, call: Call) -> None:
-        def answer(result: Any, error: BaseException | None) -> None:
+        def answer(reply: Reply | None, error: BaseException | None) -> None:
             self._publish_catalog()  # before the reply, on the same socket: whoever asked sees its own change
-            if error is None:
-                self._send(client, Reply(call.id, 200, result))
-            elif isinstance(error, CallRefused):
-                self._send(client, Reply(call.id, error.status, None, error.error, str(error)))
-            else:
-                log.error("%s failed: %s: %s", call.op, type(error).__name__, error)
-                self._send(client, Reply(call.id, 500, None, "internal_error", f"{type(error).__name__}: {error}"))
+            if isinstance(error, CallRefused):
+                reply = error.reply(call.id)
+            elif error is not None:
+                log.error("%s failed: %s: %s", type(call.op).__name__, type(error).__name__, error)
+                reply = Reply(call.id, 500, error="internal_error", detail=f"{type(error).__name__}: {error}")
+            self._send(client, reply)
 
-        self._background(lambda: self.core.call(call.op, call.args), answer)
+        self._background(lambda: self.core.operations.run(call.id, call.op), answer)
 
     # ---- the catalog ----
 

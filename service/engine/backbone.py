@@ -5,8 +5,7 @@ from __future__ import annotations
 import logging
 
 from mmap_model import Backbone, load_backbone
-
-from .settings import Settings
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -15,23 +15,22 @@ The slow-body bound (408) is read_upload's, where the body is read.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import re
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from .logs import REQUEST_ID
+from service.logs import REQUEST_ID
+from service.schema import ErrorBody, ErrorCode, encode
 
 REQUEST_ID_HEADER = b"x-request-id"
 VALID_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 LINGER_S = 1.0  # a refused connection is half-closed, then closed after this: its request is not answered with a reset
 
 
-def _error_response(status: str, error: str, detail: str) -> bytes:
-    body = json.dumps({"error": error, "detail": detail}).encode()
+def _error_response(status: str, error: ErrorCode, detail: str) -> bytes:
+    body = encode(ErrorBody(error, detail))
     return (f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
             "retry-after: 1\r\nconnection: close\r\n\r\n").encode() + body
 
@@ -101,14 +100,14 @@ class RequestEdge:
         except asyncio.CancelledError:
             if started:
                 raise
-            await _send_json(edge_send, 503, {"error": "shutting_down",
-                                              "detail": "the service stopped before this request finished; retry"})
+            await _send_error(edge_send, 503, ErrorBody("shutting_down", "the service stopped before this request "
+                                                                         "finished; retry"))
         finally:
             REQUEST_ID.reset(token)
 
 
-async def _send_json(send: Send, status: int, body: dict[str, Any]) -> None:
-    data = json.dumps(body).encode()
+async def _send_error(send: Send, status: int, body: ErrorBody) -> None:
+    data = encode(body)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                             (b"retry-after", b"1"), (b"connection", b"close")]})

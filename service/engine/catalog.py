@@ -16,9 +16,11 @@ import os
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
+from service.schema import TaskInfo, sample_path
+from service.transport import Catalog, CatalogDelta
+
 from .registry import CHANGE_LOG, Registry
 from .snapshot import TaskHandle
-from .transport import Catalog, CatalogDelta, TaskInfo
 
 
 class CatalogFeed:
@@ -83,6 +85,7 @@ class CatalogFeed:
                             sorted(t for t in changed if t not in tasks))
 
     def _info(self, h: TaskHandle) -> TaskInfo:
-        return TaskInfo(h.task, h.prompt_set, h.version, h.method, h.group, list(h.classnames), list(h.samples),
+        return TaskInfo(h.task, h.prompt_set, h.version, h.method, h.group, list(h.classnames),
+                        [sample_path(h.task, name) for name in h.samples],
                         h.template, dict(h.card.get("evaluation", {})), dict(h.card.get("trained", {})),
                         h.task in self.metered)

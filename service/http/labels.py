@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 
-from .errors import ServiceError
+from service.errors import ServiceError
 
 
 def invalid(detail: str) -> ServiceError:

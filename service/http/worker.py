@@ -18,13 +18,14 @@ import sys
 
 import uvicorn
 
+from service.balancer import CONNECTIONS_FD_ENV, TAKERS_FD_ENV, Takers, receive
+from service.logs import configure_logging
+from service.settings import settings_from_env
+from service.transport import ENGINE_INFO_ENV, LAUNCHER_PID_ENV, WORKER_INDEX_ENV, engine_info_from_json
+
 from .app import create_app
-from .balancer import CONNECTIONS_FD_ENV, TAKERS_FD_ENV, Takers, receive
+from .edge import RequestEdge, bounded_protocol
 from .engine_client import EngineClient
-from .http_edge import RequestEdge, bounded_protocol
-from .logs import configure_logging
-from .settings import settings_from_env
-from .transport import ENGINE_INFO_ENV, LAUNCHER_PID_ENV, WORKER_INDEX_ENV, engine_info_from_json
 
 CONNECT_TIMEOUT_S = 60.0
 

@@ -1,0 +1,165 @@
+"""The wire schema: every answer of the HTTP API, defined once.
+
+The HTTP workers encode these structs as they are (msgspec), the engine builds the ones it owns
+(`TaskInfo`, `PromptSetListing`), and the OpenAPI document is generated from them (`openapi_components`),
+so the documented schema and the real answer cannot drift; tests/test_service_schema.py validates live
+answers of every route against the published document.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+# Every `error` an answer may carry (machine-readable; `detail` says why, for people).
+ErrorCode = Literal[
+    "unknown_task", "unknown_sample", "not_found", "not_loaded", "unknown_parameter", "invalid_request",
+    "invalid_labels", "invalid_name", "missing_file", "empty", "corrupt", "unsupported_type", "upload_too_large",
+    "too_many_pixels", "too_many_images", "body_timeout", "client_closed_request", "load_failed", "unauthorized",
+    "forbidden", "not_ready", "not_running", "overloaded", "busy", "engine_unavailable", "shutting_down",
+    "stopping", "too_many_connections", "timeout", "inference_failed", "internal_error", "protocol_error",
+    "unknown_operation", "http_error"]
+
+
+class ErrorBody(msgspec.Struct):
+    """Every error answer: what went wrong, and why."""
+
+    error: ErrorCode
+    detail: str
+
+
+class Prediction(msgspec.Struct):
+    label: str
+    score: float
+
+
+class Classification(msgspec.Struct):
+    """One image classified for one task: the `top_k` best classes, best first."""
+
+    task: str
+    version: str
+    prompt_set: str
+    method: str
+    predictions: list[Prediction]
+
+
+class BatchItem(msgspec.Struct, omit_defaults=True):
+    """One image of a batch: `status` 200 with its classification, or its own error."""
+
+    status: int
+    task: str | None = None
+    version: str | None = None
+    prompt_set: str | None = None
+    method: str | None = None
+    predictions: list[Prediction] | None = None
+    error: ErrorCode | None = None
+    detail: str | None = None
+
+
+class BatchAnswer(msgspec.Struct):
+    results: list[BatchItem]  # one per image, in the order of the `file` parts
+
+
+class Embedding(msgspec.Struct):
+    """An image embedding, L2-normalised; `task` null: the unprompted image tower."""
+
+    task: str | None
+    version: str | None
+    prompt_set: str | None
+    dim: int
+    embedding: list[float]
+
+
+class TaskInfo(msgspec.Struct):
+    """A served task, as the engine's catalog describes it to the workers and the workers to callers."""
+
+    task: str
+    prompt_set: str
+    version: str
+    method: str
+    group: str | None
+    classes: list[str]
+    samples: list[str]  # paths of its sample images (GET /samples/<task>/<file>)
+    template: str = ""
+    evaluation: dict[str, Any] = {}  # the set's recorded evaluation of this task: accuracy, zero_shot, test_images
+    trained: dict[str, Any] = {}  # when and how: created, command, code_version, seed, train settings, data
+    metered: bool = True  # its request metrics carry its name (else task="_other", see /metrics)
+
+
+def sample_path(task: str, filename: str) -> str:
+    return f"/samples/{task}/{filename}"
+
+
+class TaskPage(msgspec.Struct):
+    tasks: list[TaskInfo]
+    next: str | None = None  # more tasks follow: ask again with after=<next>
+
+
+class ServedModel(msgspec.Struct):
+    """The backbone served and how it runs."""
+
+    model: str
+    pretrained: str | None
+    fingerprint: str
+    device: str
+    precision: str
+    backend: str
+
+
+class VersionInfo(ServedModel):
+    version: str  # of the mmap-serve package
+
+
+class Health(msgspec.Struct):
+    status: Literal["alive"]
+    engine: Literal["up", "down"]
+
+
+class WorkersServing(msgspec.Struct):
+    serving: int  # HTTP workers taking connections now
+    configured: int
+
+
+class Readiness(msgspec.Struct, omit_defaults=True):
+    ready: bool
+    reason: str | None
+    tasks: int
+    workers: WorkersServing | None = None  # where the launcher balances connections over workers
+
+
+class PromptSetStatus(msgspec.Struct):
+    """One prompt set of the prompt directory."""
+
+    name: str
+    state: Literal["loaded", "failed", "available"]  # failed: never loaded, or not since its last failure
+    version: str | None
+    method: str | None
+    tasks: list[str]  # the tasks it serves
+    shadowed: list[str]  # the tasks it defines that a newer publication serves
+    loaded_at: float | None  # unix time
+    last_error: str | None
+    last_error_at: float | None
+
+
+class PromptSetListing(msgspec.Struct):
+    directory: str
+    directory_error: str | None
+    prompt_sets: list[PromptSetStatus]
+
+
+ANSWERS = (ErrorBody, Classification, BatchAnswer, Embedding, TaskInfo, TaskPage, VersionInfo, Health, Readiness,
+           PromptSetListing)
+REF = "#/components/schemas/{name}"
+
+
+def openapi_components() -> dict[str, Any]:
+    """The JSON Schema of every answer, as OpenAPI components (`$ref`: `ref(Struct)`)."""
+    return msgspec.json.schema_components(ANSWERS, ref_template=REF)[1]
+
+
+def ref(answer: type[msgspec.Struct]) -> dict[str, str]:
+    return {"$ref": REF.format(name=answer.__name__)}
+
+
+encode = msgspec.json.Encoder().encode
