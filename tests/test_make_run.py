@@ -29,3 +29,12 @@ def test_make_run_serves_where_the_readme_publishes(tmp_path):
     (seeded / demo[0] / "promptset.json").unlink()  # a user's directory, once there, is never seeded again
     subprocess.run(["make", "-s", f"PROMPTS={seeded}", str(seeded)], cwd=REPO, check=True)
     assert not (seeded / demo[0] / "promptset.json").exists()
+
+
+def test_the_readmes_curl_example_sends_a_shipped_sample_of_the_task_it_names():
+    readme = (REPO / "README.md").read_text()
+    examples = re.findall(r"curl -F file=@(\S+) \\\s+'http://127\.0\.0\.1:8000/classify\?task=(\w+)", readme)
+    assert examples
+    for path, task in examples:
+        assert (REPO / path).is_file(), path
+        assert Path(path).parent.name == task and Path(path).parent.parent.name == "samples", path
