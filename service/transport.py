@@ -121,6 +121,14 @@ class Infer(msgspec.Struct, tag=True):
     expires: float = 0.0  # time.monotonic() (one clock for the host's processes) past which the worker has given up
 
 
+class InferBatch(msgspec.Struct, tag=True):
+    """Several images in one message, where no ring is shared (Ray Serve: an ingress replica to an engine
+    replica): `pixels` holds them as one uint8 array [N, H, W, 3]; each Infer's `slot` is its row."""
+
+    pixels: bytes
+    requests: list[Infer]
+
+
 class Sync(msgspec.Struct, tag=True):
     """A worker's catalog missed a delta: what changed since `generation` of catalog `source` (or a full copy)."""
 
@@ -242,6 +250,7 @@ encode = msgspec.msgpack.Encoder().encode
 decode_to_engine = msgspec.msgpack.Decoder(ToEngine).decode
 decode_to_worker = msgspec.msgpack.Decoder(ToWorker).decode
 decode_operation = msgspec.msgpack.Decoder(Operation).decode
+decode_batch = msgspec.msgpack.Decoder(InferBatch).decode
 
 
 class EngineInfo(ServedModel):
@@ -251,6 +260,7 @@ class EngineInfo(ServedModel):
     pid: int
     image_size: tuple[int, int]  # (H, W) of the model's input
     preprocess: dict[str, Any]  # open_clip's PreprocessCfg fields (size, mode, mean, std, interpolation, resize_mode)
+    max_batch_size: int = 32  # images in one forward (the device's default filled in)
 
 
 def engine_info_json(info: EngineInfo) -> bytes:

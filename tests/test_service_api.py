@@ -22,6 +22,8 @@ from helpers.service import (
     OFFICE,
     classify,
     client,
+    engine_pid,
+    frozen,
     image_bytes,
     make_set,
     metric,
@@ -119,7 +121,12 @@ def test_mixed_task_batch_equals_single_requests(prompts_dir, sets):
     async def scenario():
         async with serve(settings(prompts_dir, max_wait_ms=1000, max_batch_size=64)) as client:
             before = (await client.get("/metrics")).text
-            batched = await asyncio.gather(*(classify(client, t, d) for t, d in requests))
+            # The engine frozen while the worker reads and forwards them: it then finds them all waiting (on a
+            # busy machine, unfrozen, they could arrive one forward apart).
+            with frozen(engine_pid(client)):
+                sent = asyncio.ensure_future(asyncio.gather(*(classify(client, t, d) for t, d in requests)))
+                await asyncio.sleep(2)
+            batched = await sent
             after = (await client.get("/metrics")).text
             single = [await classify(client, t, d) for t, d in requests]
         forwards = metric(after, "mmap_batch_size_count") - metric(before, "mmap_batch_size_count")

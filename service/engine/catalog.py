@@ -65,6 +65,15 @@ class CatalogFeed:
         self._key, self._reason = key, reason
         return True
 
+    def change(self) -> CatalogDelta | Catalog | None:
+        """What changed since the last `advance`, as the delta every worker needs; None if nothing did."""
+        return self.since(self.source, self.generation - 1) if self.advance() else None
+
+    def catch_up(self, source: str, generation: int) -> Catalog | CatalogDelta:
+        """What a copy at `generation` of catalog `source` needs, with every change up to now taken in."""
+        self.advance()
+        return self.since(source, generation)
+
     def full(self) -> Catalog:
         tasks = self.registry.snapshot.tasks
         reason = self._reason

@@ -147,7 +147,8 @@ class InferenceCore:
                           model=self.backbone.model_name,
                           pretrained=self.backbone.pretrained or self.settings.pretrained,
                           fingerprint=self.backbone.fingerprint, device=str(self.backbone.device),
-                          precision=self.settings.precision, backend=self.settings.backend)
+                          precision=self.settings.precision, backend=self.settings.backend,
+                          max_batch_size=self.settings.max_batch_size)
 
     def admit(self, request: int, task: str, pixels: np.ndarray | bytes, top_k: int, queued: int,
               labels: list[str] | None = None, embed: bool = False,
@@ -350,6 +351,28 @@ class InferenceCore:
         oldest = min((item.serial for item in in_use), default=self.registry.snapshot.serial)
         self.registry.reclaim(oldest)
 
+    # ---- start-up and the watcher: the same for the engine process and the Ray engine deployment ----
+
+    def finish_start_up(self, error: BaseException | None = None) -> bool:
+        """After the start-up scan (`registry.scan`, which raised `error` if it failed): warm up and turn ready,
+        True; or record why not (/readyz says it; the process stays up for inspection), False."""
+        try:
+            if error is not None:
+                raise error
+            self.warm_up()
+        except Exception as e:
+            log.exception("start-up failed")
+            self.failure = f"{type(e).__name__}: {e}"
+            return False
+        self.ready = True
+        snapshot = self.registry.snapshot
+        log.info("ready: %d tasks from %d prompt sets", len(snapshot.tasks), len(snapshot.sets))
+        return True
+
+    def poll_prompts(self) -> float:
+        """Apply what settled in the prompt directory; when (time.monotonic()) the next poll is due."""
+        now = time.monotonic()
+        return min(now + self.settings.watch_interval_s, self.registry.poll(now) or float("inf"))
 
     # ---- what is served ----
 

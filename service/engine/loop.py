@@ -132,7 +132,7 @@ class Engine:
                 self._finish_background()
             if time.monotonic() >= self._poll_due and not self._polling:
                 self._polling = True
-                self._background(lambda: self.core.registry.poll(time.monotonic()), self._after_poll)
+                self._background(self.core.poll_prompts, self._after_poll)
             # One batch a turn: between two batches the loop also takes the loader thread's results and pushes
             # catalogs, or a load that keeps batches due would hold them back until it ends. What arrived
             # during the forward joins the next batch (the next turn's poll does not wait while one is due).
@@ -178,7 +178,7 @@ class Engine:
             elif isinstance(message, Hello):
                 self._hello(client, message)
             elif isinstance(message, Sync):
-                self._send(client, self.core.feed.since(message.source, message.generation))
+                self._send(client, self.core.feed.catch_up(message.source, message.generation))
             else:
                 self._call(client, message)
         if needed:
@@ -289,31 +289,20 @@ class Engine:
             done()
 
     def _after_scan(self, result: None, error: BaseException | None) -> None:
-        try:
-            if error is not None:
-                raise error
-            self.core.warm_up()
-        except Exception as e:  # surfaced by /readyz; the process stays up for inspection
-            log.exception("start-up failed")
-            self.core.failure = f"{type(e).__name__}: {e}"
-            return
-        self.core.ready = True
-        snapshot = self.core.registry.snapshot
-        log.info("ready: %d tasks from %d prompt sets", len(snapshot.tasks), len(snapshot.sets))
-        gc.collect()
-        gc.freeze()  # start-up objects never need a full collection again (each one took ~200 ms)
-        self._schedule_poll()
+        if self.core.finish_start_up(error):
+            gc.collect()
+            gc.freeze()  # start-up objects never need a full collection again (each one took ~200 ms)
+            self._schedule_poll()
 
     def _after_poll(self, due: float | None, error: BaseException | None) -> None:
         if error is not None:  # a broken directory must not end the watch; the next poll retries
             log.error("prompt-directory poll failed: %s: %s", type(error).__name__, error)
         self._polling = False
-        self._schedule_poll(due or float("inf"))
+        self._poll_due = due or time.monotonic() + self.settings.watch_interval_s
 
-    def _schedule_poll(self, due: float = float("inf")) -> None:
-        """The next poll after `watch_interval_s`, or sooner when a change seen settles (`due`)."""
+    def _schedule_poll(self) -> None:
         if self.settings.watch_interval_s > 0:
-            self._poll_due = min(time.monotonic() + self.settings.watch_interval_s, due)
+            self._poll_due = time.monotonic() + self.settings.watch_interval_s
 
     def _call(self, client: bytes, call: Call) -> None:
         def answer(reply: Reply | None, error: BaseException | None) -> None:
@@ -331,10 +320,10 @@ class Engine:
 
     def _publish_catalog(self) -> None:
         """Push what changed in the catalog, if anything did, to every worker."""
-        feed = self.core.feed
-        if not feed.advance():
+        change = self.core.feed.change()
+        if change is None:
             return
-        delta = encode(feed.since(feed.source, feed.generation - 1))
+        delta = encode(change)
         for client in self.workers:
             self._router.send_multipart([client, delta])
 

@@ -33,7 +33,7 @@ from service.schema import ErrorBody, encode
 from service.settings import Settings
 
 from . import admin, classify, openapi, ops, tasks
-from .engine_client import EngineClient
+from .contract import EngineConnection
 from .images import set_pillow_pixel_limit
 from .state import Worker
 
@@ -72,7 +72,7 @@ class ClassifyFastPath:
         await response(scope, receive, send)
 
 
-def create_app(settings: Settings, connect: Callable[[], Awaitable[EngineClient]],
+def create_app(settings: Settings, connect: Callable[[], Awaitable[EngineConnection]],
                workers_serving: Callable[[], int] | None = None) -> FastAPI:
     """One worker's ASGI app; `connect()` runs when the app starts and returns the started engine client;
     `workers_serving()`, where the launcher balances connections, counts the HTTP workers taking them."""

@@ -13,7 +13,8 @@ from service.errors import ServiceError
 from service.metrics import OTHER_TASKS, UNKNOWN_TASK, Metrics
 from service.settings import Settings
 
-from .engine_client import MAX_TOP_K, EngineClient, EngineUnavailable
+from .contract import EngineConnection
+from .engine_client import MAX_TOP_K, EngineUnavailable
 from .images import ImageRejected
 from .labels import parse_labels
 from .uploads import Upload
@@ -45,7 +46,7 @@ def check_params(params: Mapping[str, str], allowed: frozenset[str]) -> None:
                                                      f"this route takes {', '.join(sorted(allowed))}")
 
 
-def check_serving(engine: EngineClient, task: str | None) -> None:
+def check_serving(engine: EngineConnection, task: str | None) -> None:
     """Refusals known before the body is read: the engine down, an unknown task (None: no task asked), not ready."""
     if engine.down:
         raise EngineUnavailable()
@@ -90,7 +91,7 @@ def counted(metrics: Metrics, task: str, start: float | None = None, failures_on
             metrics.request_duration.labels(task).observe(time.perf_counter() - start)
 
 
-def task_label(task: str | None, engine: EngineClient) -> str:
+def task_label(task: str | None, engine: EngineConnection) -> str:
     """The metrics' label of a request's task (bounded label values, metrics.py): a loaded task with metrics of
     its own, OTHER_TASKS for the other loaded tasks, else UNKNOWN_TASK."""
     info = engine.tasks.get(task) if task is not None else None

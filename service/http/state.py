@@ -12,7 +12,7 @@ from starlette.requests import Request
 from service.errors import ServiceError
 from service.settings import Settings
 
-from .engine_client import EngineClient
+from .contract import EngineConnection
 from .images import plain_jpeg
 from .uploads import ByteBudget, Preprocessor
 
@@ -20,7 +20,7 @@ from .uploads import ByteBudget, Preprocessor
 class Worker:
     """What one HTTP worker owns: the engine client, the preprocessing, the decode threads, the byte budget."""
 
-    def __init__(self, settings: Settings, engine: EngineClient):
+    def __init__(self, settings: Settings, engine: EngineConnection):
         self.settings = settings
         self.engine = engine
         self.preprocess = Preprocessor(engine.info.preprocess, settings.max_image_pixels)
