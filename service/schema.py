@@ -1,4 +1,4 @@
-"""The wire schema: every answer of the HTTP API, defined once.
+"""The wire schema: every answer of the HTTP API (and the JSON request bodies), defined once.
 
 The HTTP workers encode these structs as they are (msgspec), the engine builds the ones it owns
 (`TaskInfo`, `PromptSetListing`), and the OpenAPI document is generated from them (`openapi_components`),
@@ -19,7 +19,9 @@ ErrorCode = Literal[
     "too_many_pixels", "too_many_images", "body_timeout", "client_closed_request", "load_failed", "unauthorized",
     "forbidden", "not_ready", "not_running", "overloaded", "busy", "engine_unavailable", "shutting_down",
     "stopping", "too_many_connections", "timeout", "inference_failed", "internal_error", "protocol_error",
-    "unknown_operation", "http_error"]
+    "unknown_operation", "http_error", "invalid_json", "invalid_body", "invalid_base64", "fetch_disabled",
+    "invalid_url", "url_not_allowed", "fetch_failed", "fetch_timeout", "too_many_redirects", "too_many_fetches",
+    "invalid_input", "unknown_version", "version_changed"]
 
 
 class ErrorBody(msgspec.Struct):
@@ -148,8 +150,102 @@ class PromptSetListing(msgspec.Struct):
     prompt_sets: list[PromptSetStatus]
 
 
+class ImageBody(msgspec.Struct, forbid_unknown_fields=True):
+    """A JSON body of POST /classify and /embed (`image` or `url`) or /classify/batch (`images` or `urls`): each
+    image base64-encoded (a data URI too), or with fetch_urls an image URL the service fetches."""
+
+    image: str | None = None
+    images: list[str] | None = None
+    url: str | None = None
+    urls: list[str] | None = None
+    labels: list[str] | None = None  # /classify and /classify/batch: score against these class names
+
+
+# The Open Inference Protocol (KServe v2), REST: its documents as the protocol defines them; one model per task.
+
+class V2Error(msgspec.Struct):
+    """Every error answer of the /v2 routes, in the protocol's shape (the code is in the x-mmap-error header)."""
+
+    error: str
+
+
+class V2ServerMetadata(msgspec.Struct):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2Live(msgspec.Struct):
+    live: bool
+
+
+class V2Ready(msgspec.Struct):
+    ready: bool
+
+
+class V2ModelReady(msgspec.Struct):
+    name: str
+    ready: bool
+
+
+class V2TensorMetadata(msgspec.Struct):
+    name: str
+    datatype: str
+    shape: list[int]  # -1: any size
+
+
+class V2ModelMetadata(msgspec.Struct):
+    """A task as a model: its one version (the prompt set's digest), its inputs (one of them per request) and
+    outputs."""
+
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2InputTensor(msgspec.Struct):
+    name: str
+    shape: list[int]
+    datatype: str
+    parameters: dict[str, Any] = {}  # binary_data_size: its bytes follow the JSON (binary tensor extension)
+    data: Any = None  # row-major, flat or nested; BYTES elements base64 strings
+
+
+class V2RequestedOutput(msgspec.Struct):
+    name: str
+    parameters: dict[str, Any] = {}  # binary_data: true for this output's data after the JSON
+
+
+class V2InferRequest(msgspec.Struct):
+    """An inference request: one input (`image` BYTES [N] or `pixels` UINT8 [N, H, W, 3]); `parameters`: top_k,
+    labels (an array, or comma-separated), version, binary_data_output."""
+
+    inputs: list[V2InputTensor]
+    id: str | None = None
+    parameters: dict[str, Any] = {}
+    outputs: list[V2RequestedOutput] | None = None
+
+
+class V2OutputTensor(msgspec.Struct, omit_defaults=True):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] = {}
+    data: list[Any] | None = None  # row-major, flat; absent when the data follows the JSON (binary_data_size)
+
+
+class V2InferResponse(msgspec.Struct, omit_defaults=True):
+    model_name: str
+    model_version: str
+    outputs: list[V2OutputTensor]
+    id: str | None = None
+
+
 ANSWERS = (ErrorBody, Classification, BatchAnswer, Embedding, TaskInfo, TaskPage, VersionInfo, Health, Readiness,
-           PromptSetListing)
+           PromptSetListing, ImageBody, V2Error, V2ServerMetadata, V2Live, V2Ready, V2ModelReady, V2ModelMetadata,
+           V2InferRequest, V2InferResponse)
 REF = "#/components/schemas/{name}"
 
 

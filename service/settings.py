@@ -100,6 +100,20 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field("text", description="log lines as text or as JSON objects")
     cors_origins: str = Field("", description="comma-separated origins allowed to call the API from a browser "
                                               "(CORS); empty = CORS off, '*' = any origin")
+    fetch_urls: bool = Field(False, description="accept image URLs in JSON bodies ({\"url\": ...}, {\"urls\": [...]}) "
+                                                "and fetch them, guarded by the fetch_* settings; off = 403")
+    fetch_allow: str = Field("", description="comma-separated hosts (images.example.com, *.example.com, host:port) "
+                                             "or URL prefixes (https://cdn.example.com/images/) an image URL may "
+                                             "name, redirects included; '*' = any host (the address checks still "
+                                             "apply); needed with fetch_urls")
+    fetch_allow_private: bool = Field(False, description="fetch from loopback, private, link-local and other "
+                                                         "non-public addresses too (multicast, unspecified and "
+                                                         "reserved ones never)")
+    fetch_allow_http: bool = Field(False, description="fetch http:// URLs too (else https only)")
+    fetch_timeout_s: float = Field(10.0, gt=0, description="longest fetch of one image URL, redirects included "
+                                                           "(connect, headers, body); beyond it 504")
+    fetch_max_concurrent: int = Field(16, ge=1, description="image URLs each HTTP worker fetches at once; more "
+                                                            "wait up to fetch_timeout_s, then 503")
 
     @field_validator("pretrained")
     @classmethod
@@ -113,6 +127,9 @@ class Settings(BaseSettings):
         if self.max_inflight_bytes < self.max_upload_bytes * self.max_images:
             raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) must hold a whole batch: at least "
                              f"max_upload_bytes x max_images = {self.max_upload_bytes * self.max_images}")
+        if self.fetch_urls and not self.fetch_allow.strip():
+            raise ValueError("fetch_urls needs fetch_allow: the hosts or URL prefixes images may be fetched from "
+                             "('*' for any public host)")
         return self
 
     def resolved(self, device_type: str) -> Settings:

@@ -289,7 +289,7 @@ def test_the_openapi_lists_each_routes_own_errors_and_the_admin_scheme(client):
     spec = client.get("/openapi.json").json()
     paths = spec["paths"]
     assert {"/classify", "/classify/batch", "/embed", "/version"} <= set(paths)
-    upload_errors = {"404", "408", "413", "415", "422", "503", "504"}
+    upload_errors = {"403", "404", "408", "413", "415", "422", "502", "503", "504"}  # 403, 502: image URLs
     for path in ("/classify", "/classify/batch", "/embed"):
         assert set(paths[path]["post"]["responses"]) == {"200"} | upload_errors, path
     assert set(paths["/tasks/{task}"]["get"]["responses"]) == {"200", "404", "503"}

@@ -3,6 +3,7 @@ successes and its errors) validate against the schema the document gives for tha
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import re
 import typing
@@ -46,6 +47,8 @@ def check(document: dict, response: httpx.Response, path: str, method: str) -> N
 def test_every_route_answers_what_the_openapi_document_says(prompts_dir):
     png = image_bytes(1)
     form = {"file": ("a.png", png, "image/png")}
+    b64 = base64.b64encode(png).decode()
+    infer = {"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES", "data": [b64]}]}
 
     async def scenario():
         async with serve(settings(prompts_dir, admin_token=TOKEN)) as c:
@@ -53,6 +56,7 @@ def test_every_route_answers_what_the_openapi_document_says(prompts_dir):
             ids = [op["operationId"] for item in document["paths"].values() for op in item.values()]
             assert len(ids) == len(set(ids)), sorted(i for i in ids if ids.count(i) > 1)
             sample = (await c.get("/tasks/clipart")).json()["samples"]
+            version = (await c.get("/tasks/clipart")).json()["version"]
             calls = [
                 ("post", "/classify", "/classify?task=clipart&top_k=2", {"files": form}),
                 ("post", "/classify", "/classify?task=nope", {"files": form}),
@@ -65,6 +69,29 @@ def test_every_route_answers_what_the_openapi_document_says(prompts_dir):
                 ("post", "/embed", "/embed?task=clipart", {"files": form}),
                 ("post", "/embed", "/embed", {"files": form}),
                 ("post", "/embed", "/embed?task=nope", {"files": form}),
+                ("post", "/classify", "/classify?task=clipart", {"json": {"image": b64}}),
+                ("post", "/classify", "/classify?task=clipart", {"json": {"image": "not base64"}}),
+                ("post", "/classify", "/classify?task=clipart", {"json": {"url": "https://127.0.0.1:9/a.png"}}),
+                ("post", "/classify/batch", "/classify/batch?task=sketch", {"json": {"images": [b64, "%%"]}}),
+                ("post", "/embed", "/embed?task=clipart", {"json": {"image": b64}}),
+                ("get", "/v2", "/v2", {}),
+                ("get", "/v2/health/live", "/v2/health/live", {}),
+                ("get", "/v2/health/ready", "/v2/health/ready", {}),
+                ("get", "/v2/models/{task}", "/v2/models/clipart", {}),
+                ("get", "/v2/models/{task}", "/v2/models/nope", {}),
+                ("get", "/v2/models/{task}/versions/{version}", f"/v2/models/clipart/versions/{version}", {}),
+                ("get", "/v2/models/{task}/versions/{version}", "/v2/models/clipart/versions/0", {}),
+                ("get", "/v2/models/{task}/ready", "/v2/models/clipart/ready", {}),
+                ("get", "/v2/models/{task}/ready", "/v2/models/nope/ready", {}),
+                ("get", "/v2/models/{task}/versions/{version}/ready", f"/v2/models/clipart/versions/{version}/ready",
+                 {}),
+                ("post", "/v2/models/{task}/infer", "/v2/models/clipart/infer", {"json": infer}),
+                ("post", "/v2/models/{task}/infer", "/v2/models/clipart/infer",
+                 {"json": {**infer, "parameters": {"binary_data_output": True}}}),
+                ("post", "/v2/models/{task}/infer", "/v2/models/clipart/infer", {"json": {"inputs": []}}),
+                ("post", "/v2/models/{task}/infer", "/v2/models/nope/infer", {"json": infer}),
+                ("post", "/v2/models/{task}/versions/{version}/infer",
+                 f"/v2/models/clipart/versions/{version}/infer", {"json": {**infer, "parameters": {"top_k": 2}}}),
                 ("get", "/tasks", "/tasks?limit=1", {}),
                 ("get", "/tasks", "/tasks?limit=0", {}),
                 ("get", "/tasks/{task}", "/tasks/clipart", {}),
@@ -98,7 +125,8 @@ def test_every_route_answers_what_the_openapi_document_says(prompts_dir):
             assert {p for p, s in statuses if s == 200} >= {p for p in {p for _, p, _, _ in calls}} - {
                 "/samples/{task}/{filename}"}
             assert {p for p, s in statuses if s >= 400} >= {"/classify", "/classify/batch", "/embed", "/tasks",
-                                                            "/tasks/{task}", "/admin/promptsets"}
+                                                            "/tasks/{task}", "/admin/promptsets", "/v2/models/{task}",
+                                                            "/v2/models/{task}/infer"}
 
     run(scenario())
 

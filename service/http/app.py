@@ -1,5 +1,5 @@
-"""One HTTP worker's FastAPI app: the routes (classify.py, tasks.py, ops.py, admin.py), the error bodies, the
-offline API pages, and the fast path of POST /classify.
+"""One HTTP worker's FastAPI app: the routes (classify.py, tasks.py, ops.py, admin.py; v2.py: the Open Inference
+Protocol), the error bodies, the offline API pages, and the fast path of POST /classify.
 
 An HTTP worker imports no model. It reads and checks uploads, decodes and preprocesses them to
 uint8 pixels (uploads.py, on a small thread pool), and hands each image to the engine process
@@ -32,8 +32,9 @@ from service.metrics import Metrics
 from service.schema import ErrorBody, encode
 from service.settings import Settings
 
-from . import admin, classify, openapi, ops, tasks
+from . import admin, classify, openapi, ops, tasks, v2
 from .contract import EngineConnection
+from .fetch import Fetcher
 from .images import set_pillow_pixel_limit
 from .state import Worker
 
@@ -81,21 +82,26 @@ def create_app(settings: Settings, connect: Callable[[], Awaitable[EngineConnect
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         set_pillow_pixel_limit(settings.max_image_pixels)
         app.state.worker = Worker(settings, await connect())
+        app.state.fetcher = Fetcher(settings) if settings.fetch_urls else None
         gc.collect()
         gc.freeze()  # the app's start-up objects never need a full collection again
         try:
             yield
         finally:
             worker, app.state.worker = app.state.worker, None
+            fetcher, app.state.fetcher = app.state.fetcher, None
             await worker.close()
+            if fetcher is not None:
+                await fetcher.close()
 
     app = FastAPI(title="mmap-serve", summary="MmAP-prompted CLIP: classify images for any loaded task",
                   version=ops.PACKAGE_VERSION, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.worker = None
+    app.state.fetcher = None  # image URLs of JSON bodies (fetch.py), with fetch_urls
     app.state.workers_serving = workers_serving
-    for routes in (classify, tasks, ops):
+    for routes in (classify, tasks, ops, v2):
         app.include_router(routes.router)
     if settings.admin_token is not None:
         app.include_router(admin.router)
@@ -103,9 +109,11 @@ def create_app(settings: Settings, connect: Callable[[], Awaitable[EngineConnect
     origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
     if origins:
         app.add_middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "HEAD", "POST", "DELETE"],
-                           allow_headers=["authorization", "content-type", "x-request-id"], max_age=600,
+                           allow_headers=["authorization", "content-type", "x-request-id", v2.HEADER_LENGTH],
+                           max_age=600,
                            expose_headers=["x-request-id", classify.WORKER_HEADER, "x-embedding-dim",
-                                           "x-mmap-task", "x-mmap-version", "x-mmap-prompt-set", "retry-after"])
+                                           "x-mmap-task", "x-mmap-version", "x-mmap-prompt-set", "retry-after",
+                                           v2.HEADER_LENGTH, v2.ERROR_HEADER])
     app.mount("/static", StaticFiles(directory=ops.STATIC_DIR), name="static")
     app.mount("/docs-assets", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")
 

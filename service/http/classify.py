@@ -14,11 +14,11 @@ from service.errors import ServiceError
 from service.schema import BatchAnswer, BatchItem, Classification, Embedding, Prediction, encode
 from service.transport import Embedded, Scored
 
+from .bodies import read_images
 from .checks import check_params, check_serving, classify_query, counted, labels_of, task_label
 from .images import ImageRejected
 from .openapi import CLASSIFY_REQUEST, UPLOAD_BODY, UPLOAD_ERRORS, answers
 from .state import worker_of
-from .uploads import read_upload
 
 WORKER_HEADER = "x-mmap-worker"  # which HTTP worker answered a classify request (its index)
 EMBED_UNPROMPTED = "_unprompted"  # the metrics' task label of /embed without a task
@@ -34,7 +34,8 @@ def classification(result: Scored) -> Classification:
 @router.post("/classify", response_class=Response, responses=answers(Classification, *UPLOAD_ERRORS),
              openapi_extra=CLASSIFY_REQUEST)
 async def classify(request: Request) -> Response:
-    """Classify one image for one task: the image as multipart field `file` or as a raw image/* body."""
+    """Classify one image for one task: the image as multipart field `file`, as a raw image/* body, or in a JSON
+    body (`image`: base64; `url`: fetched, with fetch_urls)."""
     start = time.perf_counter()
     worker = worker_of(request)
     engine, settings, metrics = worker.engine, worker.settings, request.app.state.metrics
@@ -43,9 +44,9 @@ async def classify(request: Request) -> Response:
         check_serving(engine, task)
         names = labels_of(request, None, settings)
         with engine.incoming(), worker.budget.hold() as held:
-            upload = await read_upload(request, held, settings.max_upload_bytes, settings.body_timeout_s)
+            upload = await read_images(request, held, settings)
             names = labels_of(request, upload, settings) if upload.fields else names
-            pixels = await worker.pixels(upload.files[0])
+            pixels = await worker.pixels(upload.files[0])  # one image: its refusal was raised
         result = await engine.infer(pixels, task, top_k, settings.request_timeout_s, names)
     return Response(encode(classification(result)), media_type=JSON, headers={WORKER_HEADER: str(engine.worker)})
 
@@ -53,14 +54,16 @@ async def classify(request: Request) -> Response:
 @router.post("/classify/batch", response_class=Response, responses=answers(BatchAnswer, *UPLOAD_ERRORS),
              openapi_extra=CLASSIFY_REQUEST)
 async def classify_batch(request: Request) -> Response:
-    """Classify several images (multipart fields `file`, at most `max_images`) for one task. One result per image,
-    in order: an image that cannot be used gets its own error (`status`, `error`, `detail`), the others their
-    predictions. Each image counts as one request in the metrics; a request refused whole (before its images are
-    known) counts as one."""
+    """Classify several images (multipart fields `file`, or a JSON body's `images` or `urls`; at most `max_images`)
+    for one task. One result per image, in order: an image that cannot be used gets its own error (`status`, `error`,
+    `detail`), the others their predictions. Each image counts as one request in the metrics; a request refused
+    whole (before its images are known) counts as one."""
     worker = worker_of(request)
     engine, settings, metrics = worker.engine, worker.settings, request.app.state.metrics
 
-    async def prepared(data: bytes) -> np.ndarray | bytes | ServiceError:
+    async def prepared(data: bytes | ServiceError) -> np.ndarray | bytes | ServiceError:
+        if isinstance(data, ServiceError):  # a JSON body's image that could not be had
+            return data
         try:
             if len(data) > settings.max_upload_bytes:
                 raise ImageRejected(413, "upload_too_large", f"image larger than {settings.max_upload_bytes} bytes")
@@ -85,8 +88,7 @@ async def classify_batch(request: Request) -> Response:
         names = labels_of(request, None, settings)
         # decoded while the engine knows more images are on their way
         with engine.incoming(), worker.budget.hold() as held:
-            upload = await read_upload(request, held, settings.max_upload_bytes, settings.body_timeout_s,
-                                       settings.max_images)
+            upload = await read_images(request, held, settings, settings.max_images)
             names = labels_of(request, upload, settings) if upload.fields else names
             images = await asyncio.gather(*(prepared(data) for data in upload.files))
             del upload
@@ -114,7 +116,7 @@ async def embed(request: Request,
         check_params(request.query_params, frozenset({"task"}))
         check_serving(engine, task or None)
         with engine.incoming(), worker.budget.hold() as held:
-            upload = await read_upload(request, held, settings.max_upload_bytes, settings.body_timeout_s)
+            upload = await read_images(request, held, settings, labels=False)
             pixels = await worker.pixels(upload.files[0])
         result: Embedded = await engine.infer(pixels, task or "", 0, settings.request_timeout_s, embed=True)
     dim = len(result.vector) // 4

@@ -9,15 +9,17 @@ from typing import Any
 import msgspec
 from fastapi import FastAPI
 
-from service.schema import ErrorBody, openapi_components, ref
+from service.schema import ErrorBody, ImageBody, openapi_components, ref
 
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}}
-WHY = {401: "no bearer token", 403: "wrong token", 404: "unknown task (or sample, or set)",
+WHY = {401: "no bearer token", 403: "wrong token; an image URL this service does not fetch (or fetch_urls off)",
+       404: "unknown task (or sample, or set)",
        408: "the body stalled for body_timeout_s (`body_timeout`)",
        413: "upload, image or image count over its limit", 415: "not a supported image type",
-       422: "invalid parameters, labels, multipart body or image",
+       422: "invalid parameters, labels, multipart or JSON body, base64, image URL or image",
+       502: "an image URL could not be fetched (its host's answer, a connection failure, too many redirects)",
        503: "not ready, overloaded, busy, the engine is down, or stopping; `Retry-After` when retrying helps",
-       504: "no result within request_timeout_s"}
+       504: "no result within request_timeout_s, or an image URL not fetched within fetch_timeout_s"}
 
 
 def answers(answer: type[msgspec.Struct] | None, *codes: int, description: str = "success",
@@ -35,11 +37,12 @@ def query(name: str, schema: dict[str, Any], description: str, required: bool = 
     return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
 
 
-UPLOAD_ERRORS = (404, 408, 413, 415, 422, 503, 504)
+UPLOAD_ERRORS = (403, 404, 408, 413, 415, 422, 502, 503, 504)
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                        "properties": {"file": {"type": "string", "format": "binary"}}}},
     "image/*": {"schema": {"type": "string", "format": "binary"}},
+    "application/json": {"schema": ref(ImageBody)},
 }}}
 TASK = query("task", {"type": "string"}, "a loaded task (GET /tasks)", required=True)
 TOP_K = query("top_k", {"type": "integer", "minimum": 1, "default": 5},

@@ -71,9 +71,11 @@ class Held:
 
 @dataclass
 class Upload:
-    """What a request body brought: its images (in order) and its other form fields."""
+    """What a request body brought: its images (in order) and its other form fields. In a JSON body of a batch
+    (bodies.py) an image that could not be had (bad base64, too large, a failed fetch) is its refusal instead,
+    answered as that image's own error."""
 
-    files: list[bytes]
+    files: list[bytes | ServiceError]
     fields: dict[str, str]
 
 
@@ -94,6 +96,23 @@ async def read_upload(request: Request, held: Held, max_bytes: int, body_timeout
     allowed = max_bytes * max_files + (MULTIPART_OVERHEAD if is_form else 0)
     too_large = ImageRejected(413, "upload_too_large", f"upload larger than the limit of {max_bytes} bytes"
                                                        + (f" an image ({max_files} images)" if max_files > 1 else ""))
+    body = await read_body(request, held, allowed, too_large, body_timeout_s)
+    if is_form:
+        upload = await _parse_form(request, body, max_files)
+        body.clear()  # the files are copies: free the body now, not when this request ends
+    else:
+        upload = Upload([bytes(body)], {})
+        del body
+    if max_files == 1 and len(upload.files[0]) > max_bytes:
+        raise too_large
+    return upload
+
+
+async def read_body(request: Request, held: Held, allowed: int, too_large: ServiceError,
+                    body_timeout_s: float) -> bytearray:
+    """The request's body, at most `allowed` bytes (else `too_large`: before reading where the client declares its
+    length, as soon as it is passed otherwise), taken from the worker's budget (`held`): the declared length before
+    reading, else each piece as it arrives. 408 after a pause of `body_timeout_s`, 499 when the client goes away."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > allowed:
         raise too_large
@@ -116,15 +135,7 @@ async def read_upload(request: Request, held: Held, max_bytes: int, body_timeout
     except ClientDisconnect:
         raise ServiceError(CLIENT_CLOSED, "client_closed_request", "the client closed the connection before "
                                                                    "the upload was complete") from None
-    if is_form:
-        upload = await _parse_form(request, body, max_files)
-        body.clear()  # the files are copies: free the body now, not when this request ends
-    else:
-        upload = Upload([bytes(body)], {})
-        del body
-    if max_files == 1 and len(upload.files[0]) > max_bytes:
-        raise too_large
-    return upload
+    return body
 
 
 async def _parse_form(request: Request, body: bytearray, max_files: int) -> Upload:
