@@ -240,6 +240,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="mmap-tiny", help="mmap-tiny (embedded weights) or an open_clip name")
     parser.add_argument("--landed", type=Path, help="checkout of the single-process service to compare with")
+    parser.add_argument("--landed-flags", type=shlex.split, default=[], metavar="FLAGS",
+                        help="more flags for the landed service: the same '--workers 1 --engine-threads 1' as this "
+                             "checkout's, to compare with a checkout that has them (else it runs its defaults: on a "
+                             "CPU, an engine thread per core)")
     parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1))
     parser.add_argument("--engine-threads", type=int, default=0, help="the service's engine_threads (0 = its default)")
     parser.add_argument("--torch-compile", default="off", help="the service's torch_compile mode")
@@ -305,7 +309,8 @@ def main() -> None:
         servers = [Server("engine", REPO, engine_args, 18080, tmp / "engine.log", env)]
         stack.callback(servers[-1].stop)
         if args.landed:
-            servers.append(Server("landed", args.landed, common, 18081, tmp / "landed.log", env))
+            servers.append(Server("landed", args.landed, [*common, *args.landed_flags], 18081, tmp / "landed.log",
+                                  env))
             stack.callback(servers[-1].stop)
         if args.variant:
             servers.append(Server("variant", REPO, [*engine_args, *args.variant], 18082, tmp / "variant.log", env))
