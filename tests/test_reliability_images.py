@@ -159,7 +159,7 @@ def corpus() -> list[Hostile]:
         Hostile("png with a traversal filename", png, 200, None, "image/png", "../../../etc/passwd"),
         Hostile("png raw as image/gif", png, 200, None, raw_type="image/gif"),
         Hostile("png raw as text/plain", png, 415, "unsupported_type", raw_type="text/plain"),
-        Hostile("png raw as application/json", png, 415, "unsupported_type", raw_type="application/json"),
+        Hostile("png raw as application/json (a JSON body)", png, 422, "invalid_json", raw_type="application/json"),
         Hostile("png raw without content-type", png, 415, "unsupported_type", raw_type=""),
         # Decompression bombs: a few bytes declaring a huge canvas.
         Hostile("png 100000^2", png_claiming(100_000, 100_000), 413, "too_many_pixels"),
