@@ -141,10 +141,10 @@ class MmapEngine:
         for request in batch.requests:
             future = loop.create_future()
             futures.append(future)
-            if self._queued >= self.settings.queue_size:  # the engine process's bound and answer (core.admit)
-                future.set_result(self.core.admit(request.id, request.task, pixels[0], 0, self._queued))
-                continue
             image = request.jpeg if request.jpeg is not None else pixels[request.slot]
+            if self._queued >= self.settings.queue_size:  # the engine process's bound and answer (core.admit)
+                future.set_result(self.core.admit(request.id, request.task, image, 0, self._queued))
+                continue
             self._waiting.append((image, request, future))
             self._queued += 1
         if self._waiting and not self._draining:
