@@ -194,10 +194,13 @@ def publication_key(published_ns: int, name: str) -> tuple[int, str]:
     return published_ns, name
 
 
-def serving(directory: str | Path) -> dict[str, Path]:
+def serving(directory: str | Path, held_out: dict[str, str] | None = None) -> dict[str, Path]:
     """Which set of a prompt directory serves each task (by `publication_key`), as the service would; sets
-    that cannot be read are left out. Hidden ('.', '_') directories are work in progress, not served."""
-    best: dict[str, tuple[tuple[int, str], Path]] = {}
+    that cannot be read are left out. Hidden ('.', '_') directories are work in progress, not served.
+    `held_out` {task: set name}: a rollout's candidate, which serves its task only if no other set defines it
+    (mmap_model/rollouts.py)."""
+    best: dict[str, tuple[tuple[bool, int, str], Path]] = {}
+    held_out = held_out or {}
     for config in sorted(Path(directory).glob(f"*/{CONFIG_FILE}")):
         if config.parent.name.startswith((".", "_")):
             continue
@@ -207,8 +210,9 @@ def serving(directory: str | Path) -> dict[str, Path]:
         except (OSError, ValueError, KeyError):
             continue
         for task in tasks:
-            if task not in best or best[task][0] < key:
-                best[task] = (key, config.parent)
+            ranked = (held_out.get(task) != config.parent.name, *key)
+            if task not in best or best[task][0] < ranked:
+                best[task] = (ranked, config.parent)
     return {task: path for task, (_, path) in sorted(best.items())}
 
 

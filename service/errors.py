@@ -23,3 +23,8 @@ def unknown_task_detail(task: str, first: list[str], total: int) -> str:
     shown = ", ".join(first[:LISTED_TASKS]) or "none"
     more = f", ... ({total:,} in all: GET /tasks)" if total > LISTED_TASKS else ""
     return f"unknown task {task!r}; loaded tasks: {shown}{more}"
+
+
+def version_not_served_detail(task: str, served: list[str], version: str) -> str:
+    """Why a request pinned to `version` is refused (409): the versions the task does serve."""
+    return f"task {task!r} serves version{'s' if len(served) > 1 else ''} {' and '.join(served)}, not {version[:80]!r}"

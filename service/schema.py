@@ -21,7 +21,7 @@ ErrorCode = Literal[
     "stopping", "too_many_connections", "timeout", "inference_failed", "internal_error", "protocol_error",
     "unknown_operation", "http_error", "invalid_json", "invalid_body", "invalid_base64", "fetch_disabled",
     "invalid_url", "url_not_allowed", "fetch_failed", "fetch_timeout", "too_many_redirects", "too_many_fetches",
-    "invalid_input", "unknown_version", "version_changed"]
+    "invalid_input", "unknown_version", "version_changed", "version_not_served", "rollout_refused", "no_rollout"]
 
 
 class ErrorBody(msgspec.Struct):
@@ -73,6 +73,17 @@ class Embedding(msgspec.Struct):
     embedding: list[float]
 
 
+class RolloutInfo(msgspec.Struct):
+    """A task's rollout, as the catalog carries it: the candidate set, its version while it gets traffic."""
+
+    candidate: str  # the candidate prompt set (a directory of the prompt directory)
+    version: str | None  # its version of the task, while it answers (canary) or scores (shadow) requests
+    mode: Literal["canary", "shadow", "aborted"]
+    share: float  # % of the task's requests
+    state: Literal["active", "aborted", "inactive"]  # inactive: see `note`
+    note: str | None = None  # why the candidate gets no traffic
+
+
 class TaskInfo(msgspec.Struct):
     """A served task, as the engine's catalog describes it to the workers and the workers to callers."""
 
@@ -87,6 +98,7 @@ class TaskInfo(msgspec.Struct):
     evaluation: dict[str, Any] = {}  # the set's recorded evaluation of this task: accuracy, zero_shot, test_images
     trained: dict[str, Any] = {}  # when and how: created, command, code_version, seed, train settings, data
     metered: bool = True  # its request metrics carry its name (else task="_other", see /metrics)
+    rollout: RolloutInfo | None = None  # a candidate version beside `version` (docs: "Rollouts")
 
 
 def sample_path(task: str, filename: str) -> str:
@@ -148,6 +160,62 @@ class PromptSetListing(msgspec.Struct):
     directory: str
     directory_error: str | None
     prompt_sets: list[PromptSetStatus]
+
+
+class VersionFigures(msgspec.Struct):
+    """Requests of a task with a rollout answered by one version, and their mean top-1 score."""
+
+    version: str
+    prompt_set: str
+    role: Literal["live", "candidate"]
+    requests: int
+    mean_top1_score: float | None
+
+
+class ShadowFigures(msgspec.Struct):
+    """A shadowed candidate against the live answers of the same requests."""
+
+    version: str  # the candidate's
+    compared: int  # requests scored by both
+    agreement: float | None  # share of them whose top-1 label is the same
+    live_mean_top1_score: float | None
+    candidate_mean_top1_score: float | None
+
+
+class RolloutStatus(msgspec.Struct):
+    """A task's rollout: its record, how it resolves now, and the evidence this engine counted."""
+
+    task: str
+    candidate: str | None  # the candidate set the record names (None: the task has no rollout)
+    mode: Literal["canary", "shadow", "aborted"] | None
+    share: float | None
+    state: Literal["active", "aborted", "inactive", "none"]
+    note: str | None  # why the candidate gets no traffic
+    live_version: str | None
+    live_prompt_set: str | None
+    candidate_version: str | None  # while it gets traffic
+    answered: list[VersionFigures]  # per version: requests answered (live and canary)
+    shadow: ShadowFigures | None  # mode shadow (and aborted shadows): the comparison
+    abort_below: float | None  # automatic abort below this shadow agreement...
+    min_requests: int | None  # ...after this many compared requests
+    reason: str | None  # why it was aborted
+    updated: str | None  # when the record was written (UTC)
+    error: str | None = None  # the record on disk cannot be used: the previous one (if any) stays in effect
+
+
+class RolloutListing(msgspec.Struct):
+    directory: str  # the prompt directory; records are in its _rollouts/
+    rollouts: list[RolloutStatus]
+
+
+class RolloutRequest(msgspec.Struct, forbid_unknown_fields=True):
+    """PUT /admin/rollouts/{task}: start (or replace) the task's rollout of `candidate`."""
+
+    candidate: str
+    mode: Literal["canary", "shadow"]
+    share: float = 100.0
+    abort_below: float | None = None  # shadow: abort automatically below this top-1 agreement...
+    min_requests: int = 200  # ...once this many requests were compared
 
 
 class ImageBody(msgspec.Struct, forbid_unknown_fields=True):
@@ -244,8 +312,8 @@ class V2InferResponse(msgspec.Struct, omit_defaults=True):
 
 
 ANSWERS = (ErrorBody, Classification, BatchAnswer, Embedding, TaskInfo, TaskPage, VersionInfo, Health, Readiness,
-           PromptSetListing, ImageBody, V2Error, V2ServerMetadata, V2Live, V2Ready, V2ModelReady, V2ModelMetadata,
-           V2InferRequest, V2InferResponse)
+           PromptSetListing, RolloutStatus, RolloutListing, RolloutRequest, ImageBody, V2Error, V2ServerMetadata,
+           V2Live, V2Ready, V2ModelReady, V2ModelMetadata, V2InferRequest, V2InferResponse)
 REF = "#/components/schemas/{name}"
 
 

@@ -25,12 +25,12 @@ import mmap
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 import numpy as np
 
-from service.schema import ErrorCode, PromptSetListing, ServedModel, TaskInfo
+from service.schema import ErrorCode, PromptSetListing, RolloutListing, RolloutRequest, ServedModel, TaskInfo
 
 # The environment a launcher hands to the processes it starts (besides the settings, see settings.py).
 ENGINE_READY_FD_ENV = "MMAP_ENGINE_READY_FD"  # the engine writes its EngineInfo here once it serves
@@ -119,6 +119,8 @@ class Infer(msgspec.Struct, tag=True):
     embed: bool = False  # answer the image embedding (`Embedded`), not scores
     jpeg: bytes | None = None  # decode=engine: the upload itself, decoded by the engine (the slot stays unused)
     expires: float = 0.0  # time.monotonic() (one clock for the host's processes) past which the worker has given up
+    version: str | None = None  # pinned: score with this version of the task (live or rollout candidate), else 409
+    key: str | None = None  # a rollout's assignment key (X-Client-ID, or one per request): same key, same version
 
 
 class InferBatch(msgspec.Struct, tag=True):
@@ -159,7 +161,27 @@ class GetSample(msgspec.Struct, tag=True):
     filename: str
 
 
-Operation = ListSets | LoadSet | UnloadSet | GetSample
+class ListRollouts(msgspec.Struct, tag=True):
+    """The rollouts of the prompt directory (or of one task) with their evidence: answered with a `RolloutListing`."""
+
+    task: str | None = None
+
+
+class StartRollout(msgspec.Struct, tag=True):
+    """Write the task's rollout record (replacing any): answered with the task's `RolloutListing`."""
+
+    task: str
+    rollout: RolloutRequest
+
+
+class EndRollout(msgspec.Struct, tag=True):
+    """Promote the task's candidate (it takes the task) or abort its rollout: answered with the `RolloutListing`."""
+
+    task: str
+    action: Literal["promote", "abort"]
+
+
+Operation = ListSets | LoadSet | UnloadSet | GetSample | ListRollouts | StartRollout | EndRollout
 
 
 class Call(msgspec.Struct, tag=True):
@@ -237,6 +259,7 @@ class Reply(msgspec.Struct, tag=True):
     id: int
     status: int
     listing: PromptSetListing | None = None  # the answer to ListSets, LoadSet, UnloadSet
+    rollouts: RolloutListing | None = None  # the answer to ListRollouts, StartRollout, EndRollout
     sample: Sample | None = None  # the answer to GetSample
     error: ErrorCode | None = None  # refused: why
 

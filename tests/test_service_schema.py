@@ -26,6 +26,7 @@ def prompts_dir(tiny, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("prompts")
     publish(make_set(tiny, "office", OFFICE, 1), directory)
     publish(make_set(tiny, "doodles", DOODLES, 2), directory)
+    publish(make_set(tiny, "office2", OFFICE, 3), directory)  # newer: serves OFFICE; "office" is a rollout candidate
     return directory
 
 
@@ -103,6 +104,26 @@ def test_every_route_answers_what_the_openapi_document_says(prompts_dir):
                 ("get", "/readyz", "/readyz", {}),
                 ("head", "/readyz", "/readyz", {}),
                 ("get", "/metrics", "/metrics", {}),
+                ("post", "/classify", "/classify?task=clipart&version=0", {"files": form}),
+                ("get", "/tasks/{task}/rollout", "/tasks/clipart/rollout", {}),
+                ("put", "/admin/rollouts/{task}", "/admin/rollouts/clipart",
+                 {"headers": ADMIN, "json": {"candidate": "office", "mode": "shadow", "share": 50}}),
+                ("put", "/admin/rollouts/{task}", "/admin/rollouts/clipart",
+                 {"headers": ADMIN, "json": {"candidate": "doodles", "mode": "canary"}}),
+                ("put", "/admin/rollouts/{task}", "/admin/rollouts/clipart",
+                 {"headers": ADMIN, "json": {"candidate": "office", "mode": "bogus"}}),
+                ("put", "/admin/rollouts/{task}", "/admin/rollouts/clipart", {"headers": ADMIN, "content": b"{"}),
+                ("post", "/classify", "/classify?task=clipart", {"files": form, "headers": {"x-client-id": "a"}}),
+                ("get", "/tasks/{task}/rollout", "/tasks/clipart/rollout", {}),
+                ("get", "/admin/rollouts", "/admin/rollouts", {"headers": ADMIN}),
+                ("get", "/admin/rollouts/{task}", "/admin/rollouts/clipart", {"headers": ADMIN}),
+                ("get", "/admin/rollouts/{task}", "/admin/rollouts/sketch", {"headers": ADMIN}),
+                ("post", "/admin/rollouts/{task}/abort", "/admin/rollouts/clipart/abort", {"headers": ADMIN}),
+                ("post", "/admin/rollouts/{task}/abort", "/admin/rollouts/sketch/abort", {"headers": ADMIN}),
+                ("post", "/admin/rollouts/{task}/promote", "/admin/rollouts/clipart/promote", {"headers": ADMIN}),
+                ("put", "/admin/rollouts/{task}", "/admin/rollouts/clipart",
+                 {"headers": ADMIN, "json": {"candidate": "office", "mode": "canary", "share": 10}}),
+                ("post", "/admin/rollouts/{task}/promote", "/admin/rollouts/clipart/promote", {"headers": ADMIN}),
                 ("get", "/admin/promptsets", "/admin/promptsets", {"headers": ADMIN}),
                 ("get", "/admin/promptsets", "/admin/promptsets", {}),
                 ("get", "/admin/promptsets", "/admin/promptsets", {"headers": {"authorization": "Bearer wrong"}}),

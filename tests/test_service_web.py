@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from helpers.service import OFFICE, SERVED_ENV, image_bytes, make_set, publish, service_process
 
+from mmap_model import rollouts
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 sync_api = pytest.importorskip("playwright.sync_api", reason="pip package 'playwright' is not installed")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian package 'chromium' is not installed")
@@ -89,3 +91,36 @@ def test_page_classifies_an_upload_and_a_sample(tiny, tmp_path):
             browser.close()
     assert screenshot.stat().st_size > 0
     print(f"screenshot: {Path(screenshot)}")
+
+
+@pytest.mark.slow
+def test_page_shows_a_rollout_and_its_figures(tiny, tmp_path):
+    """A task in a shadow rollout: the page names the live and the candidate version, and the figures move as it
+    classifies."""
+    prompts = tmp_path / "prompts"
+    live = make_set(tiny, "office", OFFICE, 1)
+    publish(live, prompts)
+    rollouts.start(prompts, "clipart", "office2", "shadow", 100)
+    candidate = make_set(tiny, "office2", OFFICE, 2)
+    publish(candidate, prompts)
+    upload = tmp_path / "photo.png"
+    upload.write_bytes(image_bytes(7, size=(96, 96)))
+    env = {**SERVED_ENV, "MMAP_PROMPTS": str(prompts)}
+
+    with service_process(tmp_path / "service.log", [], env) as (base, _), sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{base}/?task=clipart")
+            page.wait_for_selector("#task-rollout:not([hidden])")
+            text = page.inner_text("#task-rollout")
+            assert f"live office v{live.version}" in text and f"candidate office2 v{candidate.version}" in text
+            assert "shadow 100% · active" in text
+            page.set_input_files("#file", str(upload))
+            page.wait_for_function("document.querySelector('#task-rollout').textContent.includes('1 compared')")
+            assert f"live v{live.version}: 1 requests" in page.inner_text("#task-rollout")
+            assert page.inner_text("#version") == f"office v{live.version}"  # the caller gets the live answer
+            page.select_option("#task", "product")  # no rollout there
+            page.wait_for_selector("#task-rollout", state="hidden")
+        finally:
+            browser.close()

@@ -122,3 +122,41 @@ def test_the_printed_comparison_has_a_mean_per_side(candidate, root, tmp_path, c
     assert sorted(row[0] for row in tasks) == sorted(DOMAINS)
     for column in (3, 4):  # the candidate's, then the live set's
         assert float(mean[column]) == pytest.approx(sum(float(row[column]) for row in tasks) / len(tasks), abs=0.051)
+
+
+def test_a_rollout_from_publication_to_promotion(candidate, root, tmp_path, capsys):
+    """--canary writes a record per task before the set (which then takes none of them), --status prints the records,
+    --abort and --promote end it; a candidate needs a name of its own and a live set to roll out against."""
+    live = tmp_path / "live"
+    with pytest.raises(SystemExit, match="nothing in .* serves"):
+        _publish(candidate, "--to", live, "--data", root, "--canary", "10")
+    assert not live.exists() or not any(live.iterdir())
+    _publish(candidate, "--to", live, "--data", root)
+    with pytest.raises(SystemExit, match="a name of its own"):
+        _publish(candidate, "--to", live, "--data", root, "--canary", "10")
+    result = _publish(candidate, "--to", live, "--data", root, "--name", "doodles2", "--shadow", "100",
+                      "--abort-below", "0.8")
+    assert result["rollout"] == {"mode": "shadow", "share": 100.0, "tasks": ["quickdraw", "sketch"]}
+    assert result["replaces"] == []
+    assert serving(live, publish_cli.held_out(live)) == {"sketch": live / "doodles", "quickdraw": live / "doodles"}
+    assert serving(live) == {"sketch": live / "doodles2", "quickdraw": live / "doodles2"}  # (what a record prevents)
+    capsys.readouterr()
+    rows = _publish("--to", live, "--status")["rollouts"]
+    assert [(r["task"], r["record"]["candidate"], r["record"]["mode"]) for r in rows] == [
+        ("quickdraw", "doodles2", "shadow"), ("sketch", "doodles2", "shadow")]
+    assert "| sketch | doodles2 | shadow | 100 |" in capsys.readouterr().out
+    # a broken record: --status says why, and --abort leaves it alone
+    record = (live / "_rollouts" / "sketch.json").read_bytes()
+    (live / "_rollouts" / "sketch.json").write_text("{")
+    assert "not JSON" in _publish("--to", live, "--status")["rollouts"][1]["error"]
+    assert _publish(candidate, "--to", live, "--name", "doodles2", "--abort") == {"abort": "doodles2",
+                                                                                   "tasks": ["quickdraw"]}
+    (live / "_rollouts" / "sketch.json").write_bytes(record)
+    assert _publish(candidate, "--to", live, "--name", "doodles2", "--abort")["tasks"] == ["sketch"]
+    with pytest.raises(SystemExit, match="no running rollout"):
+        _publish(candidate, "--to", live, "--name", "doodles2", "--promote")
+    assert serving(live, publish_cli.held_out(live)) == {"sketch": live / "doodles", "quickdraw": live / "doodles"}
+    _publish(candidate, "--to", live, "--data", root, "--name", "doodles2", "--canary", "10")
+    assert _publish(candidate, "--to", live, "--name", "doodles2", "--promote")["tasks"] == ["quickdraw", "sketch"]
+    assert serving(live, publish_cli.held_out(live)) == {"sketch": live / "doodles2", "quickdraw": live / "doodles2"}
+    assert not list((live / "_rollouts").iterdir())

@@ -11,6 +11,13 @@
    service swaps it in; under another name it takes over the tasks it defines (newest publication).
 
 Prints the comparison as a table, then one JSON line: what was decided and why.
+
+Rollouts on live traffic (docs/architecture.md, "Rollouts"; README, "Rolling out a prompt set"):
+`--canary PCT` or `--shadow PCT` publish the candidate beside the live sets without taking their tasks: a rollout
+record per task (`DIR/_rollouts/<task>.json`) is written first, then the set. `--promote` lets the candidate take
+its tasks, `--abort` stops its traffic (both in one step, every instance following the directory); `--status`
+prints the records and, with `--service URL`, the evidence the service counted (requests and mean top-1 score per
+version, shadow agreement).
 """
 
 from __future__ import annotations
@@ -18,14 +25,17 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import urllib.request
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from mmap_model import PromptSet
+from mmap_model import PromptSet, rollouts
 from mmap_model.promptset import CONFIG_FILE, serving
+from mmap_model.rollouts import RolloutError
 
 from . import cli
 from .configs import HelpFormatter
@@ -102,29 +112,134 @@ def publish(candidate: Path, to: Path, name: str | None = None) -> Path:
     return ps.publish(to, name, fill=fill)
 
 
+def held_out(to: Path) -> dict[str, str]:
+    """{task: candidate} of the directory's rollout records: those sets do not serve the task (`serving`)."""
+    return {task: r.candidate for task, r in rollouts.read_all(to)[0].items()}
+
+
+def start_rollouts(name: str, tasks: list[str], to: Path, live: dict[str, Path], mode: str, share: float,
+                   abort_below: float | None, min_requests: int) -> list[str]:
+    """A record for each task (before the set is published: it never takes them); refused when a task has no live
+    set to roll out against."""
+    alone = [t for t in tasks if t not in live]
+    if alone:
+        raise RolloutError(f"nothing in {to} serves {', '.join(alone)}: publish without --{mode} to serve "
+                           f"{'them' if len(alone) > 1 else 'it'}")
+    for task in tasks:
+        rollouts.start(to, task, name, mode, share, abort_below, min_requests)
+    return tasks
+
+
+def end_rollouts(name: str, to: Path, action: str) -> list[str]:
+    """Promote or abort every rollout of candidate `name` in `to`; the tasks."""
+    records, _ = rollouts.read_all(to)
+    tasks = sorted(t for t, r in records.items() if r.candidate == name and r.mode != "aborted")
+    if not tasks:
+        raise RolloutError(f"no running rollout of {name!r} in {to}")
+    for task in tasks:
+        if action == "promote":
+            rollouts.promote(to, task)
+        else:
+            rollouts.abort(to, task)
+    return tasks
+
+
+def status(to: Path, service: str | None) -> list[dict[str, Any]]:
+    """The directory's rollout records (refused ones with why) and, from a service, its evidence; printed."""
+    records, errors = rollouts.read_all(to)
+    rows = []
+    for task in sorted(records.keys() | errors.keys()):
+        row: dict[str, Any] = {"task": task, **({"record": asdict(records[task])} if task in records else {}),
+                               **({"error": errors[task]} if task in errors else {})}
+        if service:
+            with urllib.request.urlopen(f"{service.rstrip('/')}/tasks/{task}/rollout", timeout=30) as answer:
+                row["service"] = json.loads(answer.read())
+        rows.append(row)
+    lines = ["| task | candidate | mode | share | state | live version | candidate version | requests (live / "
+             "candidate) | shadow agreement | mean top-1 (live / candidate) |",
+             "|---|---|---|---:|---|---|---|---:|---:|---:|"]
+    for row in rows:
+        lines.append("| " + " | ".join(status_cells(row)) + " |")
+    print("\n".join(lines))
+    return rows
+
+
+def status_cells(row: dict[str, Any]) -> list[str]:
+    record, served = row.get("record", {}), row.get("service", {})
+    if "error" in row:
+        return [row["task"], record.get("candidate", ""), record.get("mode", ""), "", f"refused: {row['error']}",
+                "", "", "", "", ""]
+    cells = [row["task"], record["candidate"], record["mode"], f"{record['share']:g}"]
+    if not served:
+        return [*cells, "", "", "", "", "", ""]
+    by_role = {f["role"]: f for f in served["answered"]}
+    shadow = served["shadow"] or {}
+    live, candidate = by_role.get("live", {}), by_role.get("candidate", {})
+    return [*cells, served["state"], served["live_version"] or "", served["candidate_version"] or "",
+            f"{live.get('requests', 0)} / {candidate.get('requests', shadow.get('compared', 0))}",
+            _number(shadow.get("agreement")),
+            f"{_number(shadow.get('live_mean_top1_score', live.get('mean_top1_score')))} / "
+            f"{_number(shadow.get('candidate_mean_top1_score', candidate.get('mean_top1_score')))}"]
+
+
+def _number(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m training.publish", description=__doc__.splitlines()[0],
                                      formatter_class=HelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
-    parser.add_argument("candidate", type=Path, help="a prompt-set directory (what training.fit --out holds)")
+    parser.add_argument("candidate", type=Path, nargs="?",
+                        help="a prompt-set directory (what training.fit --out holds); not with --status")
     parser.add_argument("--to", type=Path, required=True, help="the prompt directory a service watches")
-    parser.add_argument("--data", type=Path, required=True, help="the data root the candidate was trained on")
+    parser.add_argument("--data", type=Path, help="the data root the candidate was trained on (to publish)")
     parser.add_argument("--name", default=None, help="publish under this name (default: the candidate's)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="how much lower a task's accuracy may be than the live set's (absolute, 0.01 = 1 point; "
                              "negative: the candidate must be better by that much)")
     parser.add_argument("--force", action="store_true", help="publish even if worse")
+    rollout = parser.add_mutually_exclusive_group()
+    rollout.add_argument("--canary", type=float, metavar="PCT",
+                         help="publish as a canary: the candidate answers PCT %% of its tasks' requests")
+    rollout.add_argument("--shadow", type=float, metavar="PCT",
+                         help="publish as a shadow: the candidate also scores PCT %% of its tasks' requests, the "
+                              "callers get the live answers")
+    rollout.add_argument("--promote", action="store_true", help="the candidate's rollout: it takes its tasks")
+    rollout.add_argument("--abort", action="store_true", help="the candidate's rollout: no more traffic to it")
+    rollout.add_argument("--status", action="store_true", help="print --to's rollouts (and --service's evidence)")
+    parser.add_argument("--abort-below", type=float, default=None,
+                        help="--shadow: abort automatically when top-1 agreement with the live answers falls below")
+    parser.add_argument("--min-requests", type=int, default=200, help="--abort-below: after this many requests")
+    parser.add_argument("--service", default=None, help="--status: a running service's URL, for its evidence")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = torch's default)")
     args = parser.parse_args(argv)
     cli.setup_logging()
     if args.threads:
         torch.set_num_threads(args.threads)
-    with cli.user_errors(OSError, json.JSONDecodeError):
+    if args.status:
+        with cli.user_errors(OSError, json.JSONDecodeError):
+            return {"rollouts": status(args.to, args.service)}
+    if args.candidate is None:
+        parser.error("the candidate is required (but with --status)")
+    with cli.user_errors(OSError, json.JSONDecodeError, RolloutError):
         if not (args.candidate / CONFIG_FILE).is_file():
             raise MissingData(f"{args.candidate} is not a prompt set (no {CONFIG_FILE})")
         candidate = PromptSet.load(args.candidate)
-        live = {t: d for t, d in serving(args.to).items() if t in candidate.tasks} if args.to.is_dir() else {}
+        name = args.name or candidate.name
+        if args.promote or args.abort:
+            action = "promote" if args.promote else "abort"
+            result = {action: name, "tasks": end_rollouts(name, args.to, action)}
+            print(json.dumps(result))
+            return result
+        if args.data is None:
+            parser.error("--data is required to publish (the candidate is compared with the live sets on it)")
+        live = {t: d for t, d in serving(args.to, held_out(args.to)).items() if t in candidate.tasks
+                } if args.to.is_dir() else {}
+        rollout = args.canary is not None or args.shadow is not None
+        if rollout and any(d.name == name for d in live.values()):
+            raise RolloutError(f"{name!r} serves these tasks already: a candidate needs a name of its own (--name)")
         table = compare(args.candidate, live, args.data, args.device)
         print(markdown_table(table))
         worse = decide(table, args.tolerance)
@@ -132,9 +247,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             result = {"published": False, "reason": "worse than the live set", "worse": worse}
             print(json.dumps(result))
             raise SystemExit(1)
+        mode, share = ("canary", args.canary) if args.canary is not None else ("shadow", args.shadow)
+        rolled = start_rollouts(name, sorted(candidate.tasks), args.to, live, mode, share, args.abort_below,
+                                args.min_requests) if rollout else []
         written = publish(args.candidate, args.to, args.name)
     result = {"published": True, "path": str(written), "version": candidate.version, "forced": bool(worse),
-              "worse": worse, "replaces": sorted({d.name for d in live.values()})}
+              "worse": worse, "replaces": [] if rolled else sorted({d.name for d in live.values()}),
+              **({"rollout": {"mode": mode, "share": share, "tasks": rolled}} if rolled else {})}
     print(json.dumps(result))
     return result
 

@@ -164,15 +164,24 @@ class MmapEngine:
                     if not future.done():
                         future.set_result(answer)
                 self._queued -= len(items)
+                if self.core.shadow_due(idle=not self._waiting):  # rollouts: after the answers (engine/rollouts.py)
+                    await loop.run_in_executor(self._forward, self._shadows)
         finally:
             self._draining = False
+
+    def _shadows(self) -> None:
+        try:
+            self.core.finish(self.core.launch_shadows())
+        except Exception:  # evidence lost, nothing else
+            log.exception("a rollout's shadow forward failed")
 
     def _score(self, items: list[tuple[np.ndarray | bytes, transport.Infer, asyncio.Future]]) -> list[Any]:
         """On the forward thread: one batch admitted (task, readiness, labels) and scored."""
         answers: list[Scored | Embedded | Failed | None] = [None] * len(items)
         admitted = []
         for i, (image, request, _) in enumerate(items):
-            item = self.core.admit(i, request.task, image, request.top_k, 0, request.labels, request.embed)
+            item = self.core.admit(i, request.task, image, request.top_k, 0, request.labels, request.embed,
+                                   version=request.version, key=request.key)
             if isinstance(item, Failed):
                 answers[i] = item
             else:
@@ -265,12 +274,14 @@ class RayEngineClient:
                 self._schedule(0)
 
     async def infer(self, pixels: np.ndarray | bytes, task: str, top_k: int, timeout_s: float,
-                    labels: list[str] | None = None, embed: bool = False) -> Scored | Embedded:
+                    labels: list[str] | None = None, embed: bool = False, version: str | None = None,
+                    key: str | None = None) -> Scored | Embedded:
         if self.down:
             raise EngineUnavailable()
         loop = asyncio.get_running_loop()
         request = transport.Infer(id=next(self._ids), slot=0, task=task, top_k=min(top_k, MAX_TOP_K), labels=labels,
-                                  embed=embed, jpeg=pixels if isinstance(pixels, bytes) else None)
+                                  embed=embed, jpeg=pixels if isinstance(pixels, bytes) else None, version=version,
+                                  key=key)
         answer: asyncio.Future = loop.create_future()
         self._batch.append((request, pixels, answer))
         if len(self._batch) >= self.info.max_batch_size:

@@ -94,7 +94,8 @@ class CatalogFeed:
                             sorted(t for t in changed if t not in tasks))
 
     def _info(self, h: TaskHandle) -> TaskInfo:
+        rollout = self.registry.snapshot.rollouts.get(h.task)
         return TaskInfo(h.task, h.prompt_set, h.version, h.method, h.group, list(h.classnames),
                         [sample_path(h.task, name) for name in h.samples],
                         h.template, dict(h.card.get("evaluation", {})), dict(h.card.get("trained", {})),
-                        h.task in self.metered)
+                        h.task in self.metered, rollout.info() if rollout is not None else None)

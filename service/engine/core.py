@@ -5,15 +5,13 @@ operations off the hot path (operations.py). Transport-free: the engine process'
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
+import itertools
 import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -27,96 +25,18 @@ from service.settings import Settings
 from service.transport import Embedded, EngineInfo, Failed, Scored
 
 from .backends import PixelNormalizer, make_image_tower
+from .batch import Forward, LabelsNeeded, Launched, Pending, index, to_host
 from .catalog import CatalogFeed
 from .device_decode import DeviceDecoder, UndecodableJpeg
 from .operations import Operations
 from .registry import Registry
+from .rollouts import Evidence, Route, Router, VersionNotServed
 from .snapshot import PromptSlot, TaskHandle
 
 log = logging.getLogger(__name__)
 
 
 UNPROMPTED = PromptSlot(None, 0)  # an embedding asked for without a task: the bare image tower
-
-
-@dataclass
-class Pending:
-    """One image waiting for its batch."""
-
-    request: int  # the id its answer carries
-    # [H, W, 3] uint8: a view of a worker's slot (copied when the batch is built), or (decode=engine) the JPEG
-    # upload itself, replaced by its decoded pixels on the device when the batch is built
-    pixels: np.ndarray | bytes | Tensor
-    handle: TaskHandle | None  # of the snapshot the request arrived in: a swap never breaks it (None: no task)
-    slot: PromptSlot
-    top_k: int
-    classes: tuple[str, ...] = ()  # what it is scored against: the task's classes or the caller's labels
-    text: Tensor | None = None  # their text features [C, D]; None: answer the embedding instead
-    arrived: float = 0.0  # time.monotonic()
-    expires: float = 0.0  # time.monotonic() past which nobody waits for the answer; 0 = request_timeout_s after arrival
-    client: Any = None  # who to answer (the engine loop's business)
-    serial: int = 0  # of the snapshot it arrived in: the bank rows it reads stay its own until it is answered
-
-
-@dataclass
-class LabelsNeeded:
-    """A request admitted but for the text features of its caller's label set, which are not cached:
-    `complete_labels` computes them (together with the other sets that arrived with it) and sets `pending.text`."""
-
-    key: tuple[str, str, str, tuple[str, ...]]  # (prompt set, version, task, class names)
-    pending: Pending
-
-
-def _index(rows: list[int], device: torch.device) -> Tensor:
-    """Row numbers as an index tensor on `device`, without waiting for the device (`torch.tensor(rows,
-    device=cuda)` would copy synchronously: it waits for every batch already queued)."""
-    return torch.tensor(rows).to(device, non_blocking=True)
-
-
-def _to_host(tensor: Tensor) -> Tensor:
-    """A device tensor's copy on the host, on its way without blocking (pinned memory) on CUDA."""
-    if tensor.device.type != "cuda":
-        return tensor
-    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-    return host.copy_(tensor, non_blocking=True)
-
-
-@dataclass
-class _Forward:
-    """One prompt bank's forward, queued: its results' host copies, complete once `copied` has happened."""
-
-    items: list[Pending]
-    scored: list[tuple[list[int], Tensor, Tensor]] = dataclasses.field(default_factory=list)  # rows, top-k, labels
-    embedded: list[tuple[list[int], Tensor]] = dataclasses.field(default_factory=list)  # rows, embeddings
-    copied: torch.cuda.Event | None = None  # on CUDA
-
-    def answers(self) -> list[Scored | Embedded]:
-        if self.copied is not None:
-            self.copied.synchronize()
-        answers: list[Scored | Embedded] = [None] * len(self.items)  # type: ignore[list-item]
-        for rows, scores, labels in self.scored:
-            for row, row_scores, row_labels in zip(rows, scores.tolist(), labels.tolist(), strict=True):
-                item = self.items[row]
-                n = min(item.top_k, len(item.classes))
-                h = item.handle
-                answers[row] = Scored(item.request, h.task, h.version, h.prompt_set, h.method,
-                                      [item.classes[i] for i in row_labels[:n]], row_scores[:n])
-        for rows, vectors in self.embedded:
-            for row, vector in zip(rows, vectors.numpy().astype("<f4"), strict=True):
-                h = self.items[row].handle
-                answers[row] = Embedded(self.items[row].request, h.task if h else "", h.version if h else "",
-                                        h.prompt_set if h else "", vector.tobytes())
-        return answers
-
-
-@dataclass
-class Launched:
-    """A batch whose work is queued on the device (`InferenceCore.launch`); `InferenceCore.finish` answers it."""
-
-    items: list[Pending]
-    answers: list[Scored | Embedded | Failed | None]  # decoding failures already in
-    # per prompt bank: its rows, its queued forward (or why it failed), the seconds its launch took
-    groups: list[tuple[list[int], _Forward | Exception, float]] = dataclasses.field(default_factory=list)
 
 
 class InferenceCore:
@@ -139,7 +59,9 @@ class InferenceCore:
         self.feed = CatalogFeed(self.registry, self.not_ready_reason, lambda: (self.ready, self.failure,
                                 self.registry.progress, self.registry.directory_error), settings.metrics_max_tasks)
         self.last_forward_s = 0.0
-        self.operations = Operations(self.registry)
+        self.evidence = Evidence(metrics)
+        self.router = Router(self.evidence, settings.max_batch_size)
+        self.operations = Operations(self.registry, self.evidence)
 
     def info(self, address: str) -> EngineInfo:
         cfg = self.backbone.preprocess_cfg
@@ -151,15 +73,16 @@ class InferenceCore:
                           max_batch_size=self.settings.max_batch_size)
 
     def admit(self, request: int, task: str, pixels: np.ndarray | bytes, top_k: int, queued: int,
-              labels: list[str] | None = None, embed: bool = False,
-              defer_labels: bool = False) -> Pending | Failed | LabelsNeeded:
+              labels: list[str] | None = None, embed: bool = False, defer_labels: bool = False,
+              version: str | None = None, key: str | None = None) -> Pending | Failed | LabelsNeeded:
         """A request for the queue, or its refusal: unknown task, not ready, queue full (`queued` waiting).
 
         `pixels`: uint8 [H, W, 3], or with decode=engine the JPEG file (decoded with its batch).
         `labels`: score against these class names (the worker checked them) with the task's prompts and
         template; their text features are kept in an LRU cache. On a miss they are computed here, or with
         `defer_labels` the request comes back as `LabelsNeeded`, for `complete_labels` to compute with others.
-        `embed`: answer the image embedding; with task "" the unprompted tower's."""
+        `embed`: answer the image embedding; with task "" the unprompted tower's. `version` pins the task's version
+        (its live one or its rollout's candidate; else 409), `key` picks a rollout's version (rollouts.py)."""
         snapshot = self.registry.snapshot
         handle = snapshot.tasks.get(task)
         if handle is None and not (embed and task == ""):
@@ -175,20 +98,29 @@ class InferenceCore:
         now, serial = time.monotonic(), snapshot.serial
         if handle is None:
             return Pending(request, pixels, None, UNPROMPTED, 0, arrived=now, serial=serial)
+        route = Route(handle)
+        if version is not None or snapshot.rollouts:
+            try:
+                route = self.router.route(handle, snapshot.rollouts.get(task), version, key,
+                                          scored=labels is None and not embed)
+            except VersionNotServed as e:
+                return Failed(request, 409, "version_not_served", str(e))
+            handle = route.handle
         slot = handle.slot
         if embed:
             return Pending(request, pixels, handle, slot, 0, arrived=now, serial=serial)
         if labels is None:
             return Pending(request, pixels, handle, slot, top_k, handle.classnames, handle.text_features, now,
-                           serial=serial)
+                           serial=serial, role=route.role, pair=route.pair)
         classes = tuple(labels)
-        key = (handle.prompt_set, handle.version, handle.task, classes)
-        pending = Pending(request, pixels, handle, slot, top_k, classes, self.label_cache.get(key), now, serial=serial)
+        cached = (handle.prompt_set, handle.version, handle.task, classes)
+        pending = Pending(request, pixels, handle, slot, top_k, classes, self.label_cache.get(cached), now,
+                          serial=serial, role=route.role)
         self.metrics.label_cache.labels("hit" if pending.text is not None else "miss").inc()
         if pending.text is not None:
-            self.label_cache.move_to_end(key)
+            self.label_cache.move_to_end(cached)
             return pending
-        needed = LabelsNeeded(key, pending)
+        needed = LabelsNeeded(cached, pending)
         if defer_labels:
             return needed
         self.complete_labels([needed])
@@ -231,11 +163,13 @@ class InferenceCore:
         for i, item in enumerate(items):
             if answers[i] is None:  # not failed by its decoding
                 groups.setdefault(id(item.slot.bank), []).append(i)
+                if item.pair is not None and item.role == "live":
+                    self.router.shadow(item)
         launched = Launched(items, answers)
         for rows in groups.values():
             start = time.perf_counter()
             try:
-                work: _Forward | Exception = self._forward([items[i] for i in rows])
+                work: Forward | Exception = self._forward([items[i] for i in rows])
             except Exception as e:  # a failing forward fails its own requests, not the service
                 work = e
             launched.groups.append((rows, work, time.perf_counter() - start))
@@ -262,7 +196,27 @@ class InferenceCore:
             self.metrics.batch_size.observe(len(group))
             self.metrics.inference_duration.observe(elapsed)
             self.metrics.forward_per_image.observe(elapsed / len(group))
+        for item, answer in zip(launched.items, answers, strict=True):
+            if item.role is not None and isinstance(answer, Scored) and answer.labels:
+                self._count(item, (answer.labels[0], answer.scores[0]))
         return answers  # type: ignore[return-value]
+
+    def _count(self, item: Pending, top1: tuple[str, float]) -> None:
+        """A task with a rollout: the evidence of one answer (or of one shadow scoring, against its live answer)."""
+        if item.role != "shadow":
+            self.evidence.answer(item.handle, item.role, top1[1])
+            if item.pair is not None:
+                item.pair.live = top1
+        elif item.pair.live is not None:  # (the live answer failed: nothing to compare)
+            self.evidence.compare(item.handle, item.pair.live, top1)
+
+    def shadow_due(self, idle: bool) -> bool:
+        """Shadow rows (rollouts.py) should run now; `idle`: no request waits."""
+        return self.router.due(time.monotonic(), idle)
+
+    def launch_shadows(self) -> Launched:
+        """A forward of waiting shadow rows (their answers go to the evidence, nobody else)."""
+        return self.launch(self.router.take())
 
     def _decode(self, items: list[Pending], answers: list[Scored | Failed]) -> None:
         """decode=engine: the batch's JPEG files -> pixels on the device, in one decoder call; a file that
@@ -287,7 +241,7 @@ class InferenceCore:
                 items[i].pixels = image
         self.metrics.decode_per_image.observe((time.perf_counter() - start) / len(rows))
 
-    def _forward(self, items: list[Pending]) -> _Forward:
+    def _forward(self, items: list[Pending]) -> Forward:
         """One forward for items of one prompt bank, then each row scored over its own class texts (a task's,
         or a caller's label set), or its embedding; the results start on their way to the host."""
         bank = items[0].slot.bank
@@ -298,20 +252,20 @@ class InferenceCore:
                 pixels = torch.empty(len(items), *items[0].pixels.shape, dtype=torch.uint8, device=self.backbone.device)
                 host = [row for row, item in enumerate(items) if isinstance(item.pixels, np.ndarray)]
                 if host:
-                    pixels[_index(host, pixels.device)] = self.normalize.stack([items[row].pixels for row in host])
+                    pixels[index(host, pixels.device)] = self.normalize.stack([items[row].pixels for row in host])
                 for row, item in enumerate(items):
                     if isinstance(item.pixels, Tensor):
                         pixels[row] = item.pixels
-            prompts = None if bank is None else bank.tensor[_index([i.slot.index for i in items], bank.tensor.device)]
+            prompts = None if bank is None else bank.tensor[index([i.slot.index for i in items], bank.tensor.device)]
             features = self.tower(self.normalize(pixels), prompts).to(self.backbone.device)
-            forward = _Forward(items)
+            forward = Forward(items)
             embedded = [row for row, item in enumerate(items) if item.text is None]
             if embedded:
-                forward.embedded.append((embedded, _to_host(features[_index(embedded, features.device)].float())))
+                forward.embedded.append((embedded, to_host(features[index(embedded, features.device)].float())))
             scored = [row for row, item in enumerate(items) if item.text is not None]
             if scored:
-                scores, labels = self._top(features[_index(scored, features.device)], [items[r] for r in scored])
-                forward.scored.append((scored, _to_host(scores), _to_host(labels)))
+                scores, labels = self._top(features[index(scored, features.device)], [items[r] for r in scored])
+                forward.scored.append((scored, to_host(scores), to_host(labels)))
             if features.device.type == "cuda":
                 forward.copied = torch.cuda.Event()
                 forward.copied.record()
@@ -329,8 +283,8 @@ class InferenceCore:
         else:
             group = {key: g for g, key in enumerate(texts)}
             padded = pad_sequence(list(texts.values()), batch_first=True)  # [G, C_max, D]
-            sizes = _index([len(t) for t in texts.values()], features.device)
-            which = _index([group[id(item.text)] for item in items], features.device)
+            sizes = index([len(t) for t in texts.values()], features.device)
+            which = index([group[id(item.text)] for item in items], features.device)
             logits = self.logit_scale * torch.bmm(padded[which], features.unsqueeze(-1)).squeeze(-1)
             padding = torch.arange(padded.shape[1], device=features.device) >= sizes[which].unsqueeze(-1)
             logits = logits.masked_fill(padding, float("-inf"))
@@ -348,7 +302,8 @@ class InferenceCore:
     def reclaim(self, in_use: Iterable[Pending]) -> None:
         """Let the registry reuse the bank rows that no request in `in_use` (all that are queued or on the device)
         can read any more."""
-        oldest = min((item.serial for item in in_use), default=self.registry.snapshot.serial)
+        oldest = min((item.serial for item in itertools.chain(in_use, self.router.shadows)),
+                     default=self.registry.snapshot.serial)
         self.registry.reclaim(oldest)
 
     # ---- start-up and the watcher: the same for the engine process and the Ray engine deployment ----
@@ -370,7 +325,9 @@ class InferenceCore:
         return True
 
     def poll_prompts(self) -> float:
-        """Apply what settled in the prompt directory; when (time.monotonic()) the next poll is due."""
+        """Abort the shadows that disagree too much, apply what settled in the prompt directory; when
+        (time.monotonic()) the next poll is due."""
+        self.operations.check_rollouts()
         now = time.monotonic()
         return min(now + self.settings.watch_interval_s, self.registry.poll(now) or float("inf"))
 

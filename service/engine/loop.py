@@ -143,14 +143,18 @@ class Engine:
             else:  # nothing is due: answer what is launched before the poll waits
                 while self.in_flight:
                     self._answer(self.in_flight.popleft())
+                if self.core.shadow_due(idle=True):  # a pause: the rollout candidates' shadow rows run now
+                    self.in_flight.append(self.core.launch_shadows())
+            if self.core.shadow_due(idle=False):  # busy: shadow rows wait for a full batch of their own
+                self.in_flight.append(self.core.launch_shadows())
             self._publish_catalog()
             if self.core.registry.retiring:
                 self.core.reclaim(itertools.chain(self.queue, *(batch.items for batch in self.in_flight)))
 
     def _timeout_ms(self) -> int:
         now = time.monotonic()
-        if self.in_flight or (self.queue and self._batch_due(now)):  # the next turn launches or answers at once
-            return 0
+        if self.in_flight or (self.queue and self._batch_due(now)) or self.core.shadow_due(idle=not self.queue):
+            return 0  # the next turn launches or answers at once
         timeout = IDLE_POLL_MS / 1000
         if self.queue:
             timeout = min(timeout, self.queue[0].arrived + self.settings.max_wait_ms / 1000 - now)
@@ -218,7 +222,7 @@ class Engine:
             return
         pixels = worker.ring.pixels[infer.slot] if infer.jpeg is None else infer.jpeg
         admitted = self.core.admit(infer.id, infer.task, pixels, infer.top_k, len(self.queue) + len(needed),
-                                   infer.labels, infer.embed, defer_labels=True)
+                                   infer.labels, infer.embed, defer_labels=True, version=infer.version, key=infer.key)
         if isinstance(admitted, Failed):
             self._send(client, admitted)
             return
@@ -254,7 +258,8 @@ class Engine:
     def _answer(self, launched: Launched) -> None:
         replies: dict[bytes, list[Scored | Embedded | Failed]] = {}
         for item, answer in zip(launched.items, self.core.finish(launched), strict=True):
-            replies.setdefault(item.client, []).append(answer)
+            if item.client is not None:  # (a shadow row's answer is the evidence's alone)
+                replies.setdefault(item.client, []).append(answer)
         for client, answers in replies.items():
             self._send(client, Results(answers))
 

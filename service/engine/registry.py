@@ -44,9 +44,11 @@ from torch import Tensor
 from mmap_model import Backbone, ClassTexts, PromptedCLIP, Prompts, PromptSetError, TaskSpec
 from mmap_model.encoders import TokenizedTexts, encode_class_texts, tokenize_class_texts
 from mmap_model.prompts import NAME_PATTERN, check_name
+from mmap_model.rollouts import Rollout
 from service.metrics import Metrics
 from service.schema import PromptSetStatus
 
+from .rollouts import Records, resolve
 from .sets import SetRead, read_set
 from .snapshot import LoadedSet, PromptBank, PromptSlot, Snapshot, TaskHandle
 from .watcher import DirectoryWatcher
@@ -90,10 +92,9 @@ class Registry:
         self._retired: deque[tuple[int, PromptBank, list[int]]] = deque()  # rows no snapshot from serial on names
         self.directory_error: str | None = None  # why the watcher cannot list the directory now, if it cannot
         self.progress: tuple[int, int] | None = None  # (sets read, of) while a scan runs
+        self.records = Records(self.directory)  # rollouts (rollouts.py): read before any set, so no candidate serves
 
-    @property
-    def snapshot(self) -> Snapshot:
-        return self._snapshot
+    snapshot = property(lambda self: self._snapshot, doc="what is served now (replaced whole by each publication)")
 
     @property
     def retiring(self) -> bool:
@@ -132,6 +133,7 @@ class Registry:
             states = {n: st for n in candidates if (st := self.watcher.state(self.directory, n)) is not None}
             self.watcher.applied.update(states)  # (no promptset.json yet: not a set; the watcher sees it later)
             self.progress = (0, len(states))
+            self.records.refresh()
             try:
                 self._apply(list(states), [], after_step)
             finally:
@@ -147,13 +149,12 @@ class Registry:
             state = self.watcher.state(self.directory, name)
             if state is not None:
                 self.watcher.applied[name] = state  # the watcher must not redo what this call reads
-            loaded = self._apply([name], [])
+            loaded = self._apply([name], [], tasks=self.records.refresh())  # (records as they are now)
         if name not in loaded:
             raise PromptSetError(self._errors[name][1])
         return loaded[name]
 
-    def unload(self, name: str) -> bool:
-        """Stop serving a prompt set; False if it was not loaded."""
+    def unload(self, name: str) -> bool:  # False if it was not loaded
         with self._lock:
             if name not in self._snapshot.sets:
                 return False
@@ -183,16 +184,27 @@ class Registry:
             changes = self.watcher.poll(self.directory, self.candidates(), now)
             for name in changes.remove:
                 self._errors.pop(name, None)
-            if changes.load or changes.remove:  # a refused load is retried when the directory changes again
-                self._apply(list(changes.load), changes.remove)
+            rollouts = self.records.refresh()
+            if changes.load or changes.remove or rollouts:  # a refused load is retried when the directory changes
+                self._apply(list(changes.load), changes.remove, tasks=rollouts)
         return changes.due
 
-    def _apply(self, names: list[str], removed: list[str], after_step: Callable[[], None] | None = None
-               ) -> dict[str, LoadedSet]:
-        """Read and embed the sets `names` (SETS_PER_STEP at a time), then publish them and the removal of
-        `removed` in one snapshot; a set that fails is reported and its old version keeps serving. Holds the
-        lock. (Reading and tokenizing on another thread, or in another process, while the text tower ran was
-        measured slower on two cores: docs/architecture.md, "Many tasks".)"""
+    def apply_rollouts(self, override: Rollout | None = None) -> None:
+        """Take in the rollout records as they are now (after the admin API wrote one), and `override`."""
+        with self._lock:
+            tasks = self.records.refresh()
+            if override is not None:
+                self.records.override(override)
+                tasks.add(override.task)
+            if tasks:
+                self._publish({}, set(), tasks)
+
+    def _apply(self, names: list[str], removed: list[str], after_step: Callable[[], None] | None = None,
+               tasks: set[str] | frozenset[str] = frozenset()) -> dict[str, LoadedSet]:
+        """Read and embed the sets `names` (SETS_PER_STEP at a time), then publish them, the removal of `removed`
+        and `tasks`' rollout records in one snapshot; a set that fails is reported and its old version keeps
+        serving. Holds the lock. (Reading and tokenizing on another thread, or in another process, while the text
+        tower ran was measured slower on two cores: docs/architecture.md, "Many tasks".)"""
         loaded: dict[str, LoadedSet] = {}
         steps = [names[i:i + SETS_PER_STEP] for i in range(0, len(names), SETS_PER_STEP)]
         for k, step in enumerate(steps):
@@ -202,9 +214,9 @@ class Registry:
             if after_step is not None:
                 after_step()
         gone = {n for n in removed if n in self._snapshot.sets}
-        if loaded or gone:
+        if loaded or gone or tasks:
             before = self._snapshot.tasks
-            self._publish(loaded, gone)
+            self._publish(loaded, gone, tasks)
             for s in loaded.values():
                 self._errors.pop(s.name, None)
                 self.metrics.prompt_set_loads.labels("success").inc()
@@ -295,14 +307,15 @@ class Registry:
 
     # ---- publishing ----
 
-    def _publish(self, loaded: Mapping[str, LoadedSet], removed: set[str]) -> None:
+    def _publish(self, loaded: Mapping[str, LoadedSet], removed: set[str], tasks_: Iterable[str] = ()) -> None:
         """A new snapshot with the sets `loaded` (new or replacing) and without `removed`. Costs what changed:
-        the tasks of those sets are resolved again (the newest publication of each serves it) and the other
+        the tasks of those sets (and `tasks_`, whose rollout records changed) are resolved again (the newest
+        publication of each serves it, a rollout's candidate left out: rollouts.resolve) and the other
         tasks' handles are shared with the old snapshot (one dict copy, in C); the replaced sets' bank rows are
         retired until no request can read them (`reclaim`)."""
         old = self._snapshot
-        sets, tasks = dict(old.sets), dict(old.tasks)
-        affected, retired = set(), []
+        sets, tasks, rollouts = dict(old.sets), dict(old.tasks), dict(old.rollouts)
+        affected, retired = set(tasks_), []
         for name in removed | set(loaded):
             previous = sets.pop(name, None)
             if previous is not None:
@@ -320,14 +333,19 @@ class Registry:
             definers = self._definers.get(task)
             if not definers:
                 self._definers.pop(task, None)
-                if tasks.pop(task, None) is not None:
+                if (tasks.pop(task, None), rollouts.pop(task, None)) != (None, None):
                     changed.append(task)
                 continue
-            handle = sets[max(definers, key=lambda n: sets[n].precedence)].handles[task]
-            if tasks.get(task) is not handle:
+            handle, active = resolve(task, definers, sets, self.records.effective.get(task))
+            same = active.same(rollouts.get(task)) if active else task not in rollouts
+            if tasks.get(task) is not handle or not same:
                 tasks[task] = handle
                 changed.append(task)
-        snapshot = Snapshot(MappingProxyType(sets), MappingProxyType(tasks), old.serial + 1)
+            if active is None:
+                rollouts.pop(task, None)
+            else:
+                rollouts[task] = active
+        snapshot = Snapshot(MappingProxyType(sets), MappingProxyType(tasks), old.serial + 1, MappingProxyType(rollouts))
         self._snapshot = snapshot  # one reference assignment: readers see the old or the new, never a mix
         self._changes.append((snapshot.serial, tuple(changed)))
         if retired:

@@ -111,3 +111,4 @@ class Snapshot:
     sets: Mapping[str, LoadedSet] = field(default_factory=dict)
     tasks: Mapping[str, TaskHandle] = field(default_factory=dict)
     serial: int = 0  # 1, 2, 3, ... in the order published: tells two snapshots apart (an id() can be reused)
+    rollouts: Mapping[str, Any] = field(default_factory=dict)  # task -> rollouts.ActiveRollout, tasks with a record

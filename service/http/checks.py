@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 from starlette.requests import Request
 
-from service.errors import ServiceError
+from service.errors import ServiceError, version_not_served_detail
 from service.metrics import OTHER_TASKS, UNKNOWN_TASK, Metrics
+from service.schema import TaskInfo
 from service.settings import Settings
 
 from .contract import EngineConnection
@@ -19,7 +21,9 @@ from .images import ImageRejected
 from .labels import parse_labels
 from .uploads import Upload
 
-CLASSIFY_PARAMS = frozenset({"task", "top_k", "labels"})
+CLASSIFY_PARAMS = frozenset({"task", "top_k", "labels", "version"})
+CLIENT_ID = "x-client-id"  # a rollout's assignment key: the same client, the same version
+MAX_CLIENT_ID = 256
 
 
 def classify_query(request: Request) -> tuple[str, int]:
@@ -54,6 +58,31 @@ def check_serving(engine: EngineConnection, task: str | None) -> None:
         raise engine.catalog.unknown(task)
     if not engine.catalog.ready:
         raise ServiceError(503, "not_ready", engine.catalog.reason or "", {"Retry-After": "1"})
+
+
+def routing(request: Request, engine: EngineConnection, task: str, per_request: bool = False
+            ) -> tuple[str | None, str | None]:
+    """The pinned `version` (409 now if the task does not serve it) and the rollout key of a request: X-Client-ID,
+    else with `per_request` a key of its own (so that every image of one request gets the same version)."""
+    version = request.query_params.get("version")
+    if version is not None:
+        check_version(engine, task, version)
+    key = request.headers.get(CLIENT_ID)
+    if key is not None and len(key) > MAX_CLIENT_ID:
+        raise ServiceError(422, "invalid_request", f"X-Client-ID: at most {MAX_CLIENT_ID} characters")
+    return version, key if key is not None or not per_request else os.urandom(8).hex()
+
+
+def served_versions(info: TaskInfo) -> list[str]:
+    """The live version of a task, and its rollout candidate's while it gets traffic."""
+    candidate = info.rollout.version if info.rollout is not None else None
+    return [info.version, *([candidate] if candidate else [])]
+
+
+def check_version(engine: EngineConnection, task: str, version: str) -> None:
+    served = served_versions(engine.tasks[task])
+    if version not in served:
+        raise ServiceError(409, "version_not_served", version_not_served_detail(task, served, version))
 
 
 def labels_of(request: Request, upload: Upload | None, settings: Settings) -> list[str] | None:

@@ -15,7 +15,7 @@ from service.schema import BatchAnswer, BatchItem, Classification, Embedding, Pr
 from service.transport import Embedded, Scored
 
 from .bodies import read_images
-from .checks import check_params, check_serving, classify_query, counted, labels_of, task_label
+from .checks import check_params, check_serving, classify_query, counted, labels_of, routing, task_label
 from .images import ImageRejected
 from .openapi import CLASSIFY_REQUEST, UPLOAD_BODY, UPLOAD_ERRORS, answers
 from .state import worker_of
@@ -42,12 +42,13 @@ async def classify(request: Request) -> Response:
     with counted(metrics, task_label(request.query_params.get("task"), engine), start):
         task, top_k = classify_query(request)
         check_serving(engine, task)
+        version, key = routing(request, engine, task)
         names = labels_of(request, None, settings)
         with engine.incoming(), worker.budget.hold() as held:
             upload = await read_images(request, held, settings)
             names = labels_of(request, upload, settings) if upload.fields else names
             pixels = await worker.pixels(upload.files[0])  # one image: its refusal was raised
-        result = await engine.infer(pixels, task, top_k, settings.request_timeout_s, names)
+        result = await engine.infer(pixels, task, top_k, settings.request_timeout_s, names, version=version, key=key)
     return Response(encode(classification(result)), media_type=JSON, headers={WORKER_HEADER: str(engine.worker)})
 
 
@@ -76,7 +77,8 @@ async def classify_batch(request: Request) -> Response:
             with counted(metrics, task_label(task, engine)):
                 if isinstance(pixels, ServiceError):
                     raise pixels
-                result = await engine.infer(pixels, task, top_k, settings.request_timeout_s, names)
+                result = await engine.infer(pixels, task, top_k, settings.request_timeout_s, names, version=version,
+                                            key=key)
         except ServiceError as e:
             return BatchItem(e.status, error=e.error, detail=e.detail)
         return BatchItem(200, result.task, result.version, result.prompt_set, result.method,
@@ -85,6 +87,7 @@ async def classify_batch(request: Request) -> Response:
     with counted(metrics, task_label(request.query_params.get("task"), engine), failures_only=True):
         task, top_k = classify_query(request)
         check_serving(engine, task)
+        version, key = routing(request, engine, task, per_request=True)  # one version for all its images
         names = labels_of(request, None, settings)
         # decoded while the engine knows more images are on their way
         with engine.incoming(), worker.budget.hold() as held:

@@ -29,8 +29,10 @@ class EngineConnection(Protocol):
         """Around the reading and decoding of an upload: the engine may wait for it to fill a batch."""
 
     async def infer(self, pixels: np.ndarray | bytes, task: str, top_k: int, timeout_s: float,
-                    labels: list[str] | None = None, embed: bool = False) -> Scored | Embedded:
-        """One image scored (or embedded); the engine's refusals raise ServiceError with their status."""
+                    labels: list[str] | None = None, embed: bool = False, version: str | None = None,
+                    key: str | None = None) -> Scored | Embedded:
+        """One image scored (or embedded); the engine's refusals raise ServiceError with their status. `version`
+        pins the task's version, `key` picks a rollout's (service/engine/rollouts.py)."""
 
     async def call(self, op: Operation, timeout_s: float = 120.0) -> Reply:
         """An operation off the hot path; refusals raise ServiceError."""

@@ -183,7 +183,8 @@ class EngineClient:
             self.ring.add_incoming(-1)
 
     async def infer(self, pixels: np.ndarray | bytes, task: str, top_k: int, timeout_s: float,
-                    labels: list[str] | None = None, embed: bool = False) -> Scored | Embedded:
+                    labels: list[str] | None = None, embed: bool = False, version: str | None = None,
+                    key: str | None = None) -> Scored | Embedded:
         """Scores of one image [H, W, 3] uint8 (or a JPEG file the engine decodes) for one task (over `labels`
         if given), or with `embed` its embedding; ServiceError with the engine's refusal."""
         if self.down:
@@ -196,7 +197,7 @@ class EngineClient:
             if self.down:  # the engine went away while this request waited for its slot
                 raise EngineUnavailable()
             message = encode(Infer(id=request, slot=slot, task=task, top_k=min(top_k, MAX_TOP_K), labels=labels,
-                                   embed=embed, jpeg=jpeg, expires=deadline))
+                                   embed=embed, jpeg=jpeg, expires=deadline, version=version, key=key))
         except BaseException:
             self._release(slot)
             raise

@@ -15,6 +15,7 @@ RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
 WHY = {401: "no bearer token", 403: "wrong token; an image URL this service does not fetch (or fetch_urls off)",
        404: "unknown task (or sample, or set)",
        408: "the body stalled for body_timeout_s (`body_timeout`)",
+       409: "a pinned `version` the task does not serve (the answer names those it does), or a rollout refused",
        413: "upload, image or image count over its limit", 415: "not a supported image type",
        422: "invalid parameters, labels, multipart or JSON body, base64, image URL or image",
        502: "an image URL could not be fetched (its host's answer, a connection failure, too many redirects)",
@@ -37,7 +38,7 @@ def query(name: str, schema: dict[str, Any], description: str, required: bool = 
     return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
 
 
-UPLOAD_ERRORS = (403, 404, 408, 413, 415, 422, 502, 503, 504)
+UPLOAD_ERRORS = (403, 404, 408, 409, 413, 415, 422, 502, 503, 504)
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                        "properties": {"file": {"type": "string", "format": "binary"}}}},
@@ -49,7 +50,11 @@ TOP_K = query("top_k", {"type": "integer", "minimum": 1, "default": 5},
               "predictions to return per image; more than the task's classes: all of them")
 LABELS = query("labels", {"type": "string"}, "score against these class names (comma-separated) with the task's "
                                              "prompts and template; or the form field `labels`, a JSON array")
-CLASSIFY_REQUEST = {"parameters": [TASK, TOP_K, LABELS], **UPLOAD_BODY}
+VERSION = query("version", {"type": "string"}, "pin the task's version (its live one, or a rollout candidate's: "
+                                              "GET /tasks/{task}); another is 409 `version_not_served`")
+CLIENT_ID = {"name": "X-Client-ID", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 256},
+             "description": "during a canary rollout, the same client id always gets the same version"}
+CLASSIFY_REQUEST = {"parameters": [TASK, TOP_K, LABELS, VERSION, CLIENT_ID], **UPLOAD_BODY}
 
 
 def install(app: FastAPI) -> None:

@@ -8,8 +8,8 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 
-from service.schema import TaskInfo, TaskPage, encode
-from service.transport import GetSample
+from service.schema import RolloutStatus, TaskInfo, TaskPage, encode
+from service.transport import GetSample, ListRollouts
 
 from .openapi import answers
 from .state import worker_of
@@ -38,6 +38,17 @@ async def get_task(task: str, request: Request) -> Response:
     if task not in engine.tasks:
         raise engine.catalog.unknown(task)
     return Response(encode(engine.tasks[task]), media_type=JSON)
+
+
+@router.get("/tasks/{task}/rollout", response_class=Response, responses=answers(RolloutStatus, 404, 503))
+async def get_task_rollout(task: str, request: Request) -> Response:
+    """The task's rollout (`rollout` in GET /tasks/{task}) with this engine's evidence: requests and mean top-1
+    score per version, shadow agreement; 404 `no_rollout` without one. Read-only; the admin API changes it."""
+    engine = worker_of(request).engine
+    if task not in engine.tasks:
+        raise engine.catalog.unknown(task)
+    reply = await engine.call(ListRollouts(task))
+    return Response(encode(reply.rollouts.rollouts[0]), media_type=JSON)
 
 
 @router.get("/samples/{task}/{filename}", response_class=Response,

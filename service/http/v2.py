@@ -21,7 +21,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.errors import ServiceError
+from service.errors import ServiceError, version_not_served_detail
 from service.schema import (
     TaskInfo,
     V2Error,
@@ -39,7 +39,7 @@ from service.schema import (
 from service.transport import Scored
 
 from .bodies import JSON_OVERHEAD, base64_limit
-from .checks import check_serving, counted, task_label
+from .checks import check_serving, counted, routing, served_versions, task_label
 from .engine_client import MAX_TOP_K
 from .images import ImageRejected
 from .labels import parse_labels
@@ -101,9 +101,8 @@ def model(request: Request, task: str, version: str | None) -> TaskInfo:
     if task not in engine.tasks:
         raise engine.catalog.unknown(task)
     info = engine.tasks[task]
-    if version is not None and version != info.version:
-        raise ServiceError(404, "unknown_version", f"model {task!r} serves version {info.version!r}, not "
-                                                   f"{version!r}")
+    if version is not None and version not in served_versions(info):
+        raise ServiceError(404, "unknown_version", version_not_served_detail(task, served_versions(info), version))
     return info
 
 
@@ -141,7 +140,7 @@ def metadata(request: Request, task: str, version: str | None) -> Response:
     info = model(request, task, version)
     height, width = worker_of(request).engine.info.image_size
     return json(V2ModelMetadata(
-        task, [info.version], PLATFORM,
+        task, served_versions(info), PLATFORM,
         [V2TensorMetadata(IMAGE_INPUT, "BYTES", [-1]), V2TensorMetadata(PIXELS_INPUT, "UINT8", [-1, height, width, 3])],
         [V2TensorMetadata(LABELS_OUTPUT, "BYTES", [-1, -1]), V2TensorMetadata(SCORES_OUTPUT, "FP32", [-1, -1])]))
 
@@ -236,8 +235,11 @@ async def infer(request: Request, task: str, version: str | None) -> Response:
             inputs = await prepared(worker, call)
             del body
         top_k = call.top_k or MAX_TOP_K
-        results = await asyncio.gather(*(engine.infer(pixels, task, top_k, settings.request_timeout_s, names)
-                                         for pixels in inputs), return_exceptions=True)
+        wanted = version or call.version
+        key = routing(request, engine, task, per_request=True)[1]  # one version for all its images
+        results = await asyncio.gather(*(engine.infer(pixels, task, top_k, settings.request_timeout_s, names,
+                                                      version=wanted, key=key) for pixels in inputs),
+                                       return_exceptions=True)
         scored: list[Scored] = []
         for result in results:
             if isinstance(result, BaseException):
@@ -247,7 +249,7 @@ async def infer(request: Request, task: str, version: str | None) -> Response:
         if len(versions) > 1 or len({len(r.labels) for r in scored}) > 1:
             raise ServiceError(503, "version_changed", f"model {task!r} changed version during the request; retry",
                                {"Retry-After": "0"})
-        served, wanted = scored[0].version, version or call.version
+        served = scored[0].version
         if wanted is not None and served != wanted:
             raise ServiceError(404, "unknown_version", f"model {task!r} now serves version {served!r}")
     content, header_length = answer(task, served, call, [r.labels for r in scored], [r.scores for r in scored])

@@ -1,4 +1,4 @@
-// The try-it page: plain DOM, no build step. Talks to /tasks and /classify only.
+// The try-it page: plain DOM, no build step. Talks to /tasks (a rollout's figures too) and /classify only.
 // Own labels (comma- or line-separated) go as the form field `labels`, a JSON array.
 "use strict";
 
@@ -40,6 +40,7 @@ function showTask() {
   $("task-info").textContent = `${t.prompt_set} v${t.version} · ${t.method}${group} · classes: ${shown}`;
   $("task-info").title = t.classes.join(", ");
   $("task-card").textContent = cardText(t);
+  showRollout(t);
   const samples = $("samples");
   samples.replaceChildren(...t.samples.map((url) => {
     const button = document.createElement("button");
@@ -53,6 +54,28 @@ function showTask() {
     return button;
   }));
   $("samples-box").hidden = t.samples.length === 0;
+}
+
+// A task's rollout: its live and candidate versions, and the figures the engine counted (GET /tasks/{task}/rollout).
+async function showRollout(t) {
+  const box = $("task-rollout");
+  box.hidden = !t.rollout;
+  if (!t.rollout) return;
+  const r = t.rollout;
+  const head = `rollout: live ${t.prompt_set} v${t.version} · candidate ${r.candidate}` +
+    (r.version ? ` v${r.version}` : "") + ` · ${r.mode} ${r.share}% · ${r.state}` + (r.note ? ` (${r.note})` : "");
+  box.textContent = head;
+  const response = await fetch(`/tasks/${encodeURIComponent(t.task)}/rollout`);
+  if (!response.ok || $("task").value !== t.task) return;
+  const s = await response.json();
+  const score = (x) => (typeof x === "number" ? x.toFixed(3) : "n/a");
+  const parts = s.answered.map((f) => `${f.role} v${f.version}: ${f.requests} requests, ` +
+                                      `mean top-1 ${score(f.mean_top1_score)}`);
+  if (s.shadow) {
+    parts.push(`shadow: ${s.shadow.compared} compared, agreement ${score(s.shadow.agreement)}, mean top-1 ` +
+               `${score(s.shadow.live_mean_top1_score)} live / ${score(s.shadow.candidate_mean_top1_score)} candidate`);
+  }
+  box.textContent = [head, ...parts].join(" · ");
 }
 
 function cardText(t) {
@@ -111,6 +134,7 @@ async function classify(blob) {
     return;
   }
   showPredictions(body, performance.now() - started);
+  if (tasks[task] && tasks[task].rollout) showRollout(tasks[task]); // its figures moved
 }
 
 function showPredictions(body, ms) {
