@@ -17,18 +17,21 @@ _WHERE = {
     "ClassTexts": "encoders", "many_class_text_features": "encoders",
     "METHODS": "prompts", "MultiTaskPrompts": "prompts", "PromptConfig": "prompts", "PromptModule": "prompts",
     "Prompts": "prompts",
+    "calibrated_logits": "calibration", "calibrated_probabilities": "calibration",
     "FORMAT_VERSION": "promptset", "PromptSet": "promptset", "PromptSetError": "promptset", "TaskSpec": "promptset",
 }
 __all__ = [
     "ClassTexts", "EMBEDDED_MODEL", "EMBEDDED_PRETRAINED", "EMBEDDED_PROMPTS_DIR", "FORMAT_VERSION", "METHODS",
     "Backbone", "MultiTaskPrompts",
     "PromptConfig", "PromptModule", "PromptSet", "PromptSetError", "PromptedCLIP", "Prompts", "TaskSpec",
-    "UnsupportedBackboneError", "Widths", "class_text_features", "count_parameters", "load_backbone",
+    "UnsupportedBackboneError", "Widths", "calibrated_logits", "calibrated_probabilities", "class_text_features",
+    "count_parameters", "load_backbone",
     "many_class_text_features", "prompt_texts",
 ]
 
 if TYPE_CHECKING:
     from .backbone import Backbone, UnsupportedBackboneError, Widths, count_parameters, load_backbone
+    from .calibration import calibrated_logits, calibrated_probabilities
     from .embedded import EMBEDDED_MODEL, EMBEDDED_PRETRAINED, EMBEDDED_PROMPTS_DIR
     from .encoders import ClassTexts, PromptedCLIP, class_text_features, many_class_text_features, prompt_texts
     from .prompts import METHODS, MultiTaskPrompts, PromptConfig, PromptModule, Prompts

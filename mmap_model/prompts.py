@@ -58,6 +58,7 @@ def _cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
 
 
 KRON_INITS = ("ones", "normal")
+TASK_INITS = ("random", "group")
 
 
 @dataclass(frozen=True, kw_only=True)  # built by keyword only: a reordered field cannot shift values
@@ -84,6 +85,9 @@ class PromptConfig:
         "help": "MmAP's Kronecker factors at the start: ones (both prompts begin as the summed sources repeated, "
                 "aligned) or normal (N(0, 1) entries)", "choices": list(KRON_INITS)})
     init_std: float = field(default=0.02, metadata={"help": "standard deviation of the prompts' initialisation"})
+    task_init: str = field(default="random", metadata={
+        "help": "task modules at the start: drawn like every module (random) or copies of their group's module "
+                "(group; needs --group-tokens == --task-tokens)", "choices": list(TASK_INITS)})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -96,6 +100,8 @@ class PromptConfig:
             raise ValueError("rank must be >= 1")
         if self.kron_init not in KRON_INITS:
             raise ValueError(f"kron_init must be one of {KRON_INITS}, not {self.kron_init!r}")
+        if self.task_init not in TASK_INITS:
+            raise ValueError(f"task_init must be one of {TASK_INITS}, not {self.task_init!r}")
         for f in fields(self):
             users = methods_reading(f.name)
             if self.method not in users and getattr(self, f.name) != f.default:
@@ -293,6 +299,12 @@ class MultiTaskPrompts(nn.Module):
         make = METHODS[cfg.method]
         self.group = nn.ModuleDict({g: make(cfg, widths, cfg.group_tokens) for g in groups})
         self.task = nn.ModuleDict({t: make(cfg, widths, cfg.task_tokens) for t in self.tasks} if task_modules else {})
+        if cfg.task_init == "group":  # a warm start: each task module begins as its group's module
+            if cfg.group_tokens != cfg.task_tokens:
+                raise ValueError("task_init 'group' copies the group module: group_tokens must equal task_tokens")
+            for t, g in self.task_group.items():
+                if t in self.task:
+                    self.task[t].load_state_dict(self.group[g].state_dict())
 
     @property
     def groups(self) -> dict[str, list[str]]:

@@ -3,7 +3,9 @@
 `promptset.json` holds the format version, name, version (a digest of everything that affects
 scores: `content_version`), the backbone it was trained on
 (model, pretrained, fingerprint, widths), the method's hyper-parameters, groups, tasks (class
-names, template, group), the sha256 of the weights file, provenance and evaluation results.
+names, template, group; optionally `temperature`, the divisor of the task's logits that calibrates
+its scores, and `min_score`, its default abstention threshold), the sha256 of the weights file,
+provenance and evaluation results.
 `prompts.safetensors` holds only the trainable tensors (`group.<g>.…`, `task.<t>.…`).
 
 Loading checks the schema, the sha256, tensor names and shapes, finiteness and (given a
@@ -31,6 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .backbone import Backbone, Widths
+from .calibration import check_min_score, check_temperature
 from .prompts import MultiTaskPrompts, PromptConfig, check_name
 
 log = logging.getLogger(__name__)
@@ -50,9 +53,42 @@ class PromptSetError(ValueError):
 
 @dataclass(frozen=True)
 class TaskSpec:
+    """A task of a set: its classes, template and group, and how its scores are read: calibrated probabilities
+    are softmax(logits / `temperature`) (`mmap_model.calibration`), and `min_score` is the default threshold
+    below which an answer is withheld (None: always answer)."""
+
     classnames: list[str]
     template: str = "a photo of a {}."
     group: str | None = None
+    temperature: float = 1.0
+    min_score: float | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            check_temperature(self.temperature)
+            check_min_score(self.min_score)
+        except ValueError as e:
+            raise PromptSetError(str(e)) from None
+
+    def to_json(self) -> dict[str, Any]:
+        """The task's entry in promptset.json. `temperature` and `min_score` are written only when they differ
+        from their defaults, so a set without them keeps its content version."""
+        entry: dict[str, Any] = {"classnames": self.classnames, "template": self.template, "group": self.group}
+        if self.temperature != 1.0:
+            entry["temperature"] = self.temperature
+        if self.min_score is not None:
+            entry["min_score"] = self.min_score
+        return entry
+
+    @classmethod
+    def from_json(cls, task: str, entry: dict[str, Any]) -> TaskSpec:
+        """A task's entry of promptset.json, checked (PromptSetError names the task and the field)."""
+        try:
+            temperature = check_temperature(entry.get("temperature", 1.0))
+            min_score = check_min_score(entry.get("min_score"))
+        except ValueError as e:
+            raise PromptSetError(f"task {task!r}: {e}") from None
+        return cls(list(entry["classnames"]), str(entry["template"]), entry.get("group"), temperature, min_score)
 
 
 @dataclass
@@ -106,8 +142,7 @@ class PromptSet:
             "method": self.prompts.cfg.to_dict(),
             "task_modules": bool(len(self.prompts.task)),
             "groups": self.prompts.groups,
-            "tasks": {t: {"classnames": s.classnames, "template": s.template, "group": s.group}
-                      for t, s in self.tasks.items()},
+            "tasks": {t: s.to_json() for t, s in self.tasks.items()},
             "weights_sha256": hashlib.sha256(blob).hexdigest(),
         }
         self.version = content_version(scored)
@@ -169,9 +204,10 @@ class PromptSet:
             widths = Widths(d_t=int(bb["d_t"]), d_v=int(bb["d_v"]), embed_dim=int(bb["embed_dim"]),
                             layers_t=int(bb["layers_t"]), layers_v=int(bb["layers_v"]))
             cfg = PromptConfig.from_dict(meta["method"])
-            tasks = {check_name(t): TaskSpec(list(s["classnames"]), str(s["template"]), s.get("group"))
-                     for t, s in meta["tasks"].items()}
+            tasks = {check_name(t): TaskSpec.from_json(t, s) for t, s in meta["tasks"].items()}
             prompts = MultiTaskPrompts(cfg, widths, list(tasks), meta["groups"], bool(meta["task_modules"]))
+        except PromptSetError as e:
+            raise PromptSetError(f"{directory}: invalid {CONFIG_FILE}: {e}") from e
         except (KeyError, TypeError, ValueError) as e:
             raise PromptSetError(f"{directory}: invalid {CONFIG_FILE}: {type(e).__name__}: {e}") from e
         if cfg.resolve(widths) != cfg:
@@ -221,8 +257,9 @@ SCORED_KEYS = ("backbone", "method", "task_modules", "groups", "tasks", "weights
 
 def content_version(meta: dict[str, Any]) -> str:
     """A set's version: the sha256 prefix of everything in its files that affects scores (the weights through
-    their sha256, the method, groups, class names, templates, the backbone), in canonical JSON. Republishing
-    with new class names or a new template changes it; a new name, provenance or evaluation does not."""
+    their sha256, the method, groups, class names, templates, temperatures and abstention thresholds where set,
+    the backbone), in canonical JSON. Republishing with new class names, a new template or a new temperature
+    changes it; a new name, provenance or evaluation does not."""
     scored = {key: meta[key] for key in SCORED_KEYS}
     return hashlib.sha256(json.dumps(scored, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:12]
 

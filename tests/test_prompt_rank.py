@@ -1,8 +1,9 @@
 """MmAP's coupling of rank r and selectable d_s (docs/method.md, "Coupling rank").
 
 Rank 1 must be today's formulation bit for bit, and prompt sets written before `rank` existed
-must load and score exactly as they did: `tests/data/demo_promptset_scores.json` holds the demo
-sets' scores computed by the code before the change (regenerate only on purpose:
+must load and score exactly as they did: `tests/data/demo_promptset_scores.json` holds the scores of
+the demo sets of 2026-11 (kept in `tests/data/promptsets-2026-11`, so the shipped demo sets may be
+remade) computed by the code before the change (regenerate only on purpose:
 `python -m tests.test_prompt_rank`).
 """
 
@@ -17,7 +18,6 @@ import torch
 from mmap_model import (
     EMBEDDED_MODEL,
     EMBEDDED_PRETRAINED,
-    EMBEDDED_PROMPTS_DIR,
     MultiTaskPrompts,
     PromptConfig,
     PromptedCLIP,
@@ -30,6 +30,7 @@ from mmap_model import (
 from mmap_model.prompts import MmAPPrompt
 
 SCORES = Path(__file__).parent / "data" / "demo_promptset_scores.json"
+OLD_SETS = Path(__file__).parent / "data" / "promptsets-2026-11"  # the demo sets as shipped before `rank` existed
 WIDTHS = Widths(d_t=64, d_v=96, embed_dim=64, layers_t=3, layers_v=3)
 
 
@@ -38,7 +39,7 @@ def demo_scores(backbone) -> dict[str, list[list[float]]]:
     clip = PromptedCLIP(backbone.model).eval()
     images = torch.rand(4, 3, backbone.image_size, backbone.image_size, generator=torch.Generator().manual_seed(0))
     out = {}
-    for directory in sorted(p.parent for p in EMBEDDED_PROMPTS_DIR.glob("*/promptset.json")):
+    for directory in sorted(p.parent for p in OLD_SETS.glob("*/promptset.json")):
         promptset = PromptSet.load(directory, backbone)
         for task, spec in promptset.tasks.items():
             with torch.no_grad():
@@ -71,7 +72,7 @@ def test_rank_one_is_the_rank_free_formulation_bit_for_bit():
 
 
 def test_prompt_sets_written_before_rank_load_and_score_identically(embedded):
-    meta = json.loads(next(EMBEDDED_PROMPTS_DIR.glob("*/promptset.json")).read_text())
+    meta = json.loads(next(OLD_SETS.glob("*/promptset.json")).read_text())
     assert "rank" not in meta["method"]  # the demo sets predate the field
     expected = json.loads(SCORES.read_text())
     got = demo_scores(embedded)

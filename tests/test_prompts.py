@@ -181,3 +181,22 @@ def test_a_group_without_tasks_is_refused(tiny):
     """Its module would be counted as trainable and saved, but never trained."""
     with pytest.raises(ValueError, match="group 'empty' has no task"):
         MultiTaskPrompts(PromptConfig(), tiny.widths, ["a", "b"], {"ab": ["a", "b"], "empty": []})
+
+
+@pytest.mark.parametrize("method", ["mmap", "independent"])
+def test_task_init_group_starts_each_task_module_as_its_group_module(tiny, method):
+    """`--task-init group` (a warm start): a grouped task's module begins as a copy of its group's module, an
+    ungrouped task's as drawn; the draws themselves are those of the default, so "random" is unchanged."""
+    torch.manual_seed(0)
+    plain = MultiTaskPrompts(PromptConfig(method=method), tiny.widths, ["a", "b", "c"], {"g": ["a", "b"]}).state_dict()
+    torch.manual_seed(0)
+    warm = MultiTaskPrompts(PromptConfig(method=method, task_init="group"), tiny.widths, ["a", "b", "c"],
+                            {"g": ["a", "b"]}).state_dict()
+    for name, tensor in warm.items():
+        kind, owner, field = name.split(".")
+        expected = plain[f"group.g.{field}"] if kind == "task" and owner in ("a", "b") else plain[name]
+        assert torch.equal(tensor, expected), name
+    with pytest.raises(ValueError, match="group_tokens must equal task_tokens"):
+        MultiTaskPrompts(PromptConfig(task_init="group", task_tokens=4), tiny.widths, ["a"], {"g": ["a"]})
+    with pytest.raises(ValueError, match="task_init must be one of"):
+        PromptConfig(task_init="zeros")

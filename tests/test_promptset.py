@@ -44,6 +44,8 @@ def test_round_trip_is_exact(saved, tiny):
     (lambda m: m["tasks"]["sketch"]["classnames"].reverse(), True),  # same weights, other class order
     (lambda m: m["tasks"]["sketch"].update(template="a drawing of a {}."), True),
     (lambda m: m["backbone"].update(fingerprint="f" * 64), True),
+    (lambda m: m["tasks"]["sketch"].update(temperature=1.5), True),  # calibration changes the scores users see
+    (lambda m: m["tasks"]["sketch"].update(min_score=0.5), True),
     (lambda m: m.update(provenance={"command": "other"}, evaluation={"x": 1}), False),
 ])
 def test_the_version_changes_with_anything_that_affects_scores(saved, change, scored):
@@ -232,3 +234,47 @@ def test_publish_replaces_its_own_set_in_one_rename_and_touches_nothing_else(tin
     assert {p.name: p.read_bytes() for p in neighbour.iterdir()} == before
     with pytest.raises(ValueError, match="invalid name"):
         second.publish(out, name="../escape")
+
+
+OLD_SETS = Path(__file__).parent / "data" / "promptsets-2026-11"  # written before temperatures existed
+
+
+def test_a_set_without_calibration_loads_uncalibrated_and_keeps_its_version(embedded):
+    directory = OLD_SETS / "infograph-quickdraw"
+    meta = json.loads((directory / CONFIG_FILE).read_text())
+    assert not any("temperature" in t or "min_score" in t for t in meta["tasks"].values())
+    loaded = PromptSet.load(directory, embedded)
+    assert loaded.version == meta["version"]  # the recorded version, byte for byte
+    assert all(s.temperature == 1.0 and s.min_score is None for s in loaded.tasks.values())
+    assert {t: s.to_json() for t, s in loaded.tasks.items()} == meta["tasks"]  # written back entry for entry
+
+
+def test_temperature_and_min_score_round_trip_and_are_part_of_the_version(saved, tiny, tmp_path):
+    plain = PromptSet.load(saved, tiny)
+    calibrated = PromptSet.load(saved, tiny)
+    calibrated.tasks["sketch"] = TaskSpec(["dog", "traffic light"], "a sketch of a {}.", "line", 1.7, 0.45)
+    calibrated.save(tmp_path / "calibrated")
+    meta = json.loads((tmp_path / "calibrated" / CONFIG_FILE).read_text())
+    assert meta["tasks"]["sketch"]["temperature"] == 1.7 and meta["tasks"]["sketch"]["min_score"] == 0.45
+    assert "temperature" not in meta["tasks"]["photo"] and "min_score" not in meta["tasks"]["photo"]
+    loaded = PromptSet.load(tmp_path / "calibrated", tiny)
+    assert loaded.tasks == calibrated.tasks and loaded.tasks["sketch"].temperature == 1.7
+    assert loaded.tasks["sketch"].min_score == 0.45 and loaded.tasks["photo"] == TASKS["photo"]
+    assert loaded.version == meta["version"] != plain.version
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", 0), ("temperature", -1.0), ("temperature", float("nan")), ("temperature", float("inf")),
+    ("temperature", "2"), ("temperature", True), ("min_score", 1.5), ("min_score", -0.1), ("min_score", "0.5"),
+])
+def test_invalid_calibration_is_refused_naming_task_and_field(saved, tiny, field, value):
+    _edit_config(saved, lambda m: m["tasks"]["sketch"].update({field: value}))
+    with pytest.raises(PromptSetError, match=f"invalid promptset.json: task 'sketch': {field} must be"):
+        PromptSet.load(saved, tiny)
+
+
+def test_task_spec_refuses_invalid_calibration():
+    with pytest.raises(PromptSetError, match="temperature must be a finite number > 0"):
+        TaskSpec(["a", "b"], temperature=0.0)
+    with pytest.raises(PromptSetError, match=r"min_score must be null or a number in \[0, 1\]"):
+        TaskSpec(["a", "b"], min_score=2)

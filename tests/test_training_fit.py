@@ -64,8 +64,38 @@ def test_one_prompt_set_per_group_loads_and_reproduces(root, tmp_path, tiny):
         recorded = PromptSet.load(out / r["promptset"]).evaluation
         assert r["accuracy"] == pytest.approx(recorded["accuracy"][r["task"]], abs=1e-9)
         assert r["zero_shot"] == pytest.approx(recorded["zero_shot"][r["task"]], abs=1e-9)
+        # ... and so is its calibration, with the temperature the set carries
+        calibration = recorded["calibration"][r["task"]]
+        assert r["temperature"] == calibration["temperature"] == PromptSet.load(out / r["promptset"]).tasks[
+            r["task"]].temperature
+        for key in ("nll", "nll_calibrated", "ece", "ece_calibrated"):
+            assert r[key] == pytest.approx(calibration[key], abs=1e-6)
     run_dir = out.with_name("sets.run")
     assert (run_dir / "metrics.jsonl").is_file() and list(run_dir.glob("checkpoint-*.json"))
+    assert (run_dir / "reliability.png").stat().st_size > 0
+
+
+def test_fit_calibrates_every_task_on_validation(root, tmp_path, tiny):
+    """Each task gets a temperature fitted on its validation split: the NLL on validation can only fall, the test
+    accuracy is the uncalibrated one, and the model card reports before and after."""
+    out = tmp_path / "sets"
+    _fit(root, out, "--groups", "one", "--steps", "2", "--target-precision", "0.5")
+    ps = PromptSet.load(out / "all", tiny)
+    for task, spec in ps.tasks.items():
+        card = ps.card(task)["evaluation"]["calibration"]
+        assert spec.temperature == card["temperature"] > 0 and card["val_images"] > 0
+        assert card["accuracy_calibrated"] == card["accuracy"] == ps.evaluation["accuracy"][task]
+        assert {"nll", "nll_calibrated", "ece", "ece_calibrated"} <= set(card)
+        assert spec.min_score == card["min_score"] and (spec.min_score is None or 0 <= spec.min_score <= 1)
+    meta = json.loads((out / "all" / "promptset.json").read_text())
+    assert all("temperature" in t for t in meta["tasks"].values())
+    plain = _fit(root, tmp_path / "plain", "--groups", "one", "--steps", "2", "--no-calibrate")[0]
+    uncalibrated = PromptSet.load(plain, tiny)
+    assert all(s.temperature == 1.0 and s.min_score is None for s in uncalibrated.tasks.values())
+    assert "calibration" not in uncalibrated.evaluation
+    assert uncalibrated.prompts.state_dict().keys() == ps.prompts.state_dict().keys()
+    with pytest.raises(SystemExit):
+        _fit(root, tmp_path / "bad", "--groups", "one", "--steps", "1", "--target-precision", "1.5")
 
 
 def test_groups_none_gives_a_set_per_task_and_out_is_not_clobbered(root, tmp_path, tiny):

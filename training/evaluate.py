@@ -6,7 +6,10 @@ is checked against its fingerprint). The test split is rebuilt from the split se
 in each set's provenance (so it is the split the set was scored on at training time), else from
 the command-line split options. Zero-shot accuracy (the task's own template, no prompts) is
 reported alongside. Class names come from the folders, mapped by `--classnames` (default: the
-file the set was trained with, when provenance records one). Prints a markdown table; `--json
+file the set was trained with, when provenance records one). Calibration per task: NLL and ECE (15
+equal-width bins over the top-1 confidence) with the raw scores and with the task's temperature
+(`mmap_model.calibration`; 1 where the set has none); `--reliability PNG` draws the reliability
+diagrams, a panel per task (sets sharing a task are pooled). Prints a markdown table; `--json
 FILE` also writes the numbers.
 """
 
@@ -26,6 +29,7 @@ from mmap_model import PromptSet
 from mmap_model.promptset import CONFIG_FILE
 
 from . import cli
+from .calibrate import Scores, measure, reliability_figure, task_scores
 from .classifiers import PromptClassifier, TaskText, accuracy
 from .configs import HelpFormatter
 from .data import SplitConfig, discover_tasks, load_splits
@@ -62,15 +66,17 @@ def recorded_classnames(meta: dict[str, Any]) -> Path | None:
 
 def evaluate(root: Path, set_dirs: Sequence[Path], model: str | None = None, pretrained: str | None = None,
              device: str = "cpu", fallback_split: SplitConfig | None = None, templates: Path | None = None,
-             batch_size: int = 256, classnames: Path | None = None, split: SplitConfig | None = None
-             ) -> list[dict[str, Any]]:
-    """One row per (prompt set, task found in the root): accuracy with prompts and zero-shot. `split`: this one
-    for every set (comparing sets on the same images), instead of each set's recorded split."""
+             batch_size: int = 256, classnames: Path | None = None, split: SplitConfig | None = None,
+             reliability: Path | None = None) -> list[dict[str, Any]]:
+    """One row per (prompt set, task found in the root): accuracy with prompts and zero-shot, and NLL and ECE
+    before and after the task's temperature. `split`: this one for every set (comparing sets on the same images),
+    instead of each set's recorded split. `reliability`: write the reliability diagrams there (PNG)."""
     metas = [json.loads((d / CONFIG_FILE).read_text()) for d in set_dirs]
     if model is None:
         model, pretrained = metas[0]["backbone"]["model"], metas[0]["backbone"]["pretrained"]
     backbone = cli.backbone_from(model, pretrained, device)
     rows = []
+    panels: dict[str, list[tuple[Scores, float]]] = {}
     for directory, meta in zip(set_dirs, metas, strict=True):
         ps = PromptSet.load(directory, backbone)
         names_file = classnames or recorded_classnames(meta)
@@ -86,26 +92,37 @@ def evaluate(root: Path, set_dirs: Sequence[Path], model: str | None = None, pre
                                  f"(class names from {names_file or 'the folder names'}; --classnames picks the file)")
         sets = load_splits(present, backbone.preprocess, ("test",))["test"]
         texts = {t.name: TaskText(ps.tasks[t.name].classnames, ps.tasks[t.name].template) for t in present}
-        prompted = accuracy(PromptClassifier(backbone, texts, ps.prompts), sets, batch_size)
+        scores = task_scores(PromptClassifier(backbone, texts, ps.prompts), sets, batch_size)
         zero_shot = accuracy(PromptClassifier(backbone, texts, None), sets, batch_size)
         for t in present:
+            temperature = ps.tasks[t.name].temperature
+            metrics = measure(scores[t.name], temperature)
+            panels.setdefault(t.name, []).append((scores[t.name], temperature))
             rows.append({"promptset": ps.name, "version": ps.version, "method": ps.method, "task": t.name,
                          "group": ps.tasks[t.name].group, "test_images": len(sets[t.name]),
-                         "zero_shot": zero_shot[t.name], "accuracy": prompted[t.name]})
+                         "zero_shot": zero_shot[t.name], "accuracy": metrics["accuracy"],
+                         "temperature": temperature, "min_score": ps.tasks[t.name].min_score,
+                         **{k: metrics[k] for k in ("nll", "nll_calibrated", "ece", "ece_calibrated")}})
+    if reliability is not None and panels:
+        reliability_figure(panels, reliability, title="test split, before and after temperature scaling")
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| task | prompt set | method | test images | zero-shot | prompted | Δ |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = ["| task | prompt set | method | test images | zero-shot | prompted | Δ | T | NLL | NLL (T) | ECE "
+             "| ECE (T) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['task']} | {r['promptset']} | {r['method']} | {r['test_images']} | "
                      f"{100 * r['zero_shot']:.1f} | {100 * r['accuracy']:.1f} | "
-                     f"{100 * (r['accuracy'] - r['zero_shot']):+.1f} |")
+                     f"{100 * (r['accuracy'] - r['zero_shot']):+.1f} | {r['temperature']:.3g} | {r['nll']:.3f} | "
+                     f"{r['nll_calibrated']:.3f} | {r['ece']:.3f} | {r['ece_calibrated']:.3f} |")
     if rows:
-        zs = sum(r["zero_shot"] for r in rows) / len(rows)
-        acc = sum(r["accuracy"] for r in rows) / len(rows)
-        lines.append(f"| **mean** | | | | {100 * zs:.1f} | {100 * acc:.1f} | {100 * (acc - zs):+.1f} |")
+        mean = {k: sum(r[k] for r in rows) / len(rows)
+                for k in ("zero_shot", "accuracy", "nll", "nll_calibrated", "ece", "ece_calibrated")}
+        lines.append(f"| **mean** | | | | {100 * mean['zero_shot']:.1f} | {100 * mean['accuracy']:.1f} | "
+                     f"{100 * (mean['accuracy'] - mean['zero_shot']):+.1f} | | {mean['nll']:.3f} | "
+                     f"{mean['nll_calibrated']:.3f} | {mean['ece']:.3f} | {mean['ece_calibrated']:.3f} |")
     return "\n".join(lines)
 
 
@@ -125,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                         help="when provenance has no split")
     parser.add_argument("--split-seed", type=int, default=SplitConfig.split_seed, help="when provenance has no split")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument("--reliability", type=Path, default=None,
+                        help="write the reliability diagrams (a panel per task, before and after calibration) "
+                             "to this PNG")
     args = parser.parse_args(argv)
     cli.setup_logging()
     if args.threads:
@@ -132,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     with cli.user_errors(OSError, json.JSONDecodeError):
         rows = evaluate(args.data, find_promptsets(args.promptsets), args.model, args.pretrained, args.device,
                         SplitConfig(test_fraction=args.test_fraction, split_seed=args.split_seed), args.templates,
-                        classnames=args.classnames)
+                        classnames=args.classnames, reliability=args.reliability)
     print(markdown(rows))
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

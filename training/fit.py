@@ -16,8 +16,15 @@ tasks (e.g. `sketch-quickdraw`), in `--out`, in `mmap_model`'s prompt-set format
 task's test accuracy (and zero-shot alongside) and provenance (command, seed, code version,
 data summary, training settings). `--out` is what the service loads.
 
+Calibration (docs/method.md, "Calibrated scores and abstention"): after training, each task's
+temperature is fitted on its validation split (NLL, one scalar per task) and stored with the
+task; the evaluation records accuracy, NLL and ECE on the test split before and after, and the run
+directory gets `reliability.png`. `--no-calibrate` skips it (temperatures stay 1);
+`--target-precision P` also stores per task the smallest `min_score` whose validation precision
+over the answered images is at least P.
+
 The run directory (`--run-dir`, default `<out>.run`) holds metrics.jsonl, the per-epoch
-checkpoints (`--resume` continues from the newest) and the grouping.
+checkpoints (`--resume` continues from the newest), the grouping and the reliability diagram.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from mmap_model.prompts import check_name
 from mmap_model.promptset import CONFIG_FILE
 
 from . import cli
+from .calibrate import fit_tasks, measure, reliability_figure, task_scores
+from .classifiers import PromptClassifier
 from .configs import HelpFormatter
 from .data import data_summary
 from .dist import shutdown
@@ -44,6 +53,7 @@ from .steps import (
     train_prompts,
     write_samples,
 )
+from .trainer import TrainConfig, autocast_factory
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +92,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
                              "and start afresh in a used --run-dir")
     parser.add_argument("--samples", type=int, default=0,
                         help="copy this many test images per task into <set>/samples/<task>/")
+    parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                        help="do not fit the tasks' temperatures on the validation split (they stay 1)")
+    parser.add_argument("--target-precision", type=float, default=None, metavar="P",
+                        help="store per task the smallest min_score whose validation precision (over the answered "
+                             "images) is >= P")
     parser.add_argument("--name", default=None, type=check_name,
                         help="name of the prompt set written (with several sets, their prefix: <name>-<group>); "
                              "default: the group's name, 'all' for --groups one")
@@ -90,6 +105,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
         parser.error(f"--groups: {args.groups!r} is neither auto, one, none nor an existing groups.json")
     if args.no_task_modules and args.groups == "none":
         parser.error("--no-task-modules needs groups (auto, one or a file)")
+    if args.target_precision is not None and not 0 < args.target_precision <= 1:
+        parser.error("--target-precision must be in (0, 1]")
+    if args.target_precision is not None and not args.calibrate:
+        parser.error("--target-precision needs calibration (drop --no-calibrate)")
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out {args.out} exists and is not a directory")
     stale = existing_sets(args.out)  # only to ask for --overwrite: a run never removes a set it does not write
@@ -117,6 +136,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     shutdown(run.dist)  # the collectives are over; only rank 0 writes
     if not run.dist.main:
         return []
+    calibration = calibrate(run, classifier, train_cfg, args, run_dir) if args.calibrate else {}
     provenance = {
         "command": cli.command_line("training.fit", argv), "seed": train_cfg.seed, "code_version": cli.code_version(),
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -130,7 +150,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     }
     written = []
     args.out.mkdir(parents=True, exist_ok=True)
-    sets = split_into_sets(run, prompts, groups)
+    fitted = {t: (c["temperature"], c["min_score"]) for t, c in calibration.items()}
+    sets = split_into_sets(run, prompts, groups, fitted)
     for key, ps in sets.items():
         if args.name:
             ps.name = check_name(args.name if len(sets) == 1 else f"{args.name}-{key}")
@@ -138,11 +159,32 @@ def main(argv: list[str] | None = None) -> list[Path]:
         ps.evaluation = {"split": "test", "accuracy": {t: scores["prompted"][t] for t in ps.tasks},
                          "zero_shot": {t: scores["zero_shot"][t] for t in ps.tasks},
                          "test_images": {t: len(run.sets["test"][t]) for t in ps.tasks}}
+        if calibration:
+            ps.evaluation["calibration"] = {t: calibration[t] for t in ps.tasks}
         fill = (lambda d, tasks=list(ps.tasks): write_samples(d, run, tasks, args.samples)) if args.samples else None
         written.append(ps.publish(args.out, fill=fill))  # replaces a set of the same name; nothing else
     report = {p.name: json.loads((p / CONFIG_FILE).read_text())["evaluation"] for p in written}
     print(json.dumps({"out": str(args.out), "prompt_sets": report}, indent=2))
     return written
+
+
+def calibrate(run: cli.Run, classifier: PromptClassifier, train_cfg: TrainConfig, args: argparse.Namespace,
+              run_dir: Path) -> dict[str, dict]:
+    """Per task: the temperature (and with --target-precision the min_score) fitted on the validation split, and
+    accuracy, NLL and ECE on the test split before and after; the reliability diagram goes to the run directory."""
+    val = {t: s for t, s in run.sets.get("val", {}).items() if len(s)}
+    if not val:
+        log.warning("no validation images (--val-fraction 0): temperatures stay 1")
+        return {}
+    autocast = autocast_factory(train_cfg.amp, run.dist.device)
+    fitted = fit_tasks(task_scores(classifier, val, train_cfg.eval_batch_size, autocast), args.target_precision)
+    test = task_scores(classifier, run.sets["test"], train_cfg.eval_batch_size, autocast)
+    out = {}
+    for task, entry in fitted.items():
+        out[task] = {**entry, "split": "test", **measure(test[task], entry["temperature"])}
+    reliability_figure({t: [(test[t], out[t]["temperature"])] for t in out}, run_dir / "reliability.png",
+                       title="test split, before and after temperature scaling")
+    return out
 
 
 if __name__ == "__main__":

@@ -90,8 +90,10 @@ def score_test_split(run: cli.Run, classifier: PromptClassifier, train_cfg: Trai
             "zero_shot": accuracy(zero_shot, run.sets["test"], train_cfg.eval_batch_size, run.dist, autocast)}
 
 
-def split_into_sets(run: cli.Run, prompts: MultiTaskPrompts, groups: Mapping[str, list[str]]) -> dict[str, PromptSet]:
-    """One prompt set per group (its module + its tasks' modules) and one per ungrouped task."""
+def split_into_sets(run: cli.Run, prompts: MultiTaskPrompts, groups: Mapping[str, list[str]],
+                    calibration: Mapping[str, tuple[float, float | None]] | None = None) -> dict[str, PromptSet]:
+    """One prompt set per group (its module + its tasks' modules) and one per ungrouped task. `calibration`:
+    {task: (temperature, min_score)} for the tasks that have them."""
     state = prompts.state_dict()
     members = {g: list(ts) for g, ts in groups.items()}
     grouped = {t for ts in members.values() for t in ts}
@@ -100,7 +102,8 @@ def split_into_sets(run: cli.Run, prompts: MultiTaskPrompts, groups: Mapping[str
     sets = {}
     for name, tasks in members.items():
         group = name if name in groups else None
-        specs = {t: TaskSpec(by_name[t].classnames, by_name[t].template, group) for t in tasks}
+        specs = {t: TaskSpec(by_name[t].classnames, by_name[t].template, group,
+                             *(calibration or {}).get(t, (1.0, None))) for t in tasks}
         ps = PromptSet.create(name, run.backbone, prompts.cfg, specs, task_modules=bool(len(prompts.task)))
         prefixes = ([f"group.{group}."] if group else []) + [f"task.{t}." for t in tasks]
         ps.prompts.load_state_dict({k: v for k, v in state.items() if k.startswith(tuple(prefixes))})

@@ -7,7 +7,8 @@ loss of `MultiTaskObjective` (sum over tasks of each task's cross-entropy). Only
 fine-tuning. An epoch is `ceil(largest task / (batch_size * accum))` optimiser steps.
 
 - Optimiser: AdamW (default) or SGD with momentum; linear warm-up then cosine decay to
-  `min_lr_ratio` · lr, stepped per optimiser step.
+  `min_lr_ratio` · lr, stepped per optimiser step. Factors that scale prompts (MmAP's Kronecker
+  factors) are never weight-decayed and train at `factor_lr_scale` · lr (default: the same lr).
 - Mixed precision on GPU: autocast bf16 (default where supported) or fp16 with a grad scaler;
   parameters stay fp32.
 - Data parallel: under `torchrun` the objective is wrapped in DistributedDataParallel
@@ -76,6 +77,8 @@ class TrainConfig:
     # AdamW's rate; the benchmark's validation sweep (docs/benchmarks.md) picked it for prompts
     lr: float = field(default=1e-2, metadata={"help": "learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW/SGD weight decay (never on MmAP's K factors)"})
+    factor_lr_scale: float = field(default=1.0, metadata={"help": "learning rate of the prompt-scaling factors "
+                                                                  "(MmAP's K factors) as a multiple of --lr"})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     warmup_fraction: float = field(default=0.1, metadata={"flag": "--warmup",
                                                           "help": "linear warm-up as a fraction of the steps"})
@@ -101,6 +104,8 @@ class TrainConfig:
             raise ValueError("batch_size, accum, epochs and steps must be >= 1")
         if not 0 <= self.warmup_fraction < 1 or not 0 < self.crop_scale <= 1:
             raise ValueError("need 0 <= warmup_fraction < 1 and 0 < crop_scale <= 1")
+        if not self.factor_lr_scale > 0:
+            raise ValueError("factor_lr_scale must be > 0")
 
 
 @dataclass
@@ -198,11 +203,13 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         params: list[Any] = list(self.params.values())
-        if self.cfg.weight_decay:  # factors that scale prompts (mmap's Kronecker factors) are never decayed
-            exempt = {f"{name}.{tensor}" for name, module in self.objective.named_modules()
-                      if isinstance(module, PromptModule) for tensor in module.no_weight_decay}
-            params = [{"params": [p for n, p in self.params.items() if n not in exempt]},
-                      {"params": [p for n, p in self.params.items() if n in exempt], "weight_decay": 0.0}]
+        if self.cfg.weight_decay or self.cfg.factor_lr_scale != 1.0:
+            # Factors that scale prompts (mmap's Kronecker factors) are never decayed, and take their own lr.
+            factors = {f"{name}.{tensor}" for name, module in self.objective.named_modules()
+                       if isinstance(module, PromptModule) for tensor in module.no_weight_decay}
+            params = [{"params": [p for n, p in self.params.items() if n not in factors]},
+                      {"params": [p for n, p in self.params.items() if n in factors], "weight_decay": 0.0,
+                       "lr": self.cfg.lr * self.cfg.factor_lr_scale}]
         if self.cfg.optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum,
                                    weight_decay=self.cfg.weight_decay)
