@@ -30,6 +30,7 @@ from uploads import synthetic_jpegs
 from wrk_load import LUA, REPO, Server, measure, wrk
 
 from mmap_model import EMBEDDED_PROMPTS_DIR, rollouts
+from mmap_model.backbone import EMBEDDED_DIR
 
 TOKEN = "bench-token"
 ADMIN = {"authorization": f"Bearer {TOKEN}"}
@@ -89,7 +90,8 @@ def main() -> None:
 
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="rollout-load-")))
-        bodies = synthetic_jpegs(16, 64)
+        config = json.loads((EMBEDDED_DIR / "open_clip_config.json").read_text())
+        bodies = synthetic_jpegs(16, config["model_cfg"]["vision_cfg"]["image_size"])  # as the CPU proxy's
         servers: dict[str, Server] = {}
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("MMAP_")}, "MMAP_ADMIN_TOKEN": TOKEN}
         tasks: list[str] = []

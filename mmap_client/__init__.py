@@ -57,6 +57,7 @@ class Classification:
     prompt_set: str
     method: str
     predictions: list[Prediction]
+    abstained: bool = False  # the best score is below the request's min_score (or the task's default)
 
     @property
     def label(self) -> str:
@@ -148,7 +149,13 @@ def _json(response: httpx.Response) -> Any:
 
 def _classification(body: dict[str, Any]) -> Classification:
     return Classification(body["task"], body["version"], body["prompt_set"], body["method"],
-                          [Prediction(p["label"], p["score"]) for p in body["predictions"]])
+                          [Prediction(p["label"], p["score"]) for p in body["predictions"]],
+                          bool(body.get("abstained")))
+
+
+def _params(task: str, top_k: int, min_score: float | None, version: str | None) -> dict[str, Any]:
+    return {"task": task, "top_k": top_k, **({"min_score": min_score} if min_score is not None else {}),
+            **({"version": version} if version is not None else {})}
 
 
 def _batch(response: httpx.Response) -> list[Classification | MmapError]:
@@ -177,16 +184,21 @@ class _Api:
     def _call(self, call: _Call) -> Any:
         raise NotImplementedError
 
-    def classify(self, task: str, image: Image, *, top_k: int = 5, labels: Sequence[str] | None = None) -> Any:
-        """Classification of one image; `labels`: score against these class names instead of the task's."""
+    def classify(self, task: str, image: Image, *, top_k: int = 5, labels: Sequence[str] | None = None,
+                 min_score: float | None = None, version: str | None = None) -> Any:
+        """Classification of one image; `labels`: score against these class names instead of the task's;
+        `min_score`: abstain below it (default: the task's); `version`: pin the task's version (live or a
+        rollout's candidate)."""
         return self._call(_Call("POST", "/classify", lambda r: _classification(_json(r)),
-                                {"task": task, "top_k": top_k}, _files([image], ["image"]),
+                                _params(task, top_k, min_score, version), _files([image], ["image"]),
                                 None if labels is None else {"labels": json.dumps(list(labels))}))
 
     def classify_batch(self, task: str, images: Sequence[Image], *, top_k: int = 5,
-                       labels: Sequence[str] | None = None) -> Any:
+                       labels: Sequence[str] | None = None, min_score: float | None = None,
+                       version: str | None = None) -> Any:
         """One Classification, or the MmapError of that image, per image, in order."""
-        return self._call(_Call("POST", "/classify/batch", _batch, {"task": task, "top_k": top_k}, _files(images),
+        return self._call(_Call("POST", "/classify/batch", _batch, _params(task, top_k, min_score, version),
+                                _files(images),
                                 None if labels is None else {"labels": json.dumps(list(labels))}))
 
     def embed(self, image: Image, *, task: str | None = None, binary: bool = True) -> Any:
@@ -206,6 +218,11 @@ class _Api:
 
     def task(self, task: str) -> Any:
         return self._call(_Call("GET", f"/tasks/{task}", _json))
+
+    def rollout(self, task: str) -> Any:
+        """The task's rollout (candidate, mode, share, state) and the service's evidence: requests and mean top-1
+        score per version, shadow agreement (MmapError 404 `no_rollout` without one)."""
+        return self._call(_Call("GET", f"/tasks/{task}/rollout", _json))
 
     def version(self) -> Any:
         """The package version, backbone, fingerprint, device, precision and backend."""

@@ -37,13 +37,15 @@ class Prediction(msgspec.Struct):
 
 
 class Classification(msgspec.Struct):
-    """One image classified for one task: the `top_k` best classes, best first."""
+    """One image classified for one task: the `top_k` best classes, best first. `abstained`: the best score is below
+    the request's `min_score` (or the task's default): act on it as "not sure" (the predictions are still listed)."""
 
     task: str
     version: str
     prompt_set: str
     method: str
     predictions: list[Prediction]
+    abstained: bool = False
 
 
 class BatchItem(msgspec.Struct, omit_defaults=True):
@@ -55,6 +57,7 @@ class BatchItem(msgspec.Struct, omit_defaults=True):
     prompt_set: str | None = None
     method: str | None = None
     predictions: list[Prediction] | None = None
+    abstained: bool | None = None  # with status 200: as in Classification
     error: ErrorCode | None = None
     detail: str | None = None
 
@@ -99,6 +102,8 @@ class TaskInfo(msgspec.Struct):
     trained: dict[str, Any] = {}  # when and how: created, command, code_version, seed, train settings, data
     metered: bool = True  # its request metrics carry its name (else task="_other", see /metrics)
     rollout: RolloutInfo | None = None  # a candidate version beside `version` (docs: "Rollouts")
+    temperature: float = 1.0  # its scores are softmax(logits / temperature): calibrated on validation when not 1
+    min_score: float | None = None  # its default abstention threshold (min_score of /classify)
 
 
 def sample_path(task: str, filename: str) -> str:

@@ -28,6 +28,8 @@ from helpers.service import (
     settings,
 )
 
+from mmap_model import PromptSet, rollouts
+
 pytest.importorskip("ray.serve", reason="the ray extra is not installed: pip install -e '.[ray]'")
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
@@ -45,6 +47,8 @@ def prompts(tiny, tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("prompts")
     publish(make_set(tiny, "office", OFFICE, 1), directory)
     publish(make_set(tiny, "doodles", DOODLES, 2), directory)
+    rollouts.start(directory, "clipart", "office2", "shadow", 100)  # a rollout: the same on both transports
+    publish(make_set(tiny, "office2", OFFICE, 3), directory)
     return directory
 
 
@@ -77,10 +81,16 @@ def ray_app(prompts) -> Iterator[dict[str, str]]:
         sys.path.remove(str(DEPLOY_RAY))
 
 
-def _requests() -> list[tuple[str, str, dict]]:
+def _requests(prompts: Path) -> list[tuple[str, str, dict]]:
     png, jpeg = image_bytes(1), image_bytes(2, fmt="JPEG")
     raw = {"headers": {"content-type": "image/png"}}
+    candidate = PromptSet.load(prompts / "office2").version
     return [
+        ("POST", f"/classify?task=clipart&version={candidate}", {"content": png, **raw}),
+        ("POST", "/classify?task=clipart&version=0123", {"content": png, **raw}),
+        ("POST", "/classify?task=product&min_score=1", {"content": png, **raw}),
+        ("GET", "/tasks/clipart/rollout", {}),
+        ("GET", "/admin/rollouts", {"headers": ADMIN}),
         ("POST", "/classify?task=clipart&top_k=3", {"files": {"file": ("a.png", png)}}),
         ("POST", "/classify?task=sketch", {"content": jpeg, "headers": {"content-type": "image/jpeg"}}),
         ("POST", "/classify?task=clipart&labels=mug,boat,kite", {"content": png, **raw}),
@@ -105,6 +115,10 @@ def _requests() -> list[tuple[str, str, dict]]:
 
 def _comparable(response: httpx.Response) -> tuple[int, bytes | object]:
     """Status and body; the admin listing less its load times, /readyz less the launcher's worker count."""
+    if response.url.path.endswith("rollout") or response.url.path == "/admin/rollouts":  # (figures: when counted)
+        body = response.json()
+        return response.status_code, [(r["task"], r["state"], r["candidate_version"]) for r in body.get(
+            "rollouts", [body])]
     if response.url.path.startswith("/admin") and response.status_code == 200:
         listing = response.json()
         for s in listing["prompt_sets"]:
@@ -127,15 +141,17 @@ def on_ray_directly(ray_app) -> str:
     return ray_app["direct"]
 
 
-def test_both_transports_answer_byte_for_byte_alike(process, on_ray, on_ray_directly):
+def test_both_transports_answer_byte_for_byte_alike(prompts, process, on_ray, on_ray_directly):
     answers = {}
+    requests = _requests(prompts)
     for name, base in (("process", process), ("ray", on_ray), ("ray, directly", on_ray_directly)):
         with httpx.Client(base_url=base, timeout=60) as client:
-            answers[name] = [_comparable(client.request(method, url, **kw)) for method, url, kw in _requests()]
+            answers[name] = [_comparable(client.request(method, url, **kw)) for method, url, kw in requests]
     statuses = [status for status, _ in answers["process"]]
-    assert statuses == [200, 200, 200, 200, 200, 200, 404, 422, 422, 415, 200, 200, 404, 404, 200, 404, 404, 200, 200]
+    assert statuses == [200, 409, 200, 200, 200, 200, 200, 200, 200, 200, 200, 404, 422, 422, 415, 200, 200, 404, 404,
+                        200, 404, 404, 200, 200]
     for name in ("ray", "ray, directly"):
-        for (method, url, _), one, other in zip(_requests(), answers["process"], answers[name], strict=True):
+        for (method, url, _), one, other in zip(requests, answers["process"], answers[name], strict=True):
             assert one == other, f"{name}: {method} {url}"
 
 

@@ -25,6 +25,9 @@ UPLOADS = ["POST /classify", "POST /classify/batch", "POST /embed"]
 OPERATIONS = [*UPLOADS, "GET /tasks", "GET /tasks/{task}", "GET /samples/{task}/{filename}", "GET /healthz",
               "HEAD /healthz", "GET /readyz", "HEAD /readyz", "GET /metrics", "GET /version", "GET /admin/promptsets",
               "POST /admin/promptsets/{name}", "DELETE /admin/promptsets/{name}",
+              # rollouts: every candidate here is its task's only set, so a fuzzed record is refused unwritten
+              "GET /tasks/{task}/rollout", "GET /admin/rollouts", "GET /admin/rollouts/{task}",
+              "PUT /admin/rollouts/{task}", "POST /admin/rollouts/{task}/promote", "POST /admin/rollouts/{task}/abort",
               # the Open Inference Protocol (v2.py): its errors are the protocol's {"error": ...}
               "GET /v2", "GET /v2/health/live", "GET /v2/health/ready", "GET /v2/models/{task}",
               "GET /v2/models/{task}/versions/{version}", "GET /v2/models/{task}/ready",
@@ -55,7 +58,9 @@ def _strategies(operation, png: bytes) -> list:
     if key in UPLOADS:
         return [plain, operation.as_strategy(query={"task": "clipart"}),
                 operation.as_strategy(query={"task": "sketch"}, body=png, media_type="image/png")]
-    if key in ("GET /tasks/{task}", "GET /v2/models/{task}", "POST /v2/models/{task}/infer"):
+    if key in ("GET /tasks/{task}", "GET /v2/models/{task}", "POST /v2/models/{task}/infer",
+               "GET /tasks/{task}/rollout", "PUT /admin/rollouts/{task}", "GET /admin/rollouts/{task}",
+               "POST /admin/rollouts/{task}/abort"):
         return [plain, operation.as_strategy(path_parameters={"task": "clipart"})]
     if key == "GET /samples/{task}/{filename}":
         return [plain, operation.as_strategy(path_parameters={"task": "clipart"}),

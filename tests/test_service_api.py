@@ -399,7 +399,8 @@ def test_tasks_samples_page_and_docs(prompts_dir, sets, tmp_path, tiny):
             assert clipart == {"task": "clipart", "prompt_set": "office", "version": sets["office"].version,
                                "method": "mmap", "group": "office", "classes": ["dog", "cat", "car", "tree"],
                                "samples": ["/samples/clipart/dog.png"], "template": "a clipart of a {}.",
-                               "evaluation": {}, "trained": {}, "metered": True, "rollout": None}
+                               "evaluation": {}, "trained": {}, "metered": True, "rollout": None,
+                               "temperature": 1.0, "min_score": None}
             served = await client.get("/samples/clipart/dog.png")
             assert served.status_code == 200 and served.content == sample
             assert (await client.get("/samples/clipart/notes.txt")).status_code == 404

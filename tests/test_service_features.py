@@ -290,8 +290,9 @@ def test_the_openapi_lists_each_routes_own_errors_and_the_admin_scheme(client):
     paths = spec["paths"]
     assert {"/classify", "/classify/batch", "/embed", "/version"} <= set(paths)
     upload_errors = {"403", "404", "408", "413", "415", "422", "502", "503", "504"}  # 403, 502: image URLs
-    for path in ("/classify", "/classify/batch", "/embed"):
-        assert set(paths[path]["post"]["responses"]) == {"200"} | upload_errors, path
+    for path in ("/classify", "/classify/batch", "/embed"):  # 409: a pinned version the task does not serve
+        assert set(paths[path]["post"]["responses"]) == {"200"} | upload_errors | (
+            {"409"} if path != "/embed" else set()), path
     assert set(paths["/tasks/{task}"]["get"]["responses"]) == {"200", "404", "503"}
     assert "Retry-After" in paths["/classify"]["post"]["responses"]["503"]["headers"]
     codes = spec["components"]["schemas"]["ErrorBody"]["properties"]["error"]["enum"]
@@ -328,6 +329,16 @@ def test_the_python_client_covers_the_api(server, tmp_path):
         with pytest.raises(MmapError) as refused:
             mmap.classify("nope", path)
         assert (refused.value.status, refused.value.error) == (404, "unknown_task")
+        with pytest.raises(MmapError) as refused:
+            mmap.rollout("sketch")
+        assert (refused.value.status, refused.value.error) == (404, "no_rollout")
+        unsure = mmap.classify("clipart", path, min_score=1.0)
+        assert unsure.abstained and unsure.predictions == mmap.classify("clipart", path, min_score=0).predictions
+        version = mmap.task("clipart")["version"]
+        assert mmap.classify("clipart", path, version=version).version == version
+        with pytest.raises(MmapError) as refused:
+            mmap.classify("clipart", path, version="0" * 12)
+        assert (refused.value.status, refused.value.error) == (409, "version_not_served")
 
 
 def test_the_async_client_is_the_same_api(server):

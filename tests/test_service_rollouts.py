@@ -20,6 +20,9 @@ from helpers.service import OFFICE, make_set, publish, run, serve, settings
 from PIL import Image
 
 from mmap_model import EMBEDDED_PROMPTS_DIR, PromptConfig, PromptSet, load_backbone, rollouts
+from service.engine.core import InferenceCore
+from service.metrics import Metrics
+from training import publish as publish_cli
 from training import synthetic
 
 TOKEN = "rollout-token"
@@ -248,6 +251,11 @@ def test_two_instances_of_two_workers_follow_the_directory(tiny, tmp_path):
             for c in (a, b):
                 assert (await versions(c)).keys() == {"0", "1"}
                 assert set().union(*(await versions(c)).values()) == {candidate}
+            rows = await asyncio.to_thread(publish_cli.main, ["--to", str(tmp_path), "--status", "--service",
+                                                              str(b.base_url)])
+            (row,) = rows["rollouts"]
+            assert row["record"]["candidate"] == "office2" and row["service"]["state"] == "active"
+            assert {f["version"]: f["requests"] for f in row["service"]["answered"]} == {candidate: 80}  # b's own count
             await a.post("/admin/rollouts/clipart/abort", headers=ADMIN)
             deadline = time.monotonic() + 30
             while (await b.get("/tasks/clipart")).json()["rollout"]["state"] != "aborted":
@@ -307,3 +315,29 @@ def test_promote_and_abort_under_load_fail_no_request(tiny, tmp_path):
             assert (await c.get("/tasks/clipart")).json()["rollout"] is None
 
     run(scenario())
+
+
+def test_an_automatic_abort_on_a_directory_it_cannot_write_holds_in_that_engine(tiny, tmp_path, monkeypatch):
+    """A read-only prompt mount (Kubernetes): the engine that measured the disagreement stops the shadow on its own
+    and says why; the record on disk is left as it was."""
+    publish(make_set(tiny, "office", OFFICE, 1), tmp_path)
+    rollouts.start(tmp_path, "clipart", "office2", "shadow", 100, abort_below=0.9, min_requests=3)
+    publish(make_set(tiny, "office2", OFFICE, 2), tmp_path)
+    core = InferenceCore(settings(tmp_path), tiny, Metrics())
+    core.registry.scan()
+    core.ready = True
+    active = core.registry.snapshot.rollouts["clipart"]
+    assert active.state == "active"
+    live, candidate = core.registry.snapshot.tasks["clipart"], active.candidate
+    for agrees in (True, False, False):  # 1 of 3 agree: below 0.9 after 3 requests
+        core.evidence.compare(candidate, ("dog", 0.5), ("dog" if agrees else "cat", 0.4))
+
+    def read_only(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(rollouts, "abort", read_only)
+    core.poll_prompts()
+    active = core.registry.snapshot.rollouts["clipart"]
+    assert active.state == "aborted" and "below 0.9 after 3 requests" in active.record.reason
+    assert core.registry.snapshot.tasks["clipart"] is live
+    assert rollouts.read(tmp_path, "clipart").mode == "shadow"  # the directory was not written

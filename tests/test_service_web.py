@@ -94,9 +94,9 @@ def test_page_classifies_an_upload_and_a_sample(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_page_shows_a_rollout_and_its_figures(tiny, tmp_path):
+def test_page_shows_a_rollout_its_figures_and_abstention(tiny, tmp_path):
     """A task in a shadow rollout: the page names the live and the candidate version, and the figures move as it
-    classifies."""
+    classifies; with a min score no prediction reaches, it says it abstains."""
     prompts = tmp_path / "prompts"
     live = make_set(tiny, "office", OFFICE, 1)
     publish(live, prompts)
@@ -117,9 +117,18 @@ def test_page_shows_a_rollout_and_its_figures(tiny, tmp_path):
             assert f"live office v{live.version}" in text and f"candidate office2 v{candidate.version}" in text
             assert "shadow 100% · active" in text
             page.set_input_files("#file", str(upload))
-            page.wait_for_function("document.querySelector('#task-rollout').textContent.includes('1 compared')")
+            page.wait_for_function("document.querySelector('#task-rollout').textContent.includes('1 compared')",
+                                   timeout=10_000)  # (scored within 0.5 s; the page refreshes every 2 s)
             assert f"live v{live.version}: 1 requests" in page.inner_text("#task-rollout")
             assert page.inner_text("#version") == f"office v{live.version}"  # the caller gets the live answer
+            page.fill("#min-score", "1")  # abstention: no score reaches 1
+            page.dispatch_event("#min-score", "change")
+            page.wait_for_function("document.querySelector('#status').textContent.includes('abstained')")
+            assert page.locator("#results.abstained .bar").count() == 4  # the predictions are still shown
+            page.fill("#min-score", "0")
+            page.dispatch_event("#min-score", "change")
+            page.wait_for_function("!document.querySelector('#status').textContent.includes('abstained') && "
+                                   "document.querySelector('#status').textContent.startsWith('clipart')")
             page.select_option("#task", "product")  # no rollout there
             page.wait_for_selector("#task-rollout", state="hidden")
         finally:

@@ -164,14 +164,15 @@ class MmapEngine:
                     if not future.done():
                         future.set_result(answer)
                 self._queued -= len(items)
-                if self.core.shadow_due(idle=not self._waiting):  # rollouts: after the answers (engine/rollouts.py)
-                    await loop.run_in_executor(self._forward, self._shadows)
+                if not self._waiting or self.core.shadow_wait_s() == 0:  # rollouts: after the answers, when
+                    await loop.run_in_executor(self._forward, self._shadows)   # due or the queue is empty
         finally:
             self._draining = False
 
     def _shadows(self) -> None:
         try:
-            self.core.finish(self.core.launch_shadows())
+            if self.core.router.shadows:
+                self.core.finish(self.core.launch_shadows())
         except Exception:  # evidence lost, nothing else
             log.exception("a rollout's shadow forward failed")
 

@@ -98,4 +98,5 @@ class CatalogFeed:
         return TaskInfo(h.task, h.prompt_set, h.version, h.method, h.group, list(h.classnames),
                         [sample_path(h.task, name) for name in h.samples],
                         h.template, dict(h.card.get("evaluation", {})), dict(h.card.get("trained", {})),
-                        h.task in self.metered, rollout.info() if rollout is not None else None)
+                        h.task in self.metered, rollout.info() if rollout is not None else None, h.temperature,
+                        h.min_score)

@@ -210,9 +210,9 @@ class InferenceCore:
         elif item.pair.live is not None:  # (the live answer failed: nothing to compare)
             self.evidence.compare(item.handle, item.pair.live, top1)
 
-    def shadow_due(self, idle: bool) -> bool:
-        """Shadow rows (rollouts.py) should run now; `idle`: no request waits."""
-        return self.router.due(time.monotonic(), idle)
+    def shadow_wait_s(self) -> float:
+        """Seconds until waiting shadow rows (rollouts.py) should run (0: now, inf: none wait)."""
+        return self.router.wait_s(time.monotonic())
 
     def launch_shadows(self) -> Launched:
         """A forward of waiting shadow rows (their answers go to the evidence, nobody else)."""
@@ -278,14 +278,21 @@ class InferenceCore:
         and takes no probability)."""
         texts = {id(item.text): item.text for item in items}
         k = max(min(item.top_k, len(item.classes)) for item in items)
+        # calibrated: logit_scale * cos / the task's temperature (mmap_model.calibration), for caller labels too
+        temperatures = {item.handle.temperature for item in items}
+        if len(temperatures) == 1:
+            scale: float | Tensor = self.logit_scale / temperatures.pop()
+        else:
+            scale = torch.tensor([self.logit_scale / item.handle.temperature for item in items]).to(
+                features.device, non_blocking=True).unsqueeze(-1)
         if len(texts) == 1:
-            logits = self.logit_scale * features @ items[0].text.T
+            logits = scale * features @ items[0].text.T  # (as before temperatures: the same bits at 1)
         else:
             group = {key: g for g, key in enumerate(texts)}
             padded = pad_sequence(list(texts.values()), batch_first=True)  # [G, C_max, D]
             sizes = index([len(t) for t in texts.values()], features.device)
             which = index([group[id(item.text)] for item in items], features.device)
-            logits = self.logit_scale * torch.bmm(padded[which], features.unsqueeze(-1)).squeeze(-1)
+            logits = scale * torch.bmm(padded[which], features.unsqueeze(-1)).squeeze(-1)
             padding = torch.arange(padded.shape[1], device=features.device) >= sizes[which].unsqueeze(-1)
             logits = logits.masked_fill(padding, float("-inf"))
         labels = logits.topk(k).indices

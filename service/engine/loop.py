@@ -143,9 +143,7 @@ class Engine:
             else:  # nothing is due: answer what is launched before the poll waits
                 while self.in_flight:
                     self._answer(self.in_flight.popleft())
-                if self.core.shadow_due(idle=True):  # a pause: the rollout candidates' shadow rows run now
-                    self.in_flight.append(self.core.launch_shadows())
-            if self.core.shadow_due(idle=False):  # busy: shadow rows wait for a full batch of their own
+            if self.core.shadow_wait_s() == 0:  # a rollout's shadow rows, in a forward of their own
                 self.in_flight.append(self.core.launch_shadows())
             self._publish_catalog()
             if self.core.registry.retiring:
@@ -153,9 +151,9 @@ class Engine:
 
     def _timeout_ms(self) -> int:
         now = time.monotonic()
-        if self.in_flight or (self.queue and self._batch_due(now)) or self.core.shadow_due(idle=not self.queue):
-            return 0  # the next turn launches or answers at once
-        timeout = IDLE_POLL_MS / 1000
+        if self.in_flight or (self.queue and self._batch_due(now)):  # the next turn launches or answers at once
+            return 0
+        timeout = min(IDLE_POLL_MS / 1000, self.core.shadow_wait_s())
         if self.queue:
             timeout = min(timeout, self.queue[0].arrived + self.settings.max_wait_ms / 1000 - now)
         if not self._polling:

@@ -46,6 +46,15 @@ class CallRefused(Exception):
         return Reply(request, self.status, error=self.error, detail=str(self))
 
 
+def _named(*names: str) -> None:
+    """Prompt-set and task names as the directory takes them (422 `invalid_name` otherwise)."""
+    try:
+        for name in names:
+            check_name(name)
+    except ValueError as e:
+        raise CallRefused(422, "invalid_name", str(e)) from e
+
+
 class Operations:
     """Runs one `Operation` against the registry and answers it as a `Reply`."""
 
@@ -80,10 +89,7 @@ class Operations:
         return PromptSetListing(str(self.registry.directory), self.registry.directory_error, self.registry.status())
 
     def _load(self, name: str) -> PromptSetListing:
-        try:
-            check_name(name)
-        except ValueError as e:
-            raise CallRefused(422, "invalid_name", str(e)) from e
+        _named(name)
         if not (self.registry.directory / name).is_dir():
             raise CallRefused(404, "not_found", f"no prompt-set directory {name!r} in {self.registry.directory}")
         try:
@@ -111,11 +117,7 @@ class Operations:
 
     def _start(self, task: str, wanted: RolloutRequest) -> None:
         """Write the task's record: its candidate must be loaded and define the task, and another set must serve it."""
-        try:
-            check_name(task)
-            check_name(wanted.candidate)
-        except ValueError as e:
-            raise CallRefused(422, "invalid_name", str(e)) from e
+        _named(task, wanted.candidate)
         snapshot = self.registry.snapshot
         candidate = snapshot.sets.get(wanted.candidate)
         if candidate is None or task not in candidate.handles:
@@ -129,6 +131,7 @@ class Operations:
                                            wanted.share, wanted.abort_below, wanted.min_requests))
 
     def _end(self, task: str, action: str) -> None:
+        _named(task)
         directory = self.registry.directory
         if action == "abort":
             self._write(lambda: rollouts.abort(directory, task))

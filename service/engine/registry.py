@@ -10,17 +10,14 @@ snapshot it started with, so a swap never breaks it. A failed load publishes not
 version keeps serving) and is reported: log, `status()` (the admin listing), and
 `mmap_prompt_set_loads_total{result="failure"}`.
 
-A task defined by several loaded sets is served by the newest publication: the set whose
-promptset.json was written last (mtime; ties by name). So retraining one task into a new set, or
-regrouping tasks into new sets, moves each task in the one swap that publishes its new set, with no
-request failing and no manual step; the older set keeps serving what nobody newer claims, and takes
-its tasks back if the newer set goes. What is served is a function of the directory's contents,
-whatever order sets were loaded in.
-
-How to publish a set atomically (temp directory + rename, or the weights first and promptset.json last):
-README.md, "Publishing prompt sets while serving"; the watcher applies a change once it has settled (watcher.py).
-
-Sample images for the web page are read from `<name>/samples/<task>/*.{png,jpg,jpeg,webp}`.
+A task defined by several loaded sets is served by the newest publication: the set whose promptset.json was
+written last (mtime; ties by name), but for a rollout's candidate (rollouts.py: `_rollouts/` records). So
+retraining one task into a new set, or regrouping tasks into new sets, moves each task in the one swap that
+publishes its new set, with no request failing and no manual step; the older set keeps serving what nobody newer
+claims, and takes its tasks back if the newer set goes. What is served is a function of the directory's contents,
+whatever order sets were loaded in. How to publish a set atomically: README.md, "Publishing prompt sets while
+serving"; the watcher applies a change once it has settled (watcher.py). Sample images for the web page are read
+from `<name>/samples/<task>/*.{png,jpg,jpeg,webp}`.
 
 What arrives in the directory is untrusted: symlinks are followed only while they stay inside it
 (a set, its two files, its samples), and the weights file is size-limited before it is read.
@@ -94,11 +91,12 @@ class Registry:
         self.progress: tuple[int, int] | None = None  # (sets read, of) while a scan runs
         self.records = Records(self.directory)  # rollouts (rollouts.py): read before any set, so no candidate serves
 
-    snapshot = property(lambda self: self._snapshot, doc="what is served now (replaced whole by each publication)")
+    @property
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
 
     @property
-    def retiring(self) -> bool:
-        """Bank rows wait for `reclaim`."""
+    def retiring(self) -> bool:  # bank rows wait for `reclaim`
         return bool(self._retired)
 
     @property
@@ -285,7 +283,7 @@ class Registry:
                     handles[r.name][task] = TaskHandle(
                         task, r.name, ps.version, ps.method, spec.group, tuple(spec.classnames), spec.template,
                         texts.prompts, feature.float().clone(), slot, r.path / "samples" / task, r.samples[task],
-                        MappingProxyType(ps.card(task)))
+                        MappingProxyType(ps.card(task)), spec.temperature, spec.min_score)
         except BaseException:
             self._release(added)  # never published: its rows are free at once
             raise

@@ -5,19 +5,18 @@ The records come from the prompt directory (`mmap_model.rollouts`); the registry
 like any set (a few KB of prompts and their class-text features), so a candidate costs rows in a batch, not a
 second model.
 
-- Canary: `Router.choose` sends the record's share of the task's requests to the candidate; with a client key
+- Canary: `Router.route` sends the record's share of the task's requests to the candidate; with a client key
   (X-Client-ID) the choice is a hash of task and key, so a client keeps its version (and keeps it while the share
   grows); without one it is random per request.
 - Shadow: the chosen requests are answered by the live version; their pixels are kept and scored again by the
-  candidate in a forward of their own, when the engine is idle or a full batch of them waits, so the live rows'
-  forward is exactly what it would be without the rollout. `Evidence` compares the two top-1 answers.
+  candidate in a forward of their own, once a full batch of them waits or the oldest is SHADOW_MAX_AGE_S old, so
+  the live rows' forward is exactly what it would be without the rollout. `Evidence` compares the two top-1 answers.
 - Evidence: requests and mean top-1 score per task and version, shadow agreement; in the admin listing, /tasks
   and Prometheus (only tasks with a rollout get series).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import random
@@ -35,17 +34,15 @@ from mmap_model.rollouts import Rollout
 from service.errors import version_not_served_detail
 from service.schema import RolloutInfo, RolloutStatus, ShadowFigures, VersionFigures
 
-from .batch import ShadowPair
+from .batch import Pending, ShadowPair
 from .snapshot import LoadedSet, TaskHandle
 
 if TYPE_CHECKING:
     from service.metrics import Metrics
 
-    from .batch import Pending
-
 log = logging.getLogger(__name__)
 
-SHADOW_MAX_AGE_S = 1.0  # shadow rows waiting longer run in the next pause between batches, or with the next batch
+SHADOW_MAX_AGE_S = 0.5  # shadow rows run once a batch of them waits, or the oldest has waited this long
 
 
 @dataclass(frozen=True, eq=False)
@@ -169,6 +166,7 @@ class Evidence:
         self.answered: dict[tuple[str, str, str], _Counts] = {}  # (task, version, prompt set) -> counts
         self.shadows: dict[tuple[str, str], _Shadow] = {}  # (task, candidate version) -> comparison
         self.records: dict[str, Rollout] = {}  # task -> the rollout its figures are of
+        self._series: dict[tuple[str, str, str], tuple] = {}  # (task, version, role) -> its two Prometheus series
         r = metrics.registry
         self._requests = Counter("mmap_rollout_requests", "requests of tasks with a rollout, by version and role "
                                  "(live, canary: answered; shadow: scored beside the live answer)",
@@ -180,14 +178,23 @@ class Evidence:
 
     def begin(self, task: str, record: Rollout) -> None:
         """The task's figures are of this rollout: a new record (another candidate, mode or share) starts afresh."""
-        if self.records.get(task) != record:
+        seen = self.records.get(task)
+        if seen is not record and seen != record:
             self.forget({t for t in self.records if t != task})
             self.records[task] = record
 
+    def _counted(self, task: str, version: str, role: str, score: float) -> None:
+        """Prometheus: one request and its top-1 score (the labelled series kept: a lookup costs more than the add)."""
+        series = self._series.get((task, version, role))
+        if series is None:
+            series = self._series[(task, version, role)] = (self._requests.labels(task, version, role),
+                                                            self._scores.labels(task, version, role))
+        series[0].inc()
+        series[1].inc(score)
+
     def answer(self, handle: TaskHandle, role: str, score: float) -> None:
         self.answered.setdefault((handle.task, handle.version, handle.prompt_set), _Counts()).add(score)
-        self._requests.labels(handle.task, handle.version, role).inc()
-        self._scores.labels(handle.task, handle.version, role).inc(score)
+        self._counted(handle.task, handle.version, role, score)
 
     def compare(self, candidate: TaskHandle, live: tuple[str, float], top1: tuple[str, float]) -> None:
         shadow = self.shadows.setdefault((candidate.task, candidate.version), _Shadow())
@@ -195,8 +202,7 @@ class Evidence:
         shadow.agreed += live[0] == top1[0]
         shadow.live.add(live[1])
         shadow.candidate.add(top1[1])
-        self._requests.labels(candidate.task, candidate.version, "shadow").inc()
-        self._scores.labels(candidate.task, candidate.version, "shadow").inc(top1[1])
+        self._counted(candidate.task, candidate.version, "shadow", top1[1])
         if live[0] == top1[0]:
             self._agreed.labels(candidate.task, candidate.version).inc()
 
@@ -233,6 +239,8 @@ class Evidence:
             del self.shadows[key]
         for task in [t for t in list(self.records) if t not in keep]:
             del self.records[task]
+        for key in [k for k in list(self._series) if k[0] not in keep]:
+            del self._series[key]
 
 
 class VersionNotServed(Exception):
@@ -283,18 +291,21 @@ class Router:
     def shadow(self, item: Pending) -> None:
         """Queue the candidate's scoring of live `item`, which has a `pair` (its pixels are copied now: a worker's
         slot is reused once the live answer is sent; decoded or encoded images are the request's own)."""
-        candidate = item.pair.candidate
+        c = item.pair.candidate
         pixels = item.pixels.copy() if isinstance(item.pixels, np.ndarray) else item.pixels
         if not self.shadows:
             self.oldest = item.arrived
-        self.shadows.append(dataclasses.replace(
-            item, request=-1, pixels=pixels, handle=candidate, slot=candidate.slot, top_k=1,
-            classes=candidate.classnames, text=candidate.text_features, client=None, role="shadow"))
+        self.shadows.append(Pending(-1, pixels, c, c.slot, 1, c.classnames, c.text_features, item.arrived,
+                                    serial=item.serial, role="shadow", pair=item.pair))
 
-    def due(self, now: float, idle: bool) -> bool:
-        """A shadow forward should run now: the engine is idle, a full batch waits, or the oldest waited too long."""
-        return bool(self.shadows) and (idle or len(self.shadows) >= self.max_batch_size
-                                       or now - self.oldest >= SHADOW_MAX_AGE_S)
+    def wait_s(self, now: float) -> float:
+        """Seconds until a shadow forward is due (0: now; inf: nothing waits): once a full batch of rows waits (a
+        forward's fixed cost is then spread the most), or the oldest has waited SHADOW_MAX_AGE_S."""
+        if not self.shadows:
+            return float("inf")
+        if len(self.shadows) >= self.max_batch_size:
+            return 0.0
+        return max(0.0, self.oldest + SHADOW_MAX_AGE_S - now)
 
     def take(self) -> list[Pending]:
         batch, self.shadows = self.shadows[:self.max_batch_size], self.shadows[self.max_batch_size:]

@@ -78,6 +78,8 @@ class TaskHandle:
     sample_dir: Path
     samples: tuple[str, ...]  # file names in sample_dir
     card: Mapping[str, Any]  # `evaluation` and `trained`: PromptSet.card
+    temperature: float = 1.0  # its scores are softmax(logit_scale * cos / temperature) (mmap_model.calibration)
+    min_score: float | None = None  # its default abstention threshold
 
     @property
     def visual_prompts(self) -> Tensor | None:

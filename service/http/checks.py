@@ -21,7 +21,7 @@ from .images import ImageRejected
 from .labels import parse_labels
 from .uploads import Upload
 
-CLASSIFY_PARAMS = frozenset({"task", "top_k", "labels", "version"})
+CLASSIFY_PARAMS = frozenset({"task", "top_k", "labels", "version", "min_score"})
 CLIENT_ID = "x-client-id"  # a rollout's assignment key: the same client, the same version
 MAX_CLIENT_ID = 256
 
@@ -41,6 +41,21 @@ def classify_query(request: Request) -> tuple[str, int]:
     if not (digits.isascii() and digits.isdigit()) or not value:
         raise ServiceError(422, "invalid_request", f"query.top_k: must be an integer of at least 1, not {text[:20]!r}")
     return task, int(value) if len(value) < 10 else MAX_TOP_K
+
+
+def min_score_of(request: Request, engine: EngineConnection, task: str, labels: list[str] | None) -> float | None:
+    """The abstention threshold of a request: its `min_score` (0 to 1), else the task's default (`TaskInfo.min_score`,
+    chosen on validation for the task's classes, so not for a caller's `labels`), else None (always answer)."""
+    text = request.query_params.get("min_score")
+    if text is None:
+        return engine.tasks[task].min_score if labels is None and task in engine.tasks else None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value <= 1:
+        raise ServiceError(422, "invalid_request", f"query.min_score: a number from 0 to 1, not {text[:20]!r}")
+    return value
 
 
 def check_params(params: Mapping[str, str], allowed: frozenset[str]) -> None:

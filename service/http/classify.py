@@ -15,9 +15,18 @@ from service.schema import BatchAnswer, BatchItem, Classification, Embedding, Pr
 from service.transport import Embedded, Scored
 
 from .bodies import read_images
-from .checks import check_params, check_serving, classify_query, counted, labels_of, routing, task_label
+from .checks import (
+    check_params,
+    check_serving,
+    classify_query,
+    counted,
+    labels_of,
+    min_score_of,
+    routing,
+    task_label,
+)
 from .images import ImageRejected
-from .openapi import CLASSIFY_REQUEST, UPLOAD_BODY, UPLOAD_ERRORS, answers
+from .openapi import CLASSIFY_ERRORS, CLASSIFY_REQUEST, UPLOAD_BODY, UPLOAD_ERRORS, answers
 from .state import worker_of
 
 WORKER_HEADER = "x-mmap-worker"  # which HTTP worker answered a classify request (its index)
@@ -26,12 +35,14 @@ JSON = "application/json"
 router = APIRouter(tags=["classify"])
 
 
-def classification(result: Scored) -> Classification:
+def classification(result: Scored, min_score: float | None = None) -> Classification:
+    """The answer; it abstains when its best score is below `min_score`."""
     return Classification(result.task, result.version, result.prompt_set, result.method,
-                          [Prediction(label, score) for label, score in zip(result.labels, result.scores, strict=True)])
+                          [Prediction(label, score) for label, score in zip(result.labels, result.scores, strict=True)],
+                          min_score is not None and result.scores[0] < min_score)
 
 
-@router.post("/classify", response_class=Response, responses=answers(Classification, *UPLOAD_ERRORS),
+@router.post("/classify", response_class=Response, responses=answers(Classification, *CLASSIFY_ERRORS),
              openapi_extra=CLASSIFY_REQUEST)
 async def classify(request: Request) -> Response:
     """Classify one image for one task: the image as multipart field `file`, as a raw image/* body, or in a JSON
@@ -48,11 +59,13 @@ async def classify(request: Request) -> Response:
             upload = await read_images(request, held, settings)
             names = labels_of(request, upload, settings) if upload.fields else names
             pixels = await worker.pixels(upload.files[0])  # one image: its refusal was raised
+        threshold = min_score_of(request, engine, task, names)
         result = await engine.infer(pixels, task, top_k, settings.request_timeout_s, names, version=version, key=key)
-    return Response(encode(classification(result)), media_type=JSON, headers={WORKER_HEADER: str(engine.worker)})
+    return Response(encode(classification(result, threshold)), media_type=JSON,
+                    headers={WORKER_HEADER: str(engine.worker)})
 
 
-@router.post("/classify/batch", response_class=Response, responses=answers(BatchAnswer, *UPLOAD_ERRORS),
+@router.post("/classify/batch", response_class=Response, responses=answers(BatchAnswer, *CLASSIFY_ERRORS),
              openapi_extra=CLASSIFY_REQUEST)
 async def classify_batch(request: Request) -> Response:
     """Classify several images (multipart fields `file`, or a JSON body's `images` or `urls`; at most `max_images`)
@@ -81,8 +94,9 @@ async def classify_batch(request: Request) -> Response:
                                             key=key)
         except ServiceError as e:
             return BatchItem(e.status, error=e.error, detail=e.detail)
-        return BatchItem(200, result.task, result.version, result.prompt_set, result.method,
-                         classification(result).predictions)
+        answer = classification(result, threshold)
+        return BatchItem(200, result.task, result.version, result.prompt_set, result.method, answer.predictions,
+                         answer.abstained)
 
     with counted(metrics, task_label(request.query_params.get("task"), engine), failures_only=True):
         task, top_k = classify_query(request)
@@ -95,6 +109,7 @@ async def classify_batch(request: Request) -> Response:
             names = labels_of(request, upload, settings) if upload.fields else names
             images = await asyncio.gather(*(prepared(data) for data in upload.files))
             del upload
+        threshold = min_score_of(request, engine, task, names)
     results = await asyncio.gather(*(one(pixels) for pixels in images))
     return Response(encode(BatchAnswer(results)), media_type=JSON, headers={WORKER_HEADER: str(engine.worker)})
 

@@ -38,7 +38,8 @@ def query(name: str, schema: dict[str, Any], description: str, required: bool = 
     return {"name": name, "in": "query", "required": required, "schema": schema, "description": description}
 
 
-UPLOAD_ERRORS = (403, 404, 408, 409, 413, 415, 422, 502, 503, 504)
+UPLOAD_ERRORS = (403, 404, 408, 413, 415, 422, 502, 503, 504)
+CLASSIFY_ERRORS = (*UPLOAD_ERRORS, 409)  # and a pinned version not served
 UPLOAD_BODY = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                        "properties": {"file": {"type": "string", "format": "binary"}}}},
@@ -54,7 +55,10 @@ VERSION = query("version", {"type": "string"}, "pin the task's version (its live
                                               "GET /tasks/{task}); another is 409 `version_not_served`")
 CLIENT_ID = {"name": "X-Client-ID", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 256},
              "description": "during a canary rollout, the same client id always gets the same version"}
-CLASSIFY_REQUEST = {"parameters": [TASK, TOP_K, LABELS, VERSION, CLIENT_ID], **UPLOAD_BODY}
+MIN_SCORE = query("min_score", {"type": "number", "minimum": 0, "maximum": 1},
+                  "abstain (`abstained: true`) when the best score is below this; default: the task's `min_score` "
+                  "(GET /tasks/{task}), none with `labels`")
+CLASSIFY_REQUEST = {"parameters": [TASK, TOP_K, LABELS, VERSION, MIN_SCORE, CLIENT_ID], **UPLOAD_BODY}
 
 
 def install(app: FastAPI) -> None:

@@ -30,7 +30,15 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from mmap_model import Backbone, PromptConfig, PromptedCLIP, PromptSet, TaskSpec, class_text_features
+from mmap_model import (
+    Backbone,
+    PromptConfig,
+    PromptedCLIP,
+    PromptSet,
+    TaskSpec,
+    calibrated_probabilities,
+    class_text_features,
+)
 from mmap_model.backbone import EMBEDDED_DIR
 from service import Settings
 from service.transport import SHM_DIR, SHM_PREFIX
@@ -147,18 +155,21 @@ def open_clip_preprocess(backbone: Backbone) -> Callable:
     return open_clip.create_model_and_transforms(name, load_weights=False)[2]
 
 
-def reference_scores(backbone: Backbone, ps: PromptSet, task: str, data: bytes) -> dict[str, float]:
-    """The same classification with mmap_model and open_clip only: no service code involved."""
+def reference_scores(backbone: Backbone, ps: PromptSet, task: str, data: bytes,
+                     labels: list[str] | None = None) -> dict[str, float]:
+    """The same classification with mmap_model and open_clip only: no service code involved. Calibrated by the
+    task's temperature; `labels`: against these class names with the task's prompts and template."""
     image = open_clip_preprocess(backbone)(Image.open(io.BytesIO(data)))
     prompted = PromptedCLIP(backbone.model)
     spec = ps.tasks[task]
+    names = labels or spec.classnames
     with torch.inference_mode():
         prompts = ps.prompts(task)
-        text = class_text_features(prompted, backbone.tokenizer, spec.classnames, spec.template, prompts.text)
+        text = class_text_features(prompted, backbone.tokenizer, names, spec.template, prompts.text)
         visual = prompts.visual
         features = prompted.encode_image(image[None], visual, normalize=True)
-        probs = (prompted.logit_scale * features @ text.T).softmax(-1)[0]
-    return dict(zip(spec.classnames, probs.tolist(), strict=True))
+        probs = calibrated_probabilities(prompted.logit_scale * features @ text.T, spec.temperature)[0]
+    return dict(zip(names, probs.tolist(), strict=True))
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -57,10 +57,14 @@ function showTask() {
 }
 
 // A task's rollout: its live and candidate versions, and the figures the engine counted (GET /tasks/{task}/rollout).
+let rolloutTimer = null; // the figures are refreshed while a task with a rollout is shown
+
 async function showRollout(t) {
   const box = $("task-rollout");
+  clearTimeout(rolloutTimer);
   box.hidden = !t.rollout;
   if (!t.rollout) return;
+  rolloutTimer = setTimeout(() => { if ($("task").value === t.task && !document.hidden) showRollout(t); }, 2000);
   const r = t.rollout;
   const head = `rollout: live ${t.prompt_set} v${t.version} · candidate ${r.candidate}` +
     (r.version ? ` v${r.version}` : "") + ` · ${r.mode} ${r.share}% · ${r.state}` + (r.note ? ` (${r.note})` : "");
@@ -120,7 +124,9 @@ async function classify(blob) {
   const started = performance.now();
   let response;
   try {
-    response = await fetch(`/classify?task=${encodeURIComponent(task)}&top_k=${$("topk").value}`,
+    const minScore = $("min-score").value.trim();
+    const threshold = minScore ? `&min_score=${encodeURIComponent(minScore)}` : "";
+    response = await fetch(`/classify?task=${encodeURIComponent(task)}&top_k=${$("topk").value}${threshold}`,
                            { method: "POST", body: form });
   } catch (e) {
     setStatus(`Network error: ${e}`, true);
@@ -140,7 +146,11 @@ async function classify(blob) {
 function showPredictions(body, ms) {
   $("version").textContent = `${body.prompt_set} v${body.version}`;
   $("version").hidden = false;
-  setStatus(`${body.task} · ${Math.round(ms)} ms`);
+  const best = body.predictions.length ? (100 * body.predictions[0].score).toFixed(1) : "n/a";
+  setStatus(body.abstained ? `${body.task} · not sure: abstained (best score ${best}% is below the minimum) · ` +
+                             `${Math.round(ms)} ms` : `${body.task} · ${Math.round(ms)} ms`);
+  $("status").classList.toggle("abstained", Boolean(body.abstained));
+  $("results").classList.toggle("abstained", Boolean(body.abstained));
   $("results").replaceChildren(...body.predictions.map((p, i) => {
     const item = document.createElement("li");
     item.className = i === 0 ? "bar top" : "bar";
@@ -163,6 +173,7 @@ function firstImage(files) {
 
 $("task").addEventListener("change", () => { showTask(); if (lastImage) classify(lastImage); });
 $("topk").addEventListener("change", () => { if (lastImage) classify(lastImage); });
+$("min-score").addEventListener("change", () => { if (lastImage) classify(lastImage); });
 $("labels").addEventListener("change", () => { if (lastImage) classify(lastImage); });
 $("file").addEventListener("change", (e) => { const f = firstImage(e.target.files); if (f) classify(f); });
 const drop = $("drop");
