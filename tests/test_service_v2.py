@@ -66,7 +66,8 @@ def test_server_and_model_health_and_metadata(base, triton):
     assert metadata["name"] == "clipart" and metadata["versions"] == [version]
     assert metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]},
                                   {"name": "pixels", "datatype": "UINT8", "shape": [-1, SIZE, SIZE, 3]}]
-    assert [(o["name"], o["datatype"]) for o in metadata["outputs"]] == [("labels", "BYTES"), ("scores", "FP32")]
+    assert [(o["name"], o["datatype"]) for o in metadata["outputs"]] == [("labels", "BYTES"), ("scores", "FP32"),
+                                                                              ("abstained", "BOOL")]
     assert triton.get_model_metadata("clipart", version)["versions"] == [version]
     with pytest.raises(InferenceServerException) as caught:
         triton.get_model_metadata("nope")
@@ -97,6 +98,27 @@ def test_infer_with_encoded_images_scores_as_classify_does(base, triton):
     for mine, theirs in zip(rows(result, 2), expected[:2], strict=True):
         best = dict(sorted(theirs.items(), key=lambda item: -item[1])[:2])
         assert_equal_scores(mine, best)
+
+
+def test_min_score_adds_the_abstained_output(base, triton):
+    """`min_score` as /classify takes it: the BOOL output `abstained` [N], binary (tritonclient's default) or JSON; not
+    among the default outputs without a threshold, and all false when asked for without one."""
+    images = [jpeg(1), image_bytes(3)]
+    tensor = httpclient.InferInput("image", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
+    best = [max(classified(base, data).values()) for data in images]
+    threshold = (best[0] + best[1]) / 2
+    result = triton.infer("clipart", [tensor], parameters={"min_score": threshold})
+    assert result.as_numpy("abstained").tolist() == [b < threshold for b in best] and len(set(
+        result.as_numpy("abstained").tolist())) == 2
+    assert result.as_numpy("scores").shape == (2, 4)
+    assert triton.infer("clipart", [tensor]).as_numpy("abstained") is None  # no threshold: the two outputs
+    asked = [httpclient.InferRequestedOutput("abstained", binary_data=False)]
+    result = triton.infer("clipart", [tensor], outputs=asked)
+    assert result.get_output("abstained")["data"] == [False, False]
+    with pytest.raises(InferenceServerException) as caught:
+        triton.infer("clipart", [tensor], parameters={"min_score": 2})
+    assert caught.value.status() == "400" and "min_score" in caught.value.message()
 
 
 def test_infer_with_uint8_pixels_at_the_input_size_scores_as_classify_does(base, triton):

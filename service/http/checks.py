@@ -48,7 +48,7 @@ def min_score_of(request: Request, engine: EngineConnection, task: str, labels: 
     chosen on validation for the task's classes, so not for a caller's `labels`), else None (always answer)."""
     text = request.query_params.get("min_score")
     if text is None:
-        return engine.tasks[task].min_score if labels is None and task in engine.tasks else None
+        return task_min_score(engine, task, labels)
     try:
         value = float(text)
     except ValueError:
@@ -56,6 +56,11 @@ def min_score_of(request: Request, engine: EngineConnection, task: str, labels: 
     if not 0 <= value <= 1:
         raise ServiceError(422, "invalid_request", f"query.min_score: a number from 0 to 1, not {text[:20]!r}")
     return value
+
+
+def task_min_score(engine: EngineConnection, task: str, labels: list[str] | None) -> float | None:
+    """The task's default abstention threshold: chosen for its own classes, so none for a caller's `labels`."""
+    return engine.tasks[task].min_score if labels is None and task in engine.tasks else None
 
 
 def check_params(params: Mapping[str, str], allowed: frozenset[str]) -> None:

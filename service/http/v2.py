@@ -39,14 +39,23 @@ from service.schema import (
 from service.transport import Scored
 
 from .bodies import JSON_OVERHEAD, base64_limit
-from .checks import check_serving, counted, routing, served_versions, task_label
+from .checks import check_serving, counted, routing, served_versions, task_label, task_min_score
 from .engine_client import MAX_TOP_K
 from .images import ImageRejected
 from .labels import parse_labels
 from .ops import PACKAGE_VERSION
 from .state import Worker, worker_of
 from .uploads import read_body
-from .v2_tensors import IMAGE_INPUT, LABELS_OUTPUT, PIXELS_INPUT, SCORES_OUTPUT, InferCall, answer, parse_request
+from .v2_tensors import (
+    ABSTAINED_OUTPUT,
+    IMAGE_INPUT,
+    LABELS_OUTPUT,
+    PIXELS_INPUT,
+    SCORES_OUTPUT,
+    InferCall,
+    answer,
+    parse_request,
+)
 
 HEADER_LENGTH = "inference-header-content-length"
 ERROR_HEADER = "x-mmap-error"  # the service's error code of a /v2 error
@@ -142,7 +151,8 @@ def metadata(request: Request, task: str, version: str | None) -> Response:
     return json(V2ModelMetadata(
         task, served_versions(info), PLATFORM,
         [V2TensorMetadata(IMAGE_INPUT, "BYTES", [-1]), V2TensorMetadata(PIXELS_INPUT, "UINT8", [-1, height, width, 3])],
-        [V2TensorMetadata(LABELS_OUTPUT, "BYTES", [-1, -1]), V2TensorMetadata(SCORES_OUTPUT, "FP32", [-1, -1])]))
+        [V2TensorMetadata(LABELS_OUTPUT, "BYTES", [-1, -1]), V2TensorMetadata(SCORES_OUTPUT, "FP32", [-1, -1]),
+         V2TensorMetadata(ABSTAINED_OUTPUT, "BOOL", [-1])]))
 
 
 def ready(request: Request, task: str, version: str | None) -> Response:
@@ -197,7 +207,8 @@ INFER_BODY = {"requestBody": {"required": True, "content": {
 @router.post("/v2/models/{task}/infer", response_class=Response, responses=INFER, openapi_extra=INFER_BODY)
 async def model_infer(task: str, request: Request) -> Response:
     """Classify N images (the input `image`: encoded files; or `pixels`: [N, H, W, 3] uint8 at the model's input
-    size) for the task; parameters `top_k` (default: every class), `labels` (your class names), `version`."""
+    size) for the task; parameters `top_k` (default: every class), `labels` (your class names), `version`,
+    `min_score` (the output `abstained`)."""
     return await infer(request, task, None)
 
 
@@ -252,7 +263,9 @@ async def infer(request: Request, task: str, version: str | None) -> Response:
         served = scored[0].version
         if wanted is not None and served != wanted:
             raise ServiceError(404, "unknown_version", f"model {task!r} now serves version {served!r}")
-    content, header_length = answer(task, served, call, [r.labels for r in scored], [r.scores for r in scored])
+    threshold = call.min_score if call.min_score is not None else task_min_score(engine, task, names)
+    content, header_length = answer(task, served, call, [r.labels for r in scored], [r.scores for r in scored],
+                                    threshold)
     if header_length is None:
         return Response(content, media_type=JSON)
     return Response(content, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})

@@ -5,7 +5,9 @@ follow it in order, their lengths in its `binary_data_size` parameter), which tr
 A model (a task) takes ONE input: `image`, BYTES [N] (or [N, 1]), one encoded image file an element (base64 strings in
 JSON; in binary, each element's little-endian uint32 length, then its bytes), or `pixels`, UINT8 [N, H, W, 3] at the
 model's input size, already preprocessed (scored as they are). It answers `labels` (BYTES) and `scores` (FP32),
-both [N, k]: the top `top_k` classes of each image, best first (all classes without `top_k`).
+both [N, k]: the top `top_k` classes of each image, best first (all classes without `top_k`); and where a threshold
+applies (the `min_score` parameter, else the task's default without `labels`), or when asked for, `abstained`
+(BOOL [N]): the image's best score is below it.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from .bodies import decode_base64
 from .images import ImageRejected
 
 IMAGE_INPUT, PIXELS_INPUT = "image", "pixels"
-LABELS_OUTPUT, SCORES_OUTPUT = "labels", "scores"
-PARAMETERS = frozenset({"top_k", "labels", "version"})
+LABELS_OUTPUT, SCORES_OUTPUT, ABSTAINED_OUTPUT = "labels", "scores", "abstained"
+OUTPUTS = (LABELS_OUTPUT, SCORES_OUTPUT, ABSTAINED_OUTPUT)
+PARAMETERS = frozenset({"top_k", "labels", "version", "min_score"})
 # Triton's own request parameters: read (binary_data_output) or without effect here, so a Triton client's call works
 TRITON_PARAMETERS = frozenset({"binary_data_output", "timeout", "priority", "sequence_id", "sequence_start",
                                "sequence_end"})
@@ -45,8 +48,10 @@ class InferCall:
     top_k: int | None
     labels: str | list[str] | None
     version: str | None
+    min_score: float | None
     id: str | None
-    outputs: list[tuple[str, bool]]  # (name, as binary data) in the order asked
+    outputs: list[tuple[str, bool]] | None  # (name, as binary data) in the order asked; None: the default ones
+    binary: bool = False  # the default outputs as binary data (binary_data_output)
 
 
 def parse_request(body: bytearray, header_length: str | None, image_size: tuple[int, int], max_bytes: int,
@@ -98,11 +103,12 @@ def parse_request(body: bytearray, header_length: str | None, image_size: tuple[
         pixels = pixels.reshape(shape)
     else:
         raise invalid(f"unknown input {tensor.name!r}: a model takes {IMAGE_INPUT!r} or {PIXELS_INPUT!r}")
-    return InferCall(images, pixels, *parameters(request.parameters), request.id, outputs(request))
+    return InferCall(images, pixels, *parameters(request.parameters), request.id, outputs(request),
+                     request.parameters.get("binary_data_output") is True)
 
 
-def parameters(given: dict[str, Any]) -> tuple[int | None, str | list[str] | None, str | None]:
-    """(top_k, labels, version) of the request's parameters."""
+def parameters(given: dict[str, Any]) -> tuple[int | None, str | list[str] | None, str | None, float | None]:
+    """(top_k, labels, version, min_score) of the request's parameters."""
     unknown = sorted(set(given) - PARAMETERS - TRITON_PARAMETERS)
     if unknown:
         raise invalid(f"unknown parameter {', '.join(map(repr, unknown))}; a model takes "
@@ -115,16 +121,21 @@ def parameters(given: dict[str, Any]) -> tuple[int | None, str | list[str] | Non
         raise invalid("parameter labels is an array of class names, or one string of them comma-separated")
     if version is not None and not isinstance(version, str):
         raise invalid(f"parameter version must be a string, not {version!r}")
-    return top_k, labels, version
+    min_score = given.get("min_score")
+    if min_score is not None and (isinstance(min_score, bool) or not isinstance(min_score, int | float)
+                                  or not 0 <= min_score <= 1):
+        raise invalid(f"parameter min_score must be a number from 0 to 1, not {min_score!r}")
+    return top_k, labels, version, None if min_score is None else float(min_score)
 
 
-def outputs(request: V2InferRequest) -> list[tuple[str, bool]]:
+def outputs(request: V2InferRequest) -> list[tuple[str, bool]] | None:
+    """The outputs asked for (None: the default ones, `answer` says which)."""
     binary = request.parameters.get("binary_data_output") is True
     if request.outputs is None:
-        return [(LABELS_OUTPUT, binary), (SCORES_OUTPUT, binary)]
+        return None
     names = [output.name for output in request.outputs]
-    if not names or set(names) - {LABELS_OUTPUT, SCORES_OUTPUT} or len(set(names)) != len(names):
-        raise invalid(f"outputs are {LABELS_OUTPUT!r} and {SCORES_OUTPUT!r}, each at most once; not {names}")
+    if not names or set(names) - set(OUTPUTS) or len(set(names)) != len(names):
+        raise invalid(f"outputs are {', '.join(map(repr, OUTPUTS))}, each at most once; not {names}")
     return [(output.name, output.parameters.get("binary_data", binary) is True) for output in request.outputs]
 
 
@@ -180,19 +191,26 @@ def split_bytes(raw: memoryview, max_bytes: int) -> list[bytes]:
 
 
 def answer(task: str, version: str, call: InferCall, labels: list[list[str]],
-           scores: list[list[float]]) -> tuple[bytes, int | None]:
-    """The infer answer's body and, where outputs go as binary data, the length of its JSON part."""
+           scores: list[list[float]], min_score: float | None = None) -> tuple[bytes, int | None]:
+    """The infer answer's body and, where outputs go as binary data, the length of its JSON part. `min_score`: the
+    threshold that applies (`abstained` is among the default outputs only with one)."""
     shape = [len(labels), len(labels[0])]
     tensors, blobs = [], []
-    for name, binary in call.outputs:
-        data: list[Any] = [x for row in (labels if name == LABELS_OUTPUT else scores) for x in row]
-        datatype = "BYTES" if name == LABELS_OUTPUT else "FP32"
+    default = [LABELS_OUTPUT, SCORES_OUTPUT, *([ABSTAINED_OUTPUT] if min_score is not None else [])]
+    for name, binary in call.outputs or [(name, call.binary) for name in default]:
+        data: list[Any]
+        if name == ABSTAINED_OUTPUT:
+            data = [min_score is not None and row[0] < min_score for row in scores]
+            datatype, dims = "BOOL", shape[:1]
+        else:
+            data = [x for row in (labels if name == LABELS_OUTPUT else scores) for x in row]
+            datatype, dims = ("BYTES" if name == LABELS_OUTPUT else "FP32"), shape
         if not binary:
-            tensors.append(V2OutputTensor(name, datatype, shape, data=data))
+            tensors.append(V2OutputTensor(name, datatype, dims, data=data))
             continue
         blob = (b"".join(struct.pack("<I", len(e)) + e for e in (label.encode() for label in data))
-                if name == LABELS_OUTPUT else np.asarray(data, dtype="<f4").tobytes())
-        tensors.append(V2OutputTensor(name, datatype, shape, {"binary_data_size": len(blob)}))
+                if name == LABELS_OUTPUT else np.asarray(data, dtype="?" if datatype == "BOOL" else "<f4").tobytes())
+        tensors.append(V2OutputTensor(name, datatype, dims, {"binary_data_size": len(blob)}))
         blobs.append(blob)
     header = encode(V2InferResponse(task, version, tensors, call.id))
     return (header + b"".join(blobs), len(header)) if blobs else (header, None)
