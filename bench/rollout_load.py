@@ -27,7 +27,7 @@ from pathlib import Path
 
 import httpx
 from uploads import synthetic_jpegs
-from wrk_load import LUA, REPO, Server, measure, wrk
+from wrk_load import REPO, Server, measure, write_load, wrk
 
 from mmap_model import EMBEDDED_PROMPTS_DIR, rollouts
 from mmap_model.backbone import EMBEDDED_DIR
@@ -104,15 +104,7 @@ def main() -> None:
                 "--workers", "1", "--engine-threads", "1", "--watch-interval-s", "0", "--queue-size", "256",
                 "--log-level", "warning"], port, tmp / f"{name}.log", env)
             stack.callback(servers[name].stop)
-        listing = tmp / "targets.txt"
-        (tmp / "bodies").mkdir()
-        lines = []
-        for i, body in enumerate(bodies):
-            (tmp / "bodies" / f"{i}.jpg").write_bytes(body)
-            lines.append(f"/classify?task={tasks[i % len(tasks)]} {tmp / 'bodies' / f'{i}.jpg'}\n")
-        listing.write_text("".join(lines))
-        script = tmp / "load.lua"
-        script.write_text(LUA)
+        listing, script, _ = write_load(tmp, bodies, tasks)
 
         rounds = []
         for r in range(args.rounds):

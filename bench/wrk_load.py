@@ -79,6 +79,22 @@ end
 """
 
 
+def write_load(directory: Path, bodies: list[bytes], tasks: list[str]) -> tuple[Path, Path, list[tuple[str, bytes]]]:
+    """wrk's files in `directory`: the JPEG bodies, the listing `LUA` reads (`/classify?task=<task> <file>`, the
+    tasks in turn) and the script; and the (path, body) targets."""
+    (directory / "bodies").mkdir()
+    targets, lines = [], []
+    for i, body in enumerate(bodies):
+        file = directory / "bodies" / f"{i}.jpg"
+        file.write_bytes(body)
+        targets.append((f"/classify?task={tasks[i % len(tasks)]}", body))
+        lines.append(f"{targets[-1][0]} {file}\n")
+    listing, script = directory / "targets.txt", directory / "load.lua"
+    listing.write_text("".join(lines))
+    script.write_text(LUA)
+    return listing, script, targets
+
+
 def scrape(base: str) -> dict[str, float]:
     """Every sample of /metrics but histogram buckets, summed over label values (all tasks, all statuses)."""
     totals: dict[str, float] = {}
@@ -286,15 +302,7 @@ def main() -> None:
             tasks = make_prompt_sets(backbone, prompts, 4, 4, 10)
         size = args.image_size or backbone.image_size
         bodies = synthetic_jpegs(16, size)
-        (tmp / "bodies").mkdir()
-        targets = []
-        for i, body in enumerate(bodies):
-            (tmp / "bodies" / f"{i}.jpg").write_bytes(body)
-            targets.append((f"/classify?task={tasks[i % len(tasks)]}", body))
-        listing = tmp / "targets.txt"
-        listing.write_text("".join(f"{path} {tmp / 'bodies' / f'{i}.jpg'}\n" for i, (path, _) in enumerate(targets)))
-        script = tmp / "load.lua"
-        script.write_text(LUA)
+        listing, script, targets = write_load(tmp, bodies, tasks)
 
         env = {k: v for k, v in os.environ.items() if not k.startswith("MMAP_")}
         # every connection may wait in the engine's queue: the run measures throughput, not refusals

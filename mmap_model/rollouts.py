@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -176,8 +176,7 @@ def start(prompts: Path, task: str, candidate: str, mode: str, share: float = 10
 def abort(prompts: Path, task: str, reason: str = "by hand") -> Rollout:
     """The candidate gets no more traffic for the task and stays out of it."""
     record = read(prompts, task)
-    aborted = check(replace(rollout(task, record.candidate, "aborted", reason=reason),
-                            share=record.share, abort_below=record.abort_below, min_requests=record.min_requests))
+    aborted = rollout(task, record.candidate, "aborted", record.share, record.abort_below, record.min_requests, reason)
     write(prompts, aborted)
     return aborted
 

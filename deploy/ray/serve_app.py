@@ -164,15 +164,15 @@ class MmapEngine:
                     if not future.done():
                         future.set_result(answer)
                 self._queued -= len(items)
-                if not self._waiting or self.core.shadow_wait_s() == 0:  # rollouts: after the answers, when
-                    await loop.run_in_executor(self._forward, self._shadows)   # due or the queue is empty
+                wait = self.core.shadow_wait_s()  # a rollout's shadow rows, after the answers: when due, or when
+                if wait == 0 or (not self._waiting and wait < float("inf")):  # the queue is empty
+                    await loop.run_in_executor(self._forward, self._shadows)
         finally:
             self._draining = False
 
     def _shadows(self) -> None:
         try:
-            if self.core.router.shadows:
-                self.core.finish(self.core.launch_shadows())
+            self.core.finish(self.core.launch_shadows())
         except Exception:  # evidence lost, nothing else
             log.exception("a rollout's shadow forward failed")
 

@@ -331,7 +331,8 @@ class Registry:
             definers = self._definers.get(task)
             if not definers:
                 self._definers.pop(task, None)
-                if (tasks.pop(task, None), rollouts.pop(task, None)) != (None, None):
+                rollouts.pop(task, None)  # (a task has a rollout entry only while it has a handle)
+                if tasks.pop(task, None) is not None:
                     changed.append(task)
                 continue
             handle, active = resolve(task, definers, sets, self.records.effective.get(task))

@@ -60,8 +60,8 @@ class ActiveRollout:
 
     def same(self, other: ActiveRollout | None) -> bool:
         """Resolved alike (handles compared by identity: a reloaded candidate is a change)."""
-        return other is not None and (other.record, other.candidate is None or id(other.candidate), other.note) == (
-            self.record, self.candidate is None or id(self.candidate), self.note)
+        return (other is not None and other.record == self.record and other.candidate is self.candidate
+                and other.note == self.note)
 
     def info(self) -> RolloutInfo:
         c = self.candidate
@@ -109,15 +109,18 @@ class Records:
             return set()
         self._signature = signature
         records, errors = rollouts.read_all(self.directory)
+        refused: dict[str, tuple[float, str]] = {}
         for task, why in errors.items():
-            records.pop(task, None)
             if task in self.effective:
                 records[task] = self.effective[task]
-            if self.errors.get(task, (0, None))[1] != why:
-                log.error("rollout record refused (%s): %s", "the previous one stays in effect"
-                          if task in self.effective else "the task has no rollout", why)
-        self.errors = {t: self.errors[t] if self.errors.get(t, (0, None))[1] == why else (time.time(), why)
-                       for t, why in errors.items()}
+            known = self.errors.get(task)
+            if known is not None and known[1] == why:
+                refused[task] = known
+                continue
+            refused[task] = (time.time(), why)
+            log.error("rollout record refused (%s): %s", "the previous one stays in effect"
+                      if task in self.effective else "the task has no rollout", why)
+        self.errors = refused
         changed = {t for t in records.keys() | self.effective.keys() if records.get(t) != self.effective.get(t)}
         self.effective = records
         return changed
